@@ -1,0 +1,127 @@
+"""Find the elementwise epilogue that follows an op: bias add, residual add, ReLU / ReLU6.
+
+Shared by the rewrite passes: each rewrites an anchor op (conv2d, matmul) together with the chain
+``act(anchor + bias + residual)`` when every intermediate value has no other user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+ACTIVATIONS = {"relax.nn.relu": "relu", "relax.nn.relu6": "relu6"}
+
+
+@dataclass
+class EpilogueMatch:
+    """An anchor call and what follows it; ``absorbed`` are the vars the fused op replaces."""
+
+    anchor: relax.Call
+    bias: np.ndarray | None = None  # per output channel, 1-D
+    residual: relax.Expr | None = None
+    activation: str = "none"
+    absorbed: list[relax.Var] = field(default_factory=list)
+
+
+def const_value(expr: relax.Expr) -> np.ndarray | None:
+    """The numpy value of a Relax constant, or None."""
+    value = getattr(expr, "value", None)
+    if isinstance(expr, relax.Var) or value is None or not hasattr(value, "numpy"):
+        return None
+    return value.numpy()
+
+
+def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    """The static shape of a tensor-typed expression, or None if unknown."""
+    ty = expr.ty
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return tuple(int(d) for d in shape.values)
+    except (TypeError, ValueError):
+        return None
+
+
+def count_uses(func: relax.Function) -> dict[relax.Var, int]:
+    """How many times each var is referenced in ``func``."""
+    counts: dict[relax.Var, int] = {}
+
+    @relax.expr_functor.visitor
+    class _Counter(relax.PyExprVisitor):
+        def visit_var_(self, var: relax.Var) -> None:
+            counts[var] = counts.get(var, 0) + 1
+
+        def visit_dataflow_var_(self, var: relax.Var) -> None:
+            counts[var] = counts.get(var, 0) + 1
+
+    _Counter().visit_expr(func)
+    return counts
+
+
+def channel_bias(value: np.ndarray, out_shape: tuple[int, ...], axis: int) -> np.ndarray | None:
+    """``value`` as a 1-D per-channel bias if it broadcasts along ``axis`` of ``out_shape`` only."""
+    channels = out_shape[axis]
+    padded = (1,) * (len(out_shape) - value.ndim) + tuple(value.shape)
+    if len(padded) != len(out_shape) or value.size != channels:
+        return None
+    if all(d == 1 for i, d in enumerate(padded) if i != axis % len(out_shape)):
+        return value.reshape(-1).astype(np.float32)
+    return None
+
+
+def match_epilogue(
+    root: relax.Call,
+    var2val: dict[relax.Var, relax.Expr],
+    uses: dict[relax.Var, int],
+    is_anchor: Callable[[relax.Call], bool],
+    channel_axis: int,
+) -> EpilogueMatch | None:
+    """Match ``root`` as the last op of ``act?(add_residual?(add_bias?(anchor)))``.
+
+    ``channel_axis`` is the anchor output's channel axis (1 for NCHW conv, -1 for matmul).
+    """
+
+    def inner(expr: relax.Expr) -> relax.Call | None:
+        if isinstance(expr, relax.Var) and uses.get(expr, 0) == 1 and expr in var2val:
+            value = var2val[expr]
+            return value if isinstance(value, relax.Call) else None
+        return None
+
+    def strip(call: relax.Call, absorbed: list, stage: int) -> EpilogueMatch | None:
+        """stage 0: activation allowed; 1: residual add; 2: bias add; 3: anchor only."""
+        if is_anchor(call):
+            return EpilogueMatch(anchor=call, absorbed=absorbed)
+        op_name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
+        if stage == 0 and op_name in ACTIVATIONS:
+            nxt = inner(call.args[0])
+            match = strip(nxt, absorbed + [call.args[0]], 1) if nxt is not None else None
+            if match is not None:
+                match.activation = ACTIVATIONS[op_name]
+            return match
+        if op_name == "relax.add" and stage <= 2:
+            for this, other in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                nxt = inner(this)
+                if nxt is None:
+                    continue
+                value = const_value(other)
+                if value is not None:
+                    match = strip(nxt, absorbed + [this], 3)
+                    if match is not None and match.bias is None:
+                        bias = channel_bias(value, static_shape(match.anchor), channel_axis)
+                        if bias is not None:
+                            match.bias = bias
+                            return match
+                    continue
+                if stage <= 1 and static_shape(other) == static_shape(call):
+                    match = strip(nxt, absorbed + [this], 2)
+                    if match is not None:
+                        match.residual = other
+                        return match
+        return None
+
+    return strip(root, [], 0)

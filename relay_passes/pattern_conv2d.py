@@ -1,0 +1,220 @@
+"""RewriteConv2D: ``relax.nn.conv2d`` with a constant weight -> the pattern conv kernel.
+
+Each NCHW / OIHW conv2d (groups 1, dilation 1, float32, static shapes) whose weight is a constant
+is replaced, together with its epilogue (bias add, residual add, ReLU / ReLU6), by a ``call_tir``
+to a kernel from ``schedules.pattern_conv2d``:
+
+- a pattern-sparse weight (few distinct tap sets, most FLOPs pruned) is packed as ``PatternWeight``;
+- any other weight runs the same kernel with one full pattern (a dense direct conv with a sound
+  vectorized schedule instead of TVM's untuned default).
+
+Everything else (grouped / dilated convs, other ops) is left on TVM's path. What was decided for
+each conv, and why, is appended to ``records`` (the compile report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from schedules.pattern_conv2d import ConvGeometry, Epilogue, default_config, pattern_conv2d_primfunc
+from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
+
+from .epilogue import EpilogueMatch, const_value, count_uses, match_epilogue, static_shape
+
+
+@dataclass
+class LayerRecord:
+    """One row of the compile report."""
+
+    name: str
+    op: str
+    shape: str
+    format: str
+    density: float
+    flops_dense: int
+    flops_kept: int
+    reason: str
+    epilogue: str = ""
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def conv2d_unsupported(call: relax.Call) -> str | None:
+    """Why the kernel cannot take this conv2d, or None if it can."""
+    attrs = call.attrs
+    if const_value(call.args[1]) is None:
+        return "weight is not a constant"
+    if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or attrs.out_layout != "NCHW":
+        return f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)"
+    if int(attrs.groups) != 1:
+        return f"groups={int(attrs.groups)} (grouped / depthwise conv)"
+    if any(int(d) != 1 for d in attrs.dilation):
+        return f"dilation={tuple(int(d) for d in attrs.dilation)}"
+    if static_shape(call.args[0]) is None or len(static_shape(call.args[0])) != 4:
+        return "input shape is not static"
+    if call.args[0].ty.dtype != "float32" or str(attrs.out_dtype) not in ("float32", ""):
+        return f"dtype {call.args[0].ty.dtype} (only float32)"
+    return None
+
+
+def _geometry(call: relax.Call) -> ConvGeometry:
+    n, c, h, w = static_shape(call.args[0])
+    o, _, kh, kw = static_shape(call.args[1])
+    attrs = call.attrs
+    return ConvGeometry(
+        batch=n, in_channels=c, height=h, width=w, out_channels=o, kernel=(kh, kw),
+        stride=tuple(int(s) for s in attrs.strides),
+        padding=tuple(int(p) for p in attrs.padding),
+    )
+
+
+def _describe(match: EpilogueMatch) -> str:
+    parts = ["bias"] if match.bias is not None else []
+    parts += ["residual"] if match.residual is not None else []
+    parts += [match.activation] if match.activation != "none" else []
+    return "+".join(parts)
+
+
+def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
+    num_threads: int = 1, sparse: bool = True, records: list[LayerRecord] | None = None
+) -> tvm.transform.Pass:
+    """The pass. ``sparse=False`` runs every conv on the dense kernel (the dense baseline)."""
+    records = records if records is not None else []
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod: tvm.IRModule, plan: dict) -> None:
+            super().__init__(mod)
+            self.plan = plan
+            self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            match = self.plan.get(call)
+            if match is None:
+                return super().visit_call_(call)
+            return self._emit(match)
+
+        def _emit(self, match: EpilogueMatch) -> relax.Expr:
+            conv = match.anchor
+            geom = _geometry(conv)
+            weight = const_value(conv.args[1]).astype(np.float32)
+            stats = conv_sparsity(weight)
+            fmt, reason = choose_conv_format(stats) if sparse else ("dense", "sparse=False")
+            packed = PatternWeight.from_dense(
+                weight, num_shares=num_threads, keep_zeros=(fmt == "dense")
+            )
+            epi = Epilogue(
+                bias=match.bias is not None,
+                residual=match.residual is not None,
+                activation=match.activation,
+            )
+            cfg = default_config(geom)
+            max_taps = packed.kernel_values.shape[1]
+            key = (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg)
+            if key not in self.kernels:
+                o, c, kh, kw = stats.shape
+                name = f"{'pattern' if fmt == 'pattern' else 'dense'}_conv2d_{o}x{c}x{kh}x{kw}"
+                func = pattern_conv2d_primfunc(
+                    geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name
+                )
+                self.kernels[key] = self.builder_.add_func(func, name)
+            args = [
+                self.visit_expr(conv.args[0]),
+                relax.const(packed.kernel_ptr),
+                relax.const(packed.kernel_channel if packed.num_kernels else np.zeros(1, "int32")),
+                relax.const(
+                    packed.kernel_values
+                    if packed.num_kernels
+                    else np.zeros((1, max_taps), "float32")
+                ),
+                relax.const(packed.filter_order),
+            ]
+            if match.bias is not None:
+                args.append(relax.const(match.bias[packed.filter_order]))
+            if match.residual is not None:
+                args.append(self.visit_expr(match.residual))
+            out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
+            dense_flops = 2 * int(np.prod(out_shape)) * geom.in_channels * geom.kernel[0] * geom.kernel[1]
+            kept = 2 * packed.num_taps * geom.batch * geom.out_height * geom.out_width
+            records.append(
+                LayerRecord(
+                    name=f"conv2d_{len(records)}",
+                    op="conv2d",
+                    shape=f"{stats.shape[0]}x{stats.shape[1]}x{stats.shape[2]}x{stats.shape[3]}"
+                    f" s{geom.stride[0]} on {geom.height}x{geom.width}",
+                    format=fmt,
+                    density=stats.density,
+                    flops_dense=dense_flops,
+                    flops_kept=kept,
+                    reason=reason,
+                    epilogue=_describe(match),
+                )
+            )
+            return relax.call_tir(
+                self.kernels[key], args, relax.TensorType(out_shape, "float32")
+            )
+
+    def plan_function(func: relax.Function) -> dict:
+        var2val = relax.analysis.get_var2val(func)
+        uses = count_uses(func)
+        plan, absorbed = {}, set()
+        bindings = [b for block in func.body.blocks for b in block.bindings]
+        for binding in reversed(bindings):
+            value = binding.value
+            if binding.var in absorbed or not isinstance(value, relax.Call):
+                continue
+            if isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.nn.conv2d":
+                reason = conv2d_unsupported(value)
+                if reason is not None:
+                    records.append(_fallback_record(value, reason))
+                    continue
+            match = match_epilogue(value, var2val, uses, _is_supported_conv, channel_axis=1)
+            if match is not None:
+                plan[value] = match
+                absorbed.update(match.absorbed)
+        return plan
+
+    @tvm.transform.module_pass(opt_level=0, name="RewriteConv2D")
+    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        plans = {
+            gv: plan_function(func)
+            for gv, func in mod.functions.items()
+            if isinstance(func, relax.Function)
+        }
+        for gv, plan in plans.items():
+            if not plan:
+                continue
+            rewriter = _Rewriter(mod, plan)
+            new_func = rewriter.visit_expr(mod[gv])
+            rewriter.builder_.update_func(gv, new_func)
+            mod = rewriter.builder_.get()
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return transform
+
+
+def _is_supported_conv(call: relax.Call) -> bool:
+    return (
+        isinstance(call.op, tvm.ir.Op)
+        and call.op.name == "relax.nn.conv2d"
+        and conv2d_unsupported(call) is None
+    )
+
+
+def _fallback_record(call: relax.Call, reason: str) -> LayerRecord:
+    shape = static_shape(call.args[1]) or ()
+    return LayerRecord(
+        name="conv2d",
+        op="conv2d",
+        shape="x".join(str(d) for d in shape),
+        format="tvm",
+        density=1.0,
+        flops_dense=0,
+        flops_kept=0,
+        reason=f"left to TVM: {reason}",
+    )

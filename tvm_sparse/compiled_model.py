@@ -1,0 +1,125 @@
+"""A compiled model: run it, read its report, export it as a deployable library + metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.target import Target
+
+from relay_passes.pattern_conv2d import LayerRecord
+
+from .errors import InputError, ModelLoadError
+from .frontend import TensorSpec
+
+METADATA_SUFFIX = ".json"
+
+
+@dataclass
+class CompiledModel:
+    """A Relax VM executable plus what is needed to call it and explain it."""
+
+    executable: Any  # tvm.runtime.Executable, or a loaded runtime Module
+    inputs: list[TensorSpec]
+    layers: list[LayerRecord]
+    target: Target
+    compile_seconds: float = 0.0
+    _vm: Any = field(default=None, repr=False)
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        return self._vm
+
+    def _check(self, args: tuple) -> list:
+        if len(args) != len(self.inputs):
+            raise InputError(f"the model takes {len(self.inputs)} inputs, got {len(args)}")
+        tensors = []
+        for spec, arg in zip(self.inputs, args, strict=True):
+            arr = arg.detach().cpu().numpy() if hasattr(arg, "detach") else np.asarray(arg)
+            if tuple(arr.shape) != spec.shape:
+                raise InputError(
+                    f"input {spec.name!r}: expected shape {spec.shape}, got {tuple(arr.shape)}"
+                )
+            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(arr, dtype=spec.dtype)))
+        return tensors
+
+    def __call__(self, *args: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Run on numpy arrays or torch tensors; returns numpy (a tuple for several outputs)."""
+        out = self.vm["main"](*self._check(args))
+        return _to_numpy(out)
+
+    def benchmark(self, *args: Any, number: int = 10, repeat: int = 5) -> float:
+        """Median latency in milliseconds (TVM's time evaluator, ``repeat`` x ``number`` runs)."""
+        timer = self.vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+        return float(np.median(timer(*self._check(args)).results) * 1e3)
+
+    def report(self) -> str:
+        """Per layer: op, shape, format chosen, density, FLOPs kept, why."""
+        lines = [
+            f"{'layer':<11} {'weight / input':<28} {'format':<8} {'density':>7} "
+            f"{'FLOPs kept':>10}  {'fused':<18} why",
+        ]
+        dense = kept = 0
+        for rec in self.layers:
+            frac = f"{rec.flops_kept / rec.flops_dense:.1%}" if rec.flops_dense else "-"
+            dense += rec.flops_dense
+            kept += rec.flops_kept
+            lines.append(
+                f"{rec.name:<11} {rec.shape:<28} {rec.format:<8} {rec.density:>7.1%} "
+                f"{frac:>10}  {rec.epilogue or '-':<18} {rec.reason}"
+            )
+        if dense:
+            lines.append(
+                f"conv total: {kept / 1e6:.1f} of {dense / 1e6:.1f} MFLOP kept "
+                f"({dense / max(kept, 1):.2f}x fewer)"
+            )
+        return "\n".join(lines)
+
+    def export(self, path: str | os.PathLike, fcompile: Any = None) -> str:
+        """Write ``path`` (shared library) and ``path.json`` (inputs, target, report)."""
+        path = os.fspath(path)
+        kwargs = {"fcompile": fcompile} if fcompile is not None else {}
+        self.executable.export_library(path, **kwargs)
+        meta = {
+            "format": "tvm-sparse/1",
+            "inputs": [s.to_json() for s in self.inputs],
+            "target": str(self.target),
+            "layers": [r.to_json() for r in self.layers],
+        }
+        with open(path + METADATA_SUFFIX, "w") as f:
+            json.dump(meta, f, indent=1)
+        return path
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Load a model written by ``CompiledModel.export``."""
+    path = os.fspath(path)
+    for p in (path, path + METADATA_SUFFIX):
+        if not os.path.exists(p):
+            raise ModelLoadError(f"{p}: missing (export writes the library and its .json)")
+    try:
+        with open(path + METADATA_SUFFIX) as f:
+            meta = json.load(f)
+        inputs = [TensorSpec.from_json(d) for d in meta["inputs"]]
+        layers = [LayerRecord(**d) for d in meta["layers"]]
+        target = Target(json.loads(meta["target"])) if meta["target"].startswith("{") else None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{path}{METADATA_SUFFIX}: corrupt metadata ({err})") from err
+    try:
+        lib = tvm.runtime.load_module(path)
+    except Exception as err:
+        raise ModelLoadError(f"{path}: cannot load the library ({err})") from err
+    return CompiledModel(executable=lib, inputs=inputs, layers=layers, target=target)
+
+
+def _to_numpy(out: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+    if hasattr(out, "numpy"):
+        return out.numpy()
+    return tuple(_to_numpy(o) for o in out)
