@@ -14,34 +14,15 @@ each conv, and why, is appended to ``records`` (the compile report).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import tvm
 from tvm import relax
 
 from schedules.pattern_conv2d import ConvGeometry, Epilogue, default_config, pattern_conv2d_primfunc
 from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
+from tvm_sparse.report import LayerRecord
 
 from .epilogue import EpilogueMatch, const_value, count_uses, match_epilogue, static_shape
-
-
-@dataclass
-class LayerRecord:
-    """One row of the compile report."""
-
-    name: str
-    op: str
-    shape: str
-    format: str
-    density: float
-    flops_dense: int
-    flops_kept: int
-    reason: str
-    epilogue: str = ""
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 def conv2d_unsupported(call: relax.Call) -> str | None:
@@ -57,8 +38,8 @@ def conv2d_unsupported(call: relax.Call) -> str | None:
         return f"dilation={tuple(int(d) for d in attrs.dilation)}"
     if static_shape(call.args[0]) is None or len(static_shape(call.args[0])) != 4:
         return "input shape is not static"
-    if call.args[0].ty.dtype != "float32" or str(attrs.out_dtype) not in ("float32", ""):
-        return f"dtype {call.args[0].ty.dtype} (only float32)"
+    if call.args[0].ty.dtype != "float32" or str(attrs.out_dtype) not in ("float32", "", "None", "void"):
+        return f"dtype {call.args[0].ty.dtype} -> {attrs.out_dtype} (only float32)"
     return None
 
 

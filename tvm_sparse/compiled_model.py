@@ -12,10 +12,9 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
-from relay_passes.pattern_conv2d import LayerRecord
-
 from .errors import InputError, ModelLoadError
 from .frontend import TensorSpec
+from .report import LayerRecord, format_report
 
 METADATA_SUFFIX = ".json"
 
@@ -62,25 +61,7 @@ class CompiledModel:
 
     def report(self) -> str:
         """Per layer: op, shape, format chosen, density, FLOPs kept, why."""
-        lines = [
-            f"{'layer':<11} {'weight / input':<28} {'format':<8} {'density':>7} "
-            f"{'FLOPs kept':>10}  {'fused':<18} why",
-        ]
-        dense = kept = 0
-        for rec in self.layers:
-            frac = f"{rec.flops_kept / rec.flops_dense:.1%}" if rec.flops_dense else "-"
-            dense += rec.flops_dense
-            kept += rec.flops_kept
-            lines.append(
-                f"{rec.name:<11} {rec.shape:<28} {rec.format:<8} {rec.density:>7.1%} "
-                f"{frac:>10}  {rec.epilogue or '-':<18} {rec.reason}"
-            )
-        if dense:
-            lines.append(
-                f"conv total: {kept / 1e6:.1f} of {dense / 1e6:.1f} MFLOP kept "
-                f"({dense / max(kept, 1):.2f}x fewer)"
-            )
-        return "\n".join(lines)
+        return format_report(self.layers)
 
     def export(self, path: str | os.PathLike, fcompile: Any = None) -> str:
         """Write ``path`` (shared library) and ``path.json`` (inputs, target, report)."""

@@ -10,10 +10,11 @@ from typing import Any
 import tvm
 from tvm import relax
 
-from relay_passes.pattern_conv2d import LayerRecord, RewriteConv2D
+from relay_passes.pattern_conv2d import RewriteConv2D
 
 from .compiled_model import CompiledModel
 from .frontend import import_model
+from .report import LayerRecord
 from .targets import resolve_target
 
 
@@ -52,8 +53,10 @@ def compile(  # noqa: A001 (the public name users expect)
     _progress(f"rewrote {len(records)} conv layers in {time.perf_counter() - t0:.1f}s", verbose)
     records.extend(_remaining_ops(mod))
     executable = tvm.compile(mod, target=tgt)
-    _progress(f"built for {tgt.attrs.get('mtriple') or tgt.kind.name} in "
-              f"{time.perf_counter() - t0:.1f}s", verbose)
+    _progress(
+        f"built for {tgt.attrs.get('mtriple') or tgt.kind.name} in {time.perf_counter() - t0:.1f}s",
+        verbose,
+    )
     return CompiledModel(
         executable=executable,
         inputs=imported.inputs,
@@ -75,9 +78,15 @@ def _remaining_ops(mod: tvm.IRModule) -> list[LayerRecord]:
                 shape = getattr(call.args[1].ty, "shape", None)
                 rows.append(
                     LayerRecord(
-                        name=name.split(".")[-1], op=name.split(".")[-1],
-                        shape="x".join(str(int(d)) for d in shape.values) if shape is not None else "?",
-                        format="tvm", density=1.0, flops_dense=0, flops_kept=0,
+                        name=name.split(".")[-1],
+                        op=name.split(".")[-1],
+                        shape="x".join(str(int(d)) for d in shape.values)
+                        if shape is not None
+                        else "?",
+                        format="tvm",
+                        density=1.0,
+                        flops_dense=0,
+                        flops_kept=0,
                         reason="no sparse kernel for this op yet: TVM default schedule",
                     )
                 )

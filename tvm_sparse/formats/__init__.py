@@ -3,4 +3,10 @@
 from .pattern import PatternWeight, pattern_library
 from .sparsity import ConvSparsity, choose_conv_format, conv_sparsity
 
-__all__ = ["ConvSparsity", "PatternWeight", "choose_conv_format", "conv_sparsity", "pattern_library"]
+__all__ = [
+    "ConvSparsity",
+    "PatternWeight",
+    "choose_conv_format",
+    "conv_sparsity",
+    "pattern_library",
+]

@@ -54,7 +54,9 @@ def balanced_filter_order(work: np.ndarray, signature: np.ndarray, num_shares: i
     keys = [(-int(work[i]), tuple(signature[i]), i) for i in range(len(work))]
     ranked = [k[2] for k in sorted(keys)]
     num_shares = max(1, min(num_shares, len(ranked)))
-    share_size = [len(ranked) // num_shares + (s < len(ranked) % num_shares) for s in range(num_shares)]
+    share_size = [
+        len(ranked) // num_shares + (s < len(ranked) % num_shares) for s in range(num_shares)
+    ]
     shares: list[list[int]] = [[] for _ in range(num_shares)]
     loads = [0] * num_shares
     for f in ranked:
@@ -95,52 +97,63 @@ class PatternWeight:
             masks = np.ones_like(masks)
             patterns = [tuple(range(kh * kw))]
         pats = list(patterns) if patterns is not None else pattern_library(weight)
-        index = {p: i for i, p in enumerate(pats)}
         num_p = len(pats)
+        # Each kernel's tap set as an integer code, then as an index into the library (-1: empty).
+        bits = 1 << np.arange(kh * kw, dtype=np.int64)
+        codes = masks.astype(np.int64) @ bits
+        lib_codes = np.array([sum(1 << t for t in p) for p in pats], dtype=np.int64)
+        lookup = {int(c): i for i, c in enumerate(lib_codes)}
         kernel_pattern = np.full((out_ch, in_ch), -1, dtype=np.int64)
-        for o in range(out_ch):
-            for c in range(in_ch):
-                if masks[o, c].any():
-                    key = tuple(int(t) for t in np.flatnonzero(masks[o, c]))
-                    if key not in index:
-                        raise ValueError(f"kernel ({o}, {c}) has taps {key}, not in the library")
-                    kernel_pattern[o, c] = index[key]
-        per_pattern = np.stack([(kernel_pattern == p).sum(1) for p in range(num_p)], axis=1)
-        per_pattern = per_pattern.reshape(out_ch, num_p)
-        taps = np.array([len(p) for p in pats], dtype=np.int64)
-        work = per_pattern @ taps if num_p else np.zeros(out_ch, dtype=np.int64)
+        for code in np.unique(codes[codes != 0]):
+            if int(code) not in lookup:
+                o, c = np.argwhere(codes == code)[0]
+                taps = tuple(int(t) for t in np.flatnonzero(masks[o, c]))
+                raise ValueError(f"kernel ({o}, {c}) has taps {taps}, not in the library")
+            kernel_pattern[codes == code] = lookup[int(code)]
+        per_pattern = np.zeros((out_ch, num_p), dtype=np.int64)
+        for p in range(num_p):
+            per_pattern[:, p] = (kernel_pattern == p).sum(1)
+        work = per_pattern @ np.array([len(p) for p in pats], dtype=np.int64)
         order = balanced_filter_order(work, per_pattern, num_shares)
 
-        max_taps = max((len(p) for p in pats), default=1)
+        # Kernels sorted by (packed filter, pattern, channel): one contiguous run per (i, p).
+        rank = np.empty(out_ch, dtype=np.int64)
+        rank[order] = np.arange(out_ch)
+        o_idx, c_idx = np.nonzero(kernel_pattern >= 0)
+        p_idx = kernel_pattern[o_idx, c_idx]
+        sort = np.lexsort((c_idx, p_idx, rank[o_idx]))
+        o_idx, c_idx, p_idx = o_idx[sort], c_idx[sort], p_idx[sort]
+        counts = per_pattern[order]
         ptr = np.zeros((out_ch, num_p + 1), dtype=np.int32)
-        channels, values = [], []
-        for i, o in enumerate(order):
-            ptr[i, 0] = len(channels)
-            flat = weight[o].reshape(in_ch, kh * kw)
-            for p, pat in enumerate(pats):
-                for c in np.flatnonzero(kernel_pattern[o] == p):
-                    channels.append(c)
-                    row = np.zeros(max_taps, dtype=np.float32)
-                    row[: len(pat)] = flat[c, list(pat)]
-                    values.append(row)
-                ptr[i, p + 1] = len(channels)
+        ptr[:, 1:] = np.cumsum(counts, axis=1)
+        ptr += np.concatenate([[0], np.cumsum(counts.sum(1))[:-1]]).astype(np.int32)[:, None]
+
+        max_taps = max((len(p) for p in pats), default=1)
+        flat = weight.reshape(out_ch, in_ch, kh * kw)
+        values = np.zeros((len(o_idx), max_taps), dtype=np.float32)
+        for p, pat in enumerate(pats):
+            sel = p_idx == p
+            values[sel, : len(pat)] = flat[o_idx[sel], c_idx[sel]][:, list(pat)]
         return cls(
             shape=(out_ch, in_ch, kh, kw),
             patterns=tuple(pats),
             filter_order=order,
             kernel_ptr=ptr,
-            kernel_channel=np.array(channels, dtype=np.int32),
-            kernel_values=np.array(values, dtype=np.float32).reshape(len(channels), max_taps),
+            kernel_channel=c_idx.astype(np.int32),
+            kernel_values=values,
         )
 
     def to_dense(self) -> np.ndarray:
         """Unpack to the dense OIHW weight (exact round trip)."""
         out_ch, in_ch, kh, kw = self.shape
         dense = np.zeros((out_ch, in_ch, kh * kw), dtype=np.float32)
-        for i, o in enumerate(self.filter_order):
-            for p, pat in enumerate(self.patterns):
-                for k in range(self.kernel_ptr[i, p], self.kernel_ptr[i, p + 1]):
-                    dense[o, self.kernel_channel[k], list(pat)] = self.kernel_values[k, : len(pat)]
+        per_run = np.diff(self.kernel_ptr, axis=1)  # (O, P) kernels per (filter, pattern)
+        filt = np.repeat(np.repeat(self.filter_order, len(self.patterns)), per_run.reshape(-1))
+        pat = np.repeat(np.tile(np.arange(len(self.patterns)), out_ch), per_run.reshape(-1))
+        for p, taps in enumerate(self.patterns):
+            sel = pat == p
+            rows = self.kernel_values[sel, : len(taps)]
+            dense[filt[sel][:, None], self.kernel_channel[sel][:, None], list(taps)] = rows
         return dense.reshape(self.shape)
 
     @property

@@ -48,7 +48,10 @@ def conv_sparsity(weight: np.ndarray) -> ConvSparsity:
 def choose_conv_format(stats: ConvSparsity) -> tuple[str, str]:
     """Pick "pattern" or "dense" for a conv and say why."""
     if stats.num_patterns > MAX_PATTERNS:
-        return "dense", f"{stats.num_patterns} distinct patterns (> {MAX_PATTERNS}): not pattern-pruned"
+        return (
+            "dense",
+            f"{stats.num_patterns} distinct patterns (> {MAX_PATTERNS}): not pattern-pruned",
+        )
     if stats.flops_kept > MAX_FLOPS_KEPT:
         return "dense", (
             f"keeps {stats.flops_kept:.0%} of the FLOPs (> {MAX_FLOPS_KEPT:.0%}): sparse would not win"

@@ -1,0 +1,117 @@
+"""RewriteConv2D as a specification: Before / Expected modules, compared structurally."""
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from relay_passes.pattern_conv2d import RewriteConv2D
+from schedules.pattern_conv2d import ConvGeometry, Epilogue, default_config, pattern_conv2d_primfunc
+from tvm_sparse.formats import PatternWeight
+from tvm_sparse.testing import random_pattern_weight
+
+X_SHAPE = (1, 8, 10, 10)
+
+
+def _before(weight, bias=None, residual=False, relu=False, groups=1):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
+    params = [x]
+    if residual:
+        r = relax.Var("r", relax.TensorType((1, weight.shape[0], 10, 10), "float32"))
+        params.append(r)
+    with bb.function("main", params):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1, groups=groups))
+            if bias is not None:
+                y = bb.emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))))
+            if residual:
+                y = bb.emit(relax.op.add(y, r))
+            if relu:
+                y = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _expected(weight, fmt, bias=None, residual=False, relu=False, num_threads=2):
+    packed = PatternWeight.from_dense(weight, num_shares=num_threads, keep_zeros=(fmt == "dense"))
+    geom = ConvGeometry(1, 8, 10, 10, weight.shape[0], (3, 3), (1, 1), (1, 1, 1, 1))
+    epi = Epilogue(bias=bias is not None, residual=residual, activation="relu" if relu else "none")
+    name = f"{fmt}_conv2d_{weight.shape[0]}x8x3x3"
+    kernel = pattern_conv2d_primfunc(
+        geom, packed.patterns, packed.num_kernels, packed.kernel_values.shape[1], epi,
+        default_config(geom), name,
+    )
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
+    params = [x]
+    if residual:
+        r = relax.Var("r", relax.TensorType((1, weight.shape[0], 10, 10), "float32"))
+        params.append(r)
+    gv = bb.add_func(kernel, name)
+    with bb.function("main", params):
+        with bb.dataflow():
+            args = [x, relax.const(packed.kernel_ptr), relax.const(packed.kernel_channel),
+                    relax.const(packed.kernel_values), relax.const(packed.filter_order)]
+            if bias is not None:
+                args.append(relax.const(bias[packed.filter_order]))
+            if residual:
+                args.append(r)
+            y = bb.emit(relax.call_tir(gv, args, relax.TensorType((1, weight.shape[0], 10, 10),
+                                                                  "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(mod, **kwargs):
+    records = []
+    return RewriteConv2D(num_threads=2, records=records, **kwargs)(mod), records
+
+
+def test_pattern_conv_with_fused_bias_residual_relu():
+    w = random_pattern_weight(16, 8, seed=3)
+    b = np.arange(16, dtype="float32")
+    after, records = _run(_before(w, b, residual=True, relu=True))
+    expected = _expected(w, "pattern", b, residual=True, relu=True)
+    tvm.ir.assert_structural_equal(after, expected)
+    assert [r.format for r in records] == ["pattern"]
+    assert records[0].epilogue == "bias+residual+relu"
+
+
+def test_unpruned_conv_goes_to_the_dense_kernel_and_says_why():
+    w = np.random.default_rng(0).standard_normal((4, 8, 3, 3)).astype("float32")
+    after, records = _run(_before(w, relu=True))
+    tvm.ir.assert_structural_equal(after, _expected(w, "dense", relu=True))
+    assert records[0].format == "dense" and "FLOPs" in records[0].reason
+
+
+def test_sparse_false_forces_dense():
+    w = random_pattern_weight(16, 8, seed=4)
+    after, records = _run(_before(w), sparse=False)
+    tvm.ir.assert_structural_equal(after, _expected(w, "dense"))
+
+
+def test_grouped_conv_is_left_to_tvm():
+    w = np.ones((8, 1, 3, 3), "float32")
+    before = _before(w, groups=8)
+    after, records = _run(before)
+    tvm.ir.assert_structural_equal(after, before)
+    assert records[0].format == "tvm" and "groups=8" in records[0].reason
+
+
+def test_shared_intermediate_is_not_fused():
+    """A conv output with two users keeps its own value: only the conv is rewritten."""
+    w = random_pattern_weight(8, 8, seed=5)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1))
+            z = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(relax.op.add(z, y))
+        bb.emit_func_output(out)
+    after, records = _run(bb.get())
+    assert records[0].epilogue == ""
+    calls = [b.value for b in after["main"].body.blocks[0].bindings]
+    assert any(getattr(c.op, "name", "") == "relax.nn.relu" for c in calls)

@@ -1,0 +1,85 @@
+"""The generated pattern conv kernel against PyTorch's conv2d, over generated layers.
+
+Tolerance: float32 sums of up to C*KH*KW products in a different order: rtol 1e-4, atol 1e-4.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_utils import run_pattern_conv, torch_conv
+
+from schedules.pattern_conv2d import Epilogue, PatternConvConfig
+from tvm_sparse.testing import random_pattern_weight
+
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@st.composite
+def conv_layers(draw):
+    kernel = draw(st.sampled_from([1, 3, 3, 3, 5]))
+    stride = draw(st.sampled_from([1, 2]))
+    pad = kernel // 2
+    return dict(
+        batch=draw(st.integers(1, 2)),
+        in_ch=draw(st.integers(1, 12)),
+        out_ch=draw(st.integers(1, 12)),
+        height=draw(st.integers(max(kernel - 2 * pad, 1), 13)),
+        width=draw(st.integers(max(kernel - 2 * pad, 1), 19)),
+        kernel=kernel,
+        stride=stride,
+        pad=pad,
+        num_patterns=draw(st.integers(1, 12)),
+        keep=draw(st.sampled_from([0.0, 0.1, 0.3, 0.7, 1.0])),
+        taps=draw(st.sampled_from([1, 2, 4, 9])),
+        activation=draw(st.sampled_from(["none", "relu", "relu6"])),
+        bias=draw(st.booleans()),
+        residual=draw(st.booleans()),
+        rows=draw(st.sampled_from([None, 1, 3])),
+        vector=draw(st.sampled_from([4, 8, 16])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_layers())
+def test_generated_layers_match_torch(layer):
+    rng = np.random.default_rng(layer["seed"])
+    k = layer["kernel"]
+    weight = random_pattern_weight(
+        layer["out_ch"], layer["in_ch"], k, layer["num_patterns"], layer["keep"],
+        taps=min(layer["taps"], k * k), seed=layer["seed"],
+    )
+    x = rng.standard_normal((layer["batch"], layer["in_ch"], layer["height"], layer["width"]))
+    x = x.astype("float32")
+    pad = (layer["pad"],) * 4
+    bias = rng.standard_normal(layer["out_ch"]).astype("float32") if layer["bias"] else None
+    ref_plain = torch_conv(x, weight, layer["stride"], pad)
+    residual = rng.standard_normal(ref_plain.shape).astype("float32") if layer["residual"] else None
+    epi = Epilogue(bias=bias is not None, residual=residual is not None,
+                   activation=layer["activation"])
+    cfg = PatternConvConfig(rows=layer["rows"], vector=layer["vector"]) if layer["rows"] else None
+    got = run_pattern_conv(x, weight, layer["stride"], pad, epi, bias, residual, cfg)
+    ref = torch_conv(x, weight, layer["stride"], pad, bias, residual, layer["activation"])
+    np.testing.assert_allclose(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("keep_zeros", [False, True])
+def test_dense_weight_and_all_zero_filters(keep_zeros):
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((6, 5, 3, 3)).astype("float32")
+    weight[2] = 0.0  # a filter with no kernel left
+    weight[4, :3] = 0.0  # connectivity pruning inside a filter
+    x = rng.standard_normal((1, 5, 9, 11)).astype("float32")
+    got = run_pattern_conv(x, weight, 1, (1, 1, 1, 1), keep_zeros=keep_zeros)
+    np.testing.assert_allclose(got, torch_conv(x, weight, 1, (1, 1, 1, 1)), **TOL)
+    assert np.all(got[0, 2] == 0.0)
+
+
+def test_asymmetric_padding_and_7x7_stem():
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((4, 3, 7, 7)).astype("float32")
+    x = rng.standard_normal((1, 3, 17, 15)).astype("float32")
+    for pad in [(3, 3, 3, 3), (0, 1, 2, 3)]:
+        got = run_pattern_conv(x, weight, 2, pad, keep_zeros=True)
+        np.testing.assert_allclose(got, torch_conv(x, weight, 2, pad), **TOL)

@@ -1,0 +1,66 @@
+"""Synthetic pattern-sparse weights and models, for tests, benchmarks and the demo."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def centre_patterns(kernel: int = 3, taps: int = 4) -> list[tuple[int, ...]]:
+    """All ``taps``-entry tap sets of a ``kernel x kernel`` window that contain the centre."""
+    centre = (kernel * kernel) // 2
+    return [p for p in itertools.combinations(range(kernel * kernel), taps) if centre in p]
+
+
+def random_pattern_weight(
+    out_channels: int,
+    in_channels: int,
+    kernel: int = 3,
+    num_patterns: int = 8,
+    kernel_keep: float = 0.28,
+    taps: int = 4,
+    seed: int = 0,
+) -> np.ndarray:
+    """An OIHW weight with ``num_patterns`` random tap patterns and ``kernel_keep`` of kernels kept."""
+    rng = np.random.default_rng(seed)
+    candidates = centre_patterns(kernel, min(taps, kernel * kernel))
+    chosen = rng.choice(len(candidates), size=min(num_patterns, len(candidates)), replace=False)
+    library = [candidates[i] for i in chosen]
+    flat = np.zeros((out_channels, in_channels, kernel * kernel), dtype=np.float32)
+    keep = rng.random((out_channels, in_channels)) < kernel_keep
+    which = rng.integers(len(library), size=(out_channels, in_channels))
+    scale = np.sqrt(2.0 / max(1.0, in_channels * kernel_keep * taps))
+    for o, c in zip(*np.nonzero(keep), strict=True):
+        pat = list(library[which[o, c]])
+        flat[o, c, pat] = rng.standard_normal(len(pat)).astype(np.float32) * scale
+    return flat.reshape(out_channels, in_channels, kernel, kernel)
+
+
+def pattern_prune_model_(model, num_patterns: int = 8, kernel_keep: float = 0.28, seed: int = 0):
+    """Replace every 3x3 conv weight (groups 1) of a torch model by a random pattern-sparse one."""
+    import torch
+
+    for i, module in enumerate(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        out_ch, in_ch, kh, kw = module.weight.shape
+        if (kh, kw) == (3, 3) and module.groups == 1:
+            w = random_pattern_weight(out_ch, in_ch, 3, num_patterns, kernel_keep, seed=seed + i)
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(w))
+    return model
+
+
+def randomize_batchnorm_(model, seed: int = 0):
+    """Give every BatchNorm non-trivial running statistics and affine terms (tests BN folding)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model
