@@ -14,7 +14,7 @@ from relay_passes.pattern_conv2d import RewriteConv2D
 
 from .compiled_model import CompiledModel
 from .frontend import import_model
-from .report import LayerRecord
+from .report import LayerRecord, format_report
 from .targets import resolve_target
 
 
@@ -29,6 +29,19 @@ def sparse_pipeline(num_threads: int, sparse: bool, records: list) -> tvm.transf
         [RewriteConv2D(num_threads=num_threads, sparse=sparse, records=records)],
         name="tvm_sparse",
     )
+
+
+def analyze(model: Any, example_inputs: Any = None, target: Any = "x86") -> str:
+    """The compile report without building: what each layer would become, and why."""
+    tgt = resolve_target(target)
+    imported = import_model(model, example_inputs)
+    records: list[LayerRecord] = []
+    mod = sparse_pipeline(_num_threads(tgt), True, records)(imported.mod)
+    return format_report(records + _remaining_ops(mod))
+
+
+def _num_threads(tgt: tvm.target.Target) -> int:
+    return int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
 
 
 def compile(  # noqa: A001 (the public name users expect)
@@ -48,8 +61,7 @@ def compile(  # noqa: A001 (the public name users expect)
     imported = import_model(model, example_inputs)
     _progress(f"imported {imported.source} in {time.perf_counter() - t0:.1f}s", verbose)
     records: list[LayerRecord] = []
-    num_threads = int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
-    mod = sparse_pipeline(num_threads, sparse, records)(imported.mod)
+    mod = sparse_pipeline(_num_threads(tgt), sparse, records)(imported.mod)
     _progress(f"rewrote {len(records)} conv layers in {time.perf_counter() - t0:.1f}s", verbose)
     records.extend(_remaining_ops(mod))
     executable = tvm.compile(mod, target=tgt)
