@@ -18,7 +18,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from schedules.pattern_conv2d import ConvGeometry, Epilogue, default_config, pattern_conv2d_primfunc
+from schedules.pattern_conv2d import (
+    ConvGeometry,
+    Epilogue,
+    default_config,
+    pattern_conv2d_primfunc,
+    tile_defaults,
+)
 from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
 from tvm_sparse.report import LayerRecord
 
@@ -38,7 +44,12 @@ def conv2d_unsupported(call: relax.Call) -> str | None:
         return f"dilation={tuple(int(d) for d in attrs.dilation)}"
     if static_shape(call.args[0]) is None or len(static_shape(call.args[0])) != 4:
         return "input shape is not static"
-    if call.args[0].ty.dtype != "float32" or str(attrs.out_dtype) not in ("float32", "", "None", "void"):
+    if call.args[0].ty.dtype != "float32" or str(attrs.out_dtype) not in (
+        "float32",
+        "",
+        "None",
+        "void",
+    ):
         return f"dtype {call.args[0].ty.dtype} -> {attrs.out_dtype} (only float32)"
     return None
 
@@ -48,7 +59,12 @@ def _geometry(call: relax.Call) -> ConvGeometry:
     o, _, kh, kw = static_shape(call.args[1])
     attrs = call.attrs
     return ConvGeometry(
-        batch=n, in_channels=c, height=h, width=w, out_channels=o, kernel=(kh, kw),
+        batch=n,
+        in_channels=c,
+        height=h,
+        width=w,
+        out_channels=o,
+        kernel=(kh, kw),
         stride=tuple(int(s) for s in attrs.strides),
         padding=tuple(int(p) for p in attrs.padding),
     )
@@ -62,9 +78,15 @@ def _describe(match: EpilogueMatch) -> str:
 
 
 def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
-    num_threads: int = 1, sparse: bool = True, records: list[LayerRecord] | None = None
+    num_threads: int = 1,
+    sparse: bool = True,
+    records: list[LayerRecord] | None = None,
+    registers: int = 16,
+    lanes: int = 8,
 ) -> tvm.transform.Pass:
-    """The pass. ``sparse=False`` runs every conv on the dense kernel (the dense baseline)."""
+    """The pass. ``sparse=False`` runs every conv on the dense kernel (the dense baseline);
+    ``num_threads`` is the number of cores filters are balanced over, ``registers`` / ``lanes``
+    the target's vector registers and fp32 lanes (AVX2 16 / 8, AVX-512 32 / 16, NEON 32 / 4)."""
     records = records if records is not None else []
 
     @relax.expr_functor.mutator
@@ -94,14 +116,17 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
                 residual=match.residual is not None,
                 activation=match.activation,
             )
-            cfg = default_config(geom)
+            shared = geom.in_channels if fmt == "dense" else 0  # every filter: all C kernels
+            cfg = default_config(
+                geom, shared_kernels=shared > 0, **tile_defaults(geom, registers, lanes)
+            )
             max_taps = packed.kernel_values.shape[1]
-            key = (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg)
+            key = (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, shared)
             if key not in self.kernels:
                 o, c, kh, kw = stats.shape
                 name = f"{'pattern' if fmt == 'pattern' else 'dense'}_conv2d_{o}x{c}x{kh}x{kw}"
                 func = pattern_conv2d_primfunc(
-                    geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name
+                    geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, shared
                 )
                 self.kernels[key] = self.builder_.add_func(func, name)
             args = [
@@ -120,7 +145,9 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
             if match.residual is not None:
                 args.append(self.visit_expr(match.residual))
             out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
-            dense_flops = 2 * int(np.prod(out_shape)) * geom.in_channels * geom.kernel[0] * geom.kernel[1]
+            dense_flops = (
+                2 * int(np.prod(out_shape)) * geom.in_channels * geom.kernel[0] * geom.kernel[1]
+            )
             kept = 2 * packed.num_taps * geom.batch * geom.out_height * geom.out_width
             records.append(
                 LayerRecord(
@@ -136,9 +163,7 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
                     epilogue=_describe(match),
                 )
             )
-            return relax.call_tir(
-                self.kernels[key], args, relax.TensorType(out_shape, "float32")
-            )
+            return relax.call_tir(self.kernels[key], args, relax.TensorType(out_shape, "float32"))
 
     def plan_function(func: relax.Function) -> dict:
         var2val = relax.analysis.get_var2val(func)

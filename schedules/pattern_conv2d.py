@@ -31,6 +31,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
+# TVM keeps a CPU allocation on the stack (not the workspace heap) below this size.
+STACK_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -72,23 +74,55 @@ class Epilogue:
 
 @dataclass(frozen=True)
 class PatternConvConfig:
-    """Schedule knobs: output rows per tile and vector lanes along the output width."""
+    """Schedule knobs: output rows per tile, vector lanes along the output width, and filters
+    computed together (only when every filter has the same kernel list, i.e. a dense conv: each
+    input vector load then feeds ``filters`` FMAs)."""
 
     rows: int = 2
     vector: int = 8
+    filters: int = 1
+    # Input staged as one copy per tap column dx, pre-shifted so every vector load is aligned
+    # (costs kw x the staging memory); otherwise one copy per stride phase, loads unaligned.
+    shifted: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
 
-def default_config(geom: ConvGeometry, vector: int = 8, max_accumulators: int = 14) -> PatternConvConfig:
-    """Largest row tile whose accumulators fit the register file (16 vector registers on AVX2)."""
+def default_config(
+    geom: ConvGeometry, shared_kernels: bool = False, vector: int = 8, accumulators: int = 12
+) -> PatternConvConfig:
+    """Largest register tile (filters x rows x width) within ``accumulators`` vector registers.
+
+    The tile must also stay under 1 KiB so TVM keeps it on the stack (where LLVM promotes it to
+    registers). ``tile_defaults`` gives vector / accumulators per target.
+    """
     vecs_per_row = math.ceil(geom.out_width / vector)
-    rows = max(1, min(geom.out_height, max_accumulators // vecs_per_row))
+    budget = max(1, accumulators)
+    filters = 1
+    if shared_kernels:
+        for f in (4, 2):
+            if geom.out_channels % f == 0 and f * vecs_per_row <= budget:
+                filters = f
+                break
+    rows = max(1, min(geom.out_height, budget // (filters * vecs_per_row)))
+    while rows > 1 and filters * rows * vecs_per_row * vector * 4 > STACK_BYTES:
+        rows -= 1
     # Prefer tiles that divide the output evenly (no wasted rows in the last tile).
     for r in range(rows, 0, -1):
         if geom.out_height % r == 0 and r * 2 > rows:
             rows = r
             break
-    return PatternConvConfig(rows=rows, vector=vector)
+    return PatternConvConfig(rows=rows, vector=vector, filters=filters)
+
+
+def tile_defaults(geom: ConvGeometry, registers: int, lanes: int) -> dict:
+    """Vector width and accumulator budget for a target (``registers``: 16 AVX2, 32 AVX-512
+    or NEON; ``lanes``: fp32 lanes of the widest vector). Measured here on AVX-512: 16-lane
+    tiles of ~12 accumulators win when an output row is >= 12 wide, 8-lane tiles of up to 28
+    accumulators on 7-wide rows (a 16-lane vector would be half empty)."""
+    if lanes >= 16 and geom.out_width >= 12:
+        return {"vector": 16, "accumulators": 12}
+    vector = min(lanes, 8)
+    return {"vector": vector, "accumulators": registers - 4}
 
 
 def pattern_conv2d_primfunc(
@@ -99,17 +133,24 @@ def pattern_conv2d_primfunc(
     epilogue: Epilogue = Epilogue(),
     config: PatternConvConfig | None = None,
     name: str = "pattern_conv2d",
+    kernels_per_filter: int = 0,
 ) -> tirx.PrimFunc:
     """Build the TIR kernel for one layer's geometry, pattern library and epilogue.
 
     Arguments, in order: data (N, C, H, W), kernel_ptr (O, P+1) i32, kernel_channel (K,) i32,
     kernel_values (K, max_taps) f32, filter_order (O,) i32, [bias (O,) f32 in packed order],
     [residual (N, O, Ho, Wo)], out (N, O, Ho, Wo).
+
+    ``kernels_per_filter`` > 0 says every filter has that many kernels, in the same channel and
+    pattern order (a dense packing): then ``config.filters`` filters are computed together.
     """
-    cfg = config or default_config(geom)
+    cfg = config or default_config(geom, shared_kernels=kernels_per_filter > 0)
     n_img, chans, height, width = geom.batch, geom.in_channels, geom.height, geom.width
     filters, (kh, kw) = geom.out_channels, geom.kernel
-    (sh, sw), (pt, pl, _, _) = geom.stride, geom.padding
+    group = cfg.filters if kernels_per_filter > 0 else 1
+    if filters % group:
+        raise ValueError(f"{group} filters per job do not divide {filters} filters")
+    sh, sw = geom.stride
     out_h, out_w = geom.out_height, geom.out_width
     rows, vec = cfg.rows, cfg.vector
     tiles = math.ceil(out_h / rows)
@@ -119,89 +160,119 @@ def pattern_conv2d_primfunc(
     num_p = len(patterns)
     taps = [[divmod(t, kw) for t in pat] for pat in patterns]
 
-    with IRBuilder() as ib:
-        with T.prim_func():
-            T.func_name(name)
-            T.func_attr({"tir.noalias": True, "op_pattern": 8})
-            data = T.arg("data", T.buffer((n_img, chans, height, width), "float32"))
-            kptr = T.arg("kernel_ptr", T.buffer((filters, num_p + 1), "int32"))
-            kchan = T.arg("kernel_channel", T.buffer((max(num_kernels, 1),), "int32"))
-            kval = T.arg("kernel_values", T.buffer((max(num_kernels, 1), max_taps), "float32"))
-            order = T.arg("filter_order", T.buffer((filters,), "int32"))
-            bias = T.arg("bias", T.buffer((filters,), "float32")) if epilogue.bias else None
-            out_shape = (n_img, filters, out_h, out_w)
-            resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
-            out = T.arg("out", T.buffer(out_shape, "float32"))
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name(name)
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        data = T.arg("data", T.buffer((n_img, chans, height, width), "float32"))
+        kptr = T.arg("kernel_ptr", T.buffer((filters, num_p + 1), "int32"))
+        kchan = T.arg("kernel_channel", T.buffer((max(num_kernels, 1),), "int32"))
+        kval = T.arg("kernel_values", T.buffer((max(num_kernels, 1), max_taps), "float32"))
+        order = T.arg("filter_order", T.buffer((filters,), "int32"))
+        bias = T.arg("bias", T.buffer((filters,), "float32")) if epilogue.bias else None
+        out_shape = (n_img, filters, out_h, out_w)
+        resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
+        out = T.arg("out", T.buffer(out_shape, "float32"))
 
-            pad = T.alloc_buffer((n_img, chans, sw, pad_h, pad_q), "float32")
-            with T.parallel(0, n_img * chans) as nc:
-                n, c = nc // chans, nc % chans
-                with T.serial(0, pad_h) as y:
-                    with T.serial(0, sw) as ph:
-                        with T.serial(0, pad_q) as q:
-                            src_y, src_x = y - pt, q * sw + ph - pl
-                            inside = tvm.tirx.all(
-                                src_y >= 0, src_y < height, src_x >= 0, src_x < width
-                            )
-                            T.buffer_store(
-                                pad,
-                                tvm.tirx.if_then_else(
-                                    inside,
-                                    data[n, c, tvm.tirx.min(tvm.tirx.max(src_y, 0), height - 1),
-                                         tvm.tirx.min(tvm.tirx.max(src_x, 0), width - 1)],
-                                    tvm.tirx.const(0.0, "float32"),
-                                ),
-                                [n, c, ph, y, q],
-                            )
+        if cfg.shifted:
+            pad = _stage_shifted(data, geom, pad_h, wide)
+        else:
+            pad = _stage_phases(data, geom, pad_h, pad_q)
 
-            with T.parallel(0, n_img * tiles * filters) as job:
-                n = job // (tiles * filters)
-                tile = job % (tiles * filters) // filters
-                i = job % filters
-                acc = T.alloc_buffer((rows, wide), "float32")  # < 1 KiB: stays on the stack
-                with T.unroll(0, rows) as r:
-                    with T.unroll(0, wide // vec) as xo:
-                        with T.vectorized(0, vec) as xi:
-                            T.buffer_store(acc, tvm.tirx.const(0.0, "float32"), [r, xo * vec + xi])
-                for p in range(num_p):
-                    with T.serial(kptr[i, p], kptr[i, p + 1]) as k:
-                        c = T.Bind(kchan[k])
-                        w = [T.Bind(kval[k, t]) for t in range(len(taps[p]))]
-                        with T.unroll(0, rows) as r:
-                            y0 = (tile * rows + r) * sh
-                            with T.unroll(0, wide // vec) as xo:
-                                with T.vectorized(0, vec) as xi:
-                                    x = xo * vec + xi
-                                    total = acc[r, x]
-                                    for t, (dy, dx) in enumerate(taps[p]):
-                                        src = pad[n, c, dx % sw, y0 + dy, x + dx // sw]
-                                        total = total + w[t] * src
-                                    T.buffer_store(acc, total, [r, x])
-                o = T.Bind(order[i])
+        jobs = filters // group
+        with T.parallel(0, n_img * tiles * jobs) as job:
+            n = job // (tiles * jobs)
+            tile = job % (tiles * jobs) // jobs
+            i0 = job % jobs * group
+            acc = T.alloc_buffer((group, rows, wide), "float32")  # < 1 KiB: on the stack
+            with T.unroll(0, group) as f, T.unroll(0, rows) as r:
+                with T.unroll(0, wide // vec) as xo, T.vectorized(0, vec) as xi:
+                    T.buffer_store(acc, tvm.tirx.const(0.0, "float32"), [f, r, xo * vec + xi])
+            for p in range(num_p):
+                with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
+                    c = T.Bind(kchan[k])
+                    w = [
+                        [T.Bind(kval[k + f * kernels_per_filter, t]) for t in range(len(taps[p]))]
+                        for f in range(group)
+                    ]
+                    with T.unroll(0, rows) as r:
+                        y0 = (tile * rows + r) * sh
+                        with T.unroll(0, wide // vec) as xo, T.vectorized(0, vec) as xi:
+                            x = xo * vec + xi
+                            if cfg.shifted:
+                                src = [pad[n, c, dx, y0 + dy, x] for dy, dx in taps[p]]
+                            else:
+                                src = [
+                                    pad[n, c, dx % sw, y0 + dy, x + dx // sw] for dy, dx in taps[p]
+                                ]
+                            for f in range(group):
+                                total = acc[f, r, x]
+                                for t in range(len(src)):
+                                    total = total + w[f][t] * src[t]
+                                T.buffer_store(acc, total, [f, r, x])
 
-                def store(y, x):
-                    value = acc[y - tile * rows, x]
-                    if bias is not None:
-                        value = value + bias[i]
-                    if resid is not None:
-                        value = value + resid[n, o, y, x]
-                    if epilogue.activation in ("relu", "relu6"):
-                        value = tvm.tirx.max(value, tvm.tirx.const(0.0, "float32"))
-                    if epilogue.activation == "relu6":
-                        value = tvm.tirx.min(value, tvm.tirx.const(6.0, "float32"))
-                    T.buffer_store(out, value, [n, o, y, x])
+            def store(f, y, x):
+                i, o = i0 + f, order[i0 + f]
+                value = acc[f, y - tile * rows, x]
+                if bias is not None:
+                    value = value + bias[i]
+                if resid is not None:
+                    value = value + resid[n, o, y, x]
+                if epilogue.activation in ("relu", "relu6"):
+                    value = tvm.tirx.max(value, tvm.tirx.const(0.0, "float32"))
+                if epilogue.activation == "relu6":
+                    value = tvm.tirx.min(value, tvm.tirx.const(6.0, "float32"))
+                T.buffer_store(out, value, [n, o, y, x])
 
-                with T.serial(0, rows) as r:
-                    y = tile * rows + r
-                    with T.If(y < out_h):
-                        with T.Then():
-                            full = out_w // vec
-                            if full:
-                                with T.serial(0, full) as xo:
-                                    with T.vectorized(0, vec) as xi:
-                                        store(y, xo * vec + xi)
-                            if out_w % vec:
-                                with T.serial(full * vec, out_w) as x:
-                                    store(y, x)
+            with T.serial(0, group) as f, T.serial(0, rows) as r:
+                y = tile * rows + r
+                with T.If(y < out_h), T.Then():
+                    full = out_w // vec
+                    if full:
+                        with T.serial(0, full) as xo, T.vectorized(0, vec) as xi:
+                            store(f, y, xo * vec + xi)
+                    if out_w % vec:
+                        with T.serial(full * vec, out_w) as x:
+                            store(f, y, x)
     # No global symbol: the module that takes the kernel names it (several layers share one).
     return ib.get().without_attr("global_symbol")
+
+
+def _stage_phases(data, geom: ConvGeometry, pad_h: int, pad_q: int):
+    """pad[n, c, phase, Y, q] = padded input at row Y, column q * stride + phase (0 outside)."""
+    n_img, chans, height, width = geom.batch, geom.in_channels, geom.height, geom.width
+    (_, sw), (pt, pl, _, _) = geom.stride, geom.padding
+    pad = T.alloc_buffer((n_img, chans, sw, pad_h, pad_q), "float32")
+    with T.parallel(0, n_img * chans) as nc:
+        n, c = nc // chans, nc % chans
+        with T.serial(0, pad_h) as y, T.serial(0, sw) as ph, T.serial(0, pad_q) as q:
+            src_y, src_x = y - pt, q * sw + ph - pl
+            inside = tvm.tirx.all(src_y >= 0, src_y < height, src_x >= 0, src_x < width)
+            clamped = data[
+                n,
+                c,
+                tvm.tirx.min(tvm.tirx.max(src_y, 0), height - 1),
+                tvm.tirx.min(tvm.tirx.max(src_x, 0), width - 1),
+            ]
+            zero = tvm.tirx.const(0.0, "float32")
+            T.buffer_store(pad, tvm.tirx.if_then_else(inside, clamped, zero), [n, c, ph, y, q])
+    return pad
+
+
+def _stage_shifted(data, geom: ConvGeometry, pad_h: int, wide: int):
+    """pad[n, c, dx, Y, x] = padded input at row Y, column x * stride + dx (0 outside)."""
+    n_img, chans, height, width = geom.batch, geom.in_channels, geom.height, geom.width
+    (_, kw), (_, sw), (pt, pl, _, _) = geom.kernel, geom.stride, geom.padding
+    pad = T.alloc_buffer((n_img, chans, kw, pad_h, wide), "float32")
+    with T.parallel(0, n_img * chans) as nc:
+        n, c = nc // chans, nc % chans
+        with T.serial(0, kw) as dx, T.serial(0, pad_h) as y, T.serial(0, wide) as x:
+            T.buffer_store(pad, tvm.tirx.const(0.0, "float32"), [n, c, dx, y, x])
+        for dx in range(kw):
+            # Columns x whose source column x * sw + dx - pl lies inside the image.
+            lo = max(0, -((dx - pl) // sw))
+            hi = min(wide, (width - 1 + pl - dx) // sw + 1)
+            if hi <= lo:
+                continue
+            with T.serial(0, height) as y, T.serial(lo, hi) as x:
+                T.buffer_store(pad, data[n, c, y, x * sw + dx - pl], [n, c, dx, y + pt, x])
+    return pad

@@ -34,10 +34,18 @@ def run_pattern_conv(
     packed = PatternWeight.from_dense(weight, num_shares=2, keep_zeros=keep_zeros)
     max_taps = packed.kernel_values.shape[1]
     func = pattern_conv2d_primfunc(
-        geom, packed.patterns, packed.num_kernels, max_taps, epilogue, config
+        geom,
+        packed.patterns,
+        packed.num_kernels,
+        max_taps,
+        epilogue,
+        config,
+        kernels_per_filter=c if keep_zeros else 0,
     )
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=resolve_target("x86")).jit()
+    lib = tvm.compile(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+        target=resolve_target("x86"),
+    ).jit()
     k = max(packed.num_kernels, 1)
     args = [
         x,

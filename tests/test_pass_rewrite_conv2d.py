@@ -5,7 +5,13 @@ import tvm
 from tvm import relax
 
 from relay_passes.pattern_conv2d import RewriteConv2D
-from schedules.pattern_conv2d import ConvGeometry, Epilogue, default_config, pattern_conv2d_primfunc
+from schedules.pattern_conv2d import (
+    ConvGeometry,
+    Epilogue,
+    default_config,
+    pattern_conv2d_primfunc,
+    tile_defaults,
+)
 from tvm_sparse.formats import PatternWeight
 from tvm_sparse.testing import random_pattern_weight
 
@@ -38,9 +44,16 @@ def _expected(weight, fmt, bias=None, residual=False, relu=False, num_threads=2)
     geom = ConvGeometry(1, 8, 10, 10, weight.shape[0], (3, 3), (1, 1), (1, 1, 1, 1))
     epi = Epilogue(bias=bias is not None, residual=residual, activation="relu" if relu else "none")
     name = f"{fmt}_conv2d_{weight.shape[0]}x8x3x3"
+    shared = 8 if fmt == "dense" else 0  # a dense packing: every filter has all 8 kernels
     kernel = pattern_conv2d_primfunc(
-        geom, packed.patterns, packed.num_kernels, packed.kernel_values.shape[1], epi,
-        default_config(geom), name,
+        geom,
+        packed.patterns,
+        packed.num_kernels,
+        packed.kernel_values.shape[1],
+        epi,
+        default_config(geom, shared_kernels=shared > 0, **tile_defaults(geom, 16, 8)),
+        name,
+        shared,
     )
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
@@ -51,14 +64,20 @@ def _expected(weight, fmt, bias=None, residual=False, relu=False, num_threads=2)
     gv = bb.add_func(kernel, name)
     with bb.function("main", params):
         with bb.dataflow():
-            args = [x, relax.const(packed.kernel_ptr), relax.const(packed.kernel_channel),
-                    relax.const(packed.kernel_values), relax.const(packed.filter_order)]
+            args = [
+                x,
+                relax.const(packed.kernel_ptr),
+                relax.const(packed.kernel_channel),
+                relax.const(packed.kernel_values),
+                relax.const(packed.filter_order),
+            ]
             if bias is not None:
                 args.append(relax.const(bias[packed.filter_order]))
             if residual:
                 args.append(r)
-            y = bb.emit(relax.call_tir(gv, args, relax.TensorType((1, weight.shape[0], 10, 10),
-                                                                  "float32")))
+            y = bb.emit(
+                relax.call_tir(gv, args, relax.TensorType((1, weight.shape[0], 10, 10), "float32"))
+            )
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     return bb.get()

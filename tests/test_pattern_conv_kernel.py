@@ -36,6 +36,8 @@ def conv_layers(draw):
         bias=draw(st.booleans()),
         residual=draw(st.booleans()),
         rows=draw(st.sampled_from([None, 1, 3])),
+        dense=draw(st.booleans()),
+        filters=draw(st.sampled_from([1, 2, 4])),
         vector=draw(st.sampled_from([4, 8, 16])),
         seed=draw(st.integers(0, 2**16)),
     )
@@ -47,8 +49,13 @@ def test_generated_layers_match_torch(layer):
     rng = np.random.default_rng(layer["seed"])
     k = layer["kernel"]
     weight = random_pattern_weight(
-        layer["out_ch"], layer["in_ch"], k, layer["num_patterns"], layer["keep"],
-        taps=min(layer["taps"], k * k), seed=layer["seed"],
+        layer["out_ch"],
+        layer["in_ch"],
+        k,
+        layer["num_patterns"],
+        layer["keep"],
+        taps=min(layer["taps"], k * k),
+        seed=layer["seed"],
     )
     x = rng.standard_normal((layer["batch"], layer["in_ch"], layer["height"], layer["width"]))
     x = x.astype("float32")
@@ -56,10 +63,16 @@ def test_generated_layers_match_torch(layer):
     bias = rng.standard_normal(layer["out_ch"]).astype("float32") if layer["bias"] else None
     ref_plain = torch_conv(x, weight, layer["stride"], pad)
     residual = rng.standard_normal(ref_plain.shape).astype("float32") if layer["residual"] else None
-    epi = Epilogue(bias=bias is not None, residual=residual is not None,
-                   activation=layer["activation"])
-    cfg = PatternConvConfig(rows=layer["rows"], vector=layer["vector"]) if layer["rows"] else None
-    got = run_pattern_conv(x, weight, layer["stride"], pad, epi, bias, residual, cfg)
+    epi = Epilogue(
+        bias=bias is not None, residual=residual is not None, activation=layer["activation"]
+    )
+    filters = max(f for f in (1, 2, 4) if f <= layer["filters"] and layer["out_ch"] % f == 0)
+    cfg = None
+    if layer["rows"]:
+        cfg = PatternConvConfig(rows=layer["rows"], vector=layer["vector"], filters=filters)
+    got = run_pattern_conv(
+        x, weight, layer["stride"], pad, epi, bias, residual, cfg, keep_zeros=layer["dense"]
+    )
     ref = torch_conv(x, weight, layer["stride"], pad, bias, residual, layer["activation"])
     np.testing.assert_allclose(got, ref, **TOL)
 

@@ -15,6 +15,7 @@ from tvm.target import Target
 from .errors import InputError, ModelLoadError
 from .frontend import TensorSpec
 from .report import LayerRecord, format_report
+from .targets import resolve_target
 
 METADATA_SUFFIX = ".json"
 
@@ -31,7 +32,19 @@ class CompiledModel:
     _vm: Any = field(default=None, repr=False)
 
     @property
+    def runs_here(self) -> bool:
+        """Whether the code was built for this machine (else run it over ``tvm_sparse.rpc``)."""
+        from .targets import is_arm
+
+        return self.target is None or is_arm(self.target) == is_arm(resolve_target("x86"))
+
+    @property
     def vm(self) -> relax.VirtualMachine:
+        if not self.runs_here:
+            raise InputError(
+                f"this model was compiled for {self.target.attrs.get('mtriple')}: export it and "
+                "run it on the device (tvm_sparse.rpc.run_remote / tvm-sparse run --rpc)"
+            )
         if self._vm is None:
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm
@@ -66,6 +79,10 @@ class CompiledModel:
     def export(self, path: str | os.PathLike, fcompile: Any = None) -> str:
         """Write ``path`` (shared library) and ``path.json`` (inputs, target, report)."""
         path = os.fspath(path)
+        if fcompile is None and not self.runs_here:
+            from .toolchain import fcompile_for
+
+            fcompile = fcompile_for(self.target)  # a cross linker (NDK, aarch64 gcc, clang+lld)
         kwargs = {"fcompile": fcompile} if fcompile is not None else {}
         self.executable.export_library(path, **kwargs)
         meta = {

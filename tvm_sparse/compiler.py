@@ -15,7 +15,7 @@ from relay_passes.pattern_conv2d import RewriteConv2D
 from .compiled_model import CompiledModel
 from .frontend import import_model
 from .report import LayerRecord, format_report
-from .targets import resolve_target
+from .targets import resolve_target, vector_lanes, vector_registers
 
 
 def _progress(msg: str, verbose: bool) -> None:
@@ -23,10 +23,18 @@ def _progress(msg: str, verbose: bool) -> None:
         print(f"[tvm-sparse] {msg}", file=sys.stderr, flush=True)
 
 
-def sparse_pipeline(num_threads: int, sparse: bool, records: list) -> tvm.transform.Pass:
+def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.transform.Pass:
     """The graph passes tvm-sparse adds before TVM's own build pipeline."""
     return tvm.transform.Sequential(
-        [RewriteConv2D(num_threads=num_threads, sparse=sparse, records=records)],
+        [
+            RewriteConv2D(
+                num_threads=_num_threads(tgt),
+                sparse=sparse,
+                records=records,
+                registers=vector_registers(tgt),
+                lanes=vector_lanes(tgt),
+            )
+        ],
         name="tvm_sparse",
     )
 
@@ -36,7 +44,7 @@ def analyze(model: Any, example_inputs: Any = None, target: Any = "x86") -> str:
     tgt = resolve_target(target)
     imported = import_model(model, example_inputs)
     records: list[LayerRecord] = []
-    mod = sparse_pipeline(_num_threads(tgt), True, records)(imported.mod)
+    mod = sparse_pipeline(tgt, True, records)(imported.mod)
     return format_report(records + _remaining_ops(mod))
 
 
@@ -61,7 +69,7 @@ def compile(  # noqa: A001 (the public name users expect)
     imported = import_model(model, example_inputs)
     _progress(f"imported {imported.source} in {time.perf_counter() - t0:.1f}s", verbose)
     records: list[LayerRecord] = []
-    mod = sparse_pipeline(_num_threads(tgt), sparse, records)(imported.mod)
+    mod = sparse_pipeline(tgt, sparse, records)(imported.mod)
     _progress(f"rewrote {len(records)} conv layers in {time.perf_counter() - t0:.1f}s", verbose)
     records.extend(_remaining_ops(mod))
     executable = tvm.compile(mod, target=tgt)

@@ -67,7 +67,9 @@ def from_torch(model: Any, example_inputs: tuple) -> ImportedModel:
     try:
         mod = from_exported_program(exported, unwrap_unit_return_tuple=True)
     except Exception as err:
-        raise ModelLoadError(f"TVM could not import the exported {type(model).__name__}: {err}") from err
+        raise ModelLoadError(
+            f"TVM could not import the exported {type(model).__name__}: {err}"
+        ) from err
     inputs = [
         TensorSpec(f"input{i}", tuple(int(d) for d in x.shape), str(x.dtype).replace("torch.", ""))
         for i, x in enumerate(example)
@@ -105,7 +107,8 @@ def from_onnx(model: Any, example_inputs: tuple | None = None) -> ImportedModel:
     for spec in graph_inputs:
         if any(d <= 0 for d in spec.shape):
             raise InputError(
-                f"{source}: input {spec.name!r} has a dynamic shape {spec.shape}; pass example_inputs"
+                f"{source}: input {spec.name!r} has a dynamic shape {spec.shape}; "
+                "pass example_inputs"
             )
     from tvm.relax.frontend.onnx import from_onnx as relax_from_onnx
 

@@ -22,7 +22,7 @@ def random_pattern_weight(
     taps: int = 4,
     seed: int = 0,
 ) -> np.ndarray:
-    """An OIHW weight with ``num_patterns`` random tap patterns and ``kernel_keep`` of kernels kept."""
+    """An OIHW weight: ``num_patterns`` random tap patterns, ``kernel_keep`` of kernels kept."""
     rng = np.random.default_rng(seed)
     candidates = centre_patterns(kernel, min(taps, kernel * kernel))
     chosen = rng.choice(len(candidates), size=min(num_patterns, len(candidates)), replace=False)

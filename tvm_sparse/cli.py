@@ -1,0 +1,140 @@
+"""The ``tvm-sparse`` command line: inspect, compile, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import TvmSparseError
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.replace("x", ",").split(","))
+
+
+def _load(args: argparse.Namespace):
+    """The model and example inputs a subcommand names (ONNX file, .pt2 file or builtin:NAME)."""
+    import numpy as np
+
+    model = args.model
+    inputs = None
+    if args.input_shape:
+        inputs = (np.zeros(_shape(args.input_shape), dtype="float32"),)
+    if model.startswith("builtin:"):
+        from .demo import build_demo_model
+
+        if model != "builtin:resnet18-pattern":
+            raise TvmSparseError(f"unknown built-in model {model!r} (builtin:resnet18-pattern)")
+        model = build_demo_model()
+        inputs = inputs or (np.zeros((1, 3, 224, 224), dtype="float32"),)
+    return model, inputs
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .compiler import analyze
+
+    model, inputs = _load(args)
+    print(analyze(model, inputs, target=args.target))
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compiler import compile as compile_model
+
+    model, inputs = _load(args)
+    cm = compile_model(model, inputs, target=args.target, sparse=not args.dense, verbose=True)
+    print(cm.report())
+    path = cm.export(args.output)
+    print(f"wrote {path} and {path}.json")
+    return 0
+
+
+def _remote(args: argparse.Namespace):
+    from .rpc import connect
+
+    if args.rpc is None:
+        raise TvmSparseError("--rpc HOST:PORT (a tracker, with --key) is required")
+    if args.key:
+        return connect(tracker=args.rpc, key=args.key)
+    host, port = args.rpc.rsplit(":", 1)
+    return connect(host=host, port=int(port))
+
+
+def cmd_remote(args: argparse.Namespace) -> int:
+    """Compile for the device, run (and time) it there, compare with a host build."""
+    import numpy as np
+
+    from .compiler import compile as compile_model
+    from .rpc import benchmark_remote, run_remote
+
+    model, inputs = _load(args)
+    device = compile_model(model, inputs, target=args.target, verbose=True)
+    host = compile_model(model, inputs, target="x86")
+    rng = np.random.default_rng(0)
+    feed = [rng.standard_normal(s.shape).astype(s.dtype) for s in device.inputs]
+    expected = host(*feed)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    with _remote(args) as remote:
+        got = run_remote(device.executable, feed, remote, target=device.target)
+        err = max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected, strict=True))
+        print(f"{remote}: max |device - host| = {err:.2e}")
+        if args.command == "bench":
+            ms = benchmark_remote(device.executable, feed, remote, target=device.target,
+                                  repeat=args.repeat)  # fmt: skip
+            print(f"{remote}: median {ms:.3f} ms per run ({args.repeat} repeats)")
+    return 0 if err <= 1e-3 * max(1.0, max(float(np.abs(e).max()) for e in expected)) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(image=args.image, rounds=args.rounds)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvm-sparse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "model", help="ONNX file, torch.export .pt2 file, or builtin:resnet18-pattern"
+        )
+        p.add_argument("--input-shape", help="e.g. 1,3,224,224 (ONNX files carry their own)")
+        p.add_argument("--target", default="x86", help="x86 (this host), arm64 or android")
+
+    p = sub.add_parser("inspect", help="sparsity report: format chosen per layer, no build")
+    model_args(p)
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("compile", help="compile and export a deployable library")
+    model_args(p)
+    p.add_argument("-o", "--output", required=True, help="library path (.so); metadata: OUT.json")
+    p.add_argument("--dense", action="store_true", help="ignore sparsity (dense baseline)")
+    p.set_defaults(func=cmd_compile)
+    for name, text in (("run", "run on a device over RPC and compare with the host"),
+                       ("bench", "run, compare and time on a device over RPC")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        model_args(p)
+        p.set_defaults(target="arm64")
+        p.add_argument("--rpc", help="tracker HOST:PORT (with --key) or server HOST:PORT")
+        p.add_argument("--key", help="device key registered with the tracker (e.g. android)")
+        p.add_argument("--repeat", type=int, default=5)
+        p.set_defaults(func=cmd_remote)
+    p = sub.add_parser("demo", help="pruned ResNet-18: sparse vs dense vs PyTorch vs ONNX Runtime")
+    p.add_argument("--image", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=15)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TvmSparseError as err:
+        print(f"tvm-sparse: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
