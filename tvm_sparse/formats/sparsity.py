@@ -54,9 +54,11 @@ def choose_conv_format(stats: ConvSparsity) -> tuple[str, str]:
         )
     if stats.flops_kept > MAX_FLOPS_KEPT:
         return "dense", (
-            f"keeps {stats.flops_kept:.0%} of the FLOPs (> {MAX_FLOPS_KEPT:.0%}): sparse would not win"
+            f"keeps {stats.flops_kept:.0%} of the FLOPs (> {MAX_FLOPS_KEPT:.0%}): "
+            "sparse would not win"
         )
     return "pattern", (
         f"{stats.num_patterns} patterns of <= {stats.max_taps} taps, "
-        f"{stats.kernel_density:.0%} of kernels kept: {1 / max(stats.flops_kept, 1e-9):.1f}x fewer FLOPs"
+        f"{stats.kernel_density:.0%} of kernels kept: "
+        f"{1 / max(stats.flops_kept, 1e-9):.1f}x fewer FLOPs"
     )

@@ -1,0 +1,58 @@
+"""The ``tvm-sparse`` command line, run as a user would (a subprocess), on an ONNX file."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tvm_sparse
+from tvm_sparse.benchmarking import onnx_bytes
+from tvm_sparse.models import resnet18
+from tvm_sparse.testing import pattern_prune_model_
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "tvm_sparse.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = pattern_prune_model_(resnet18(num_classes=10, width=8)).eval()
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("float32")
+    path = tmp_path_factory.mktemp("cli") / "r.onnx"
+    path.write_bytes(onnx_bytes(model, (x,)))
+    with torch.no_grad():
+        return path, x, model(torch.from_numpy(x)).numpy()
+
+
+def test_inspect_prints_the_per_layer_choice(model_file):
+    path, _, _ = model_file
+    res = _cli("inspect", str(path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(" pattern ") == 16
+    assert "conv total:" in res.stdout and "x fewer" in res.stdout
+
+
+def test_compile_writes_a_loadable_library(model_file, tmp_path):
+    path, x, ref = model_file
+    out = tmp_path / "r.so"
+    res = _cli("compile", str(path), "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "r.so.json").read_text())["inputs"][0]["shape"] == [1, 3, 32, 32]
+    np.testing.assert_allclose(tvm_sparse.load(out)(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_file_is_one_clear_line(tmp_path):
+    res = _cli("inspect", str(tmp_path / "missing.onnx"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("tvm-sparse: error: ")
+    assert "missing.onnx: no such ONNX file" in res.stderr
