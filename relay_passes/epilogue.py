@@ -1,7 +1,9 @@
-"""Find the elementwise epilogue that follows an op: bias add, residual add, ReLU / ReLU6.
+"""Anchor op + elementwise epilogue (bias add, residual add, ReLU / ReLU6) -> one fused kernel.
 
 Shared by the rewrite passes: each rewrites an anchor op (conv2d, matmul) together with the chain
 ``act(anchor + bias + residual)`` when every intermediate value has no other user.
+``anchored_rewrite_pass`` is the module-pass skeleton; a pass supplies what an eligible anchor
+is and how to emit the fused call.
 """
 
 from __future__ import annotations
@@ -125,3 +127,90 @@ def match_epilogue(
         return None
 
     return strip(root, [], 0)
+
+
+Emit = Callable[[relax.BlockBuilder, EpilogueMatch, Callable[[relax.Expr], relax.Expr]], relax.Expr]
+
+
+def anchored_rewrite_pass(
+    name: str,
+    op_name: str,
+    unsupported: Callable[[relax.Call], str | None],
+    emit: Emit,
+    channel_axis: int,
+    on_fallback: Callable[[relax.Call, str], None] = lambda call, reason: None,
+) -> tvm.transform.Pass:
+    """A module pass rewriting every eligible ``op_name`` call (and its epilogue) via ``emit``.
+
+    ``unsupported(call)`` says why a call cannot be rewritten (then ``on_fallback`` is told and
+    the call stays on TVM's path); ``emit(builder, match, visit)`` returns the replacement, where
+    ``visit`` maps an original operand to the rewritten module's expression.
+    """
+
+    def is_anchor(call: relax.Call) -> bool:
+        return getattr(call.op, "name", "") == op_name and unsupported(call) is None
+
+    def plan_function(func: relax.Function) -> dict:
+        var2val = relax.analysis.get_var2val(func)
+        uses = count_uses(func)
+        plan, absorbed = {}, set()
+        bindings = [b for block in func.body.blocks for b in block.bindings]
+        for binding in reversed(bindings):
+            value = binding.value
+            if binding.var in absorbed or not isinstance(value, relax.Call):
+                continue
+            if getattr(value.op, "name", "") == op_name:
+                reason = unsupported(value)
+                if reason is not None:
+                    on_fallback(value, reason)
+                    continue
+            match = match_epilogue(value, var2val, uses, is_anchor, channel_axis)
+            if match is not None:
+                plan[value] = match
+                absorbed.update(match.absorbed)
+        return plan
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod: tvm.IRModule, plan: dict) -> None:
+            super().__init__(mod)
+            self.plan = plan
+
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            match = self.plan.get(call)
+            if match is None:
+                return super().visit_call_(call)
+            return emit(self.builder_, match, self.visit_expr)
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        plans = {
+            gv: plan_function(func)
+            for gv, func in mod.functions.items()
+            if isinstance(func, relax.Function)
+        }
+        for gv, plan in plans.items():
+            if plan:
+                rewriter = _Rewriter(mod, plan)
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(mod[gv]))
+                mod = rewriter.builder_.get()
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return transform
+
+
+def describe(match: EpilogueMatch) -> str:
+    """ "bias+residual+relu"-style summary of what was fused."""
+    parts = ["bias"] if match.bias is not None else []
+    parts += ["residual"] if match.residual is not None else []
+    parts += [match.activation] if match.activation != "none" else []
+    return "+".join(parts)
+
+
+def add_kernel(
+    bb: relax.BlockBuilder, cache: dict, key: tuple, name: str, make: Callable[[], object]
+) -> tvm.ir.GlobalVar:
+    """Add the PrimFunc ``make()`` once per ``key`` (layers with equal kernels share one)."""
+    if key not in cache:
+        cache[key] = bb.add_func(make(), name)
+    return cache[key]

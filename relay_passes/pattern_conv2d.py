@@ -28,7 +28,14 @@ from schedules.pattern_conv2d import (
 from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
 from tvm_sparse.report import LayerRecord
 
-from .epilogue import EpilogueMatch, const_value, count_uses, match_epilogue, static_shape
+from .epilogue import (
+    EpilogueMatch,
+    add_kernel,
+    anchored_rewrite_pass,
+    const_value,
+    describe,
+    static_shape,
+)
 
 
 def conv2d_unsupported(call: relax.Call) -> str | None:
@@ -70,13 +77,6 @@ def _geometry(call: relax.Call) -> ConvGeometry:
     )
 
 
-def _describe(match: EpilogueMatch) -> str:
-    parts = ["bias"] if match.bias is not None else []
-    parts += ["residual"] if match.residual is not None else []
-    parts += [match.activation] if match.activation != "none" else []
-    return "+".join(parts)
-
-
 def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
     num_threads: int = 1,
     sparse: bool = True,
@@ -88,139 +88,83 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
     ``num_threads`` is the number of cores filters are balanced over, ``registers`` / ``lanes``
     the target's vector registers and fp32 lanes (AVX2 16 / 8, AVX-512 32 / 16, NEON 32 / 4)."""
     records = records if records is not None else []
+    kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def __init__(self, mod: tvm.IRModule, plan: dict) -> None:
-            super().__init__(mod)
-            self.plan = plan
-            self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-
-        def visit_call_(self, call: relax.Call) -> relax.Expr:
-            match = self.plan.get(call)
-            if match is None:
-                return super().visit_call_(call)
-            return self._emit(match)
-
-        def _emit(self, match: EpilogueMatch) -> relax.Expr:
-            conv = match.anchor
-            geom = _geometry(conv)
-            weight = const_value(conv.args[1]).astype(np.float32)
-            stats = conv_sparsity(weight)
-            fmt, reason = choose_conv_format(stats) if sparse else ("dense", "sparse=False")
-            packed = PatternWeight.from_dense(
-                weight, num_shares=num_threads, keep_zeros=(fmt == "dense")
+    def emit(bb: relax.BlockBuilder, match: EpilogueMatch, visit) -> relax.Expr:
+        conv = match.anchor
+        geom = _geometry(conv)
+        weight = const_value(conv.args[1]).astype(np.float32)
+        stats = conv_sparsity(weight)
+        fmt, reason = choose_conv_format(stats) if sparse else ("dense", "sparse=False")
+        packed = PatternWeight.from_dense(
+            weight, num_shares=num_threads, keep_zeros=(fmt == "dense")
+        )
+        epi = Epilogue(
+            bias=match.bias is not None,
+            residual=match.residual is not None,
+            activation=match.activation,
+        )
+        shared = geom.in_channels if fmt == "dense" else 0  # every filter: all C kernels
+        cfg = default_config(
+            geom, shared_kernels=shared > 0, **tile_defaults(geom, registers, lanes)
+        )
+        max_taps = packed.kernel_values.shape[1]
+        o, c, kh, kw = stats.shape
+        name = f"{fmt}_conv2d_{o}x{c}x{kh}x{kw}"
+        kernel = add_kernel(
+            bb,
+            kernels,
+            (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, shared),
+            name,
+            lambda: pattern_conv2d_primfunc(
+                geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, shared
+            ),
+        )
+        nonempty = packed.num_kernels > 0
+        args = [
+            visit(conv.args[0]),
+            relax.const(packed.kernel_ptr),
+            relax.const(packed.kernel_channel if nonempty else np.zeros(1, "int32")),
+            relax.const(packed.kernel_values if nonempty else np.zeros((1, max_taps), "float32")),
+            relax.const(packed.filter_order),
+        ]
+        if match.bias is not None:
+            args.append(relax.const(match.bias[packed.filter_order]))
+        if match.residual is not None:
+            args.append(visit(match.residual))
+        out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
+        pixels = geom.batch * geom.out_height * geom.out_width
+        records.append(
+            LayerRecord(
+                name=f"conv2d_{len(records)}",
+                op="conv2d",
+                shape=f"{o}x{c}x{kh}x{kw} s{geom.stride[0]} on {geom.height}x{geom.width}",
+                format=fmt,
+                density=stats.density,
+                flops_dense=2 * pixels * o * c * kh * kw,
+                flops_kept=2 * pixels * packed.num_taps,
+                reason=reason,
+                epilogue=describe(match),
             )
-            epi = Epilogue(
-                bias=match.bias is not None,
-                residual=match.residual is not None,
-                activation=match.activation,
+        )
+        return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
+
+    def fallback(call: relax.Call, reason: str) -> None:
+        shape = static_shape(call.args[1]) or ()
+        records.append(
+            LayerRecord(
+                name=f"conv2d_{len(records)}",
+                op="conv2d",
+                shape="x".join(str(d) for d in shape),
+                format="tvm",
+                density=1.0,
+                flops_dense=0,
+                flops_kept=0,
+                reason=f"left to TVM: {reason}",
             )
-            shared = geom.in_channels if fmt == "dense" else 0  # every filter: all C kernels
-            cfg = default_config(
-                geom, shared_kernels=shared > 0, **tile_defaults(geom, registers, lanes)
-            )
-            max_taps = packed.kernel_values.shape[1]
-            key = (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, shared)
-            if key not in self.kernels:
-                o, c, kh, kw = stats.shape
-                name = f"{'pattern' if fmt == 'pattern' else 'dense'}_conv2d_{o}x{c}x{kh}x{kw}"
-                func = pattern_conv2d_primfunc(
-                    geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, shared
-                )
-                self.kernels[key] = self.builder_.add_func(func, name)
-            args = [
-                self.visit_expr(conv.args[0]),
-                relax.const(packed.kernel_ptr),
-                relax.const(packed.kernel_channel if packed.num_kernels else np.zeros(1, "int32")),
-                relax.const(
-                    packed.kernel_values
-                    if packed.num_kernels
-                    else np.zeros((1, max_taps), "float32")
-                ),
-                relax.const(packed.filter_order),
-            ]
-            if match.bias is not None:
-                args.append(relax.const(match.bias[packed.filter_order]))
-            if match.residual is not None:
-                args.append(self.visit_expr(match.residual))
-            out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
-            dense_flops = (
-                2 * int(np.prod(out_shape)) * geom.in_channels * geom.kernel[0] * geom.kernel[1]
-            )
-            kept = 2 * packed.num_taps * geom.batch * geom.out_height * geom.out_width
-            records.append(
-                LayerRecord(
-                    name=f"conv2d_{len(records)}",
-                    op="conv2d",
-                    shape=f"{stats.shape[0]}x{stats.shape[1]}x{stats.shape[2]}x{stats.shape[3]}"
-                    f" s{geom.stride[0]} on {geom.height}x{geom.width}",
-                    format=fmt,
-                    density=stats.density,
-                    flops_dense=dense_flops,
-                    flops_kept=kept,
-                    reason=reason,
-                    epilogue=_describe(match),
-                )
-            )
-            return relax.call_tir(self.kernels[key], args, relax.TensorType(out_shape, "float32"))
+        )
 
-    def plan_function(func: relax.Function) -> dict:
-        var2val = relax.analysis.get_var2val(func)
-        uses = count_uses(func)
-        plan, absorbed = {}, set()
-        bindings = [b for block in func.body.blocks for b in block.bindings]
-        for binding in reversed(bindings):
-            value = binding.value
-            if binding.var in absorbed or not isinstance(value, relax.Call):
-                continue
-            if isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.nn.conv2d":
-                reason = conv2d_unsupported(value)
-                if reason is not None:
-                    records.append(_fallback_record(value, reason))
-                    continue
-            match = match_epilogue(value, var2val, uses, _is_supported_conv, channel_axis=1)
-            if match is not None:
-                plan[value] = match
-                absorbed.update(match.absorbed)
-        return plan
-
-    @tvm.transform.module_pass(opt_level=0, name="RewriteConv2D")
-    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plans = {
-            gv: plan_function(func)
-            for gv, func in mod.functions.items()
-            if isinstance(func, relax.Function)
-        }
-        for gv, plan in plans.items():
-            if not plan:
-                continue
-            rewriter = _Rewriter(mod, plan)
-            new_func = rewriter.visit_expr(mod[gv])
-            rewriter.builder_.update_func(gv, new_func)
-            mod = rewriter.builder_.get()
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return transform
-
-
-def _is_supported_conv(call: relax.Call) -> bool:
-    return (
-        isinstance(call.op, tvm.ir.Op)
-        and call.op.name == "relax.nn.conv2d"
-        and conv2d_unsupported(call) is None
-    )
-
-
-def _fallback_record(call: relax.Call, reason: str) -> LayerRecord:
-    shape = static_shape(call.args[1]) or ()
-    return LayerRecord(
-        name="conv2d",
-        op="conv2d",
-        shape="x".join(str(d) for d in shape),
-        format="tvm",
-        density=1.0,
-        flops_dense=0,
-        flops_kept=0,
-        reason=f"left to TVM: {reason}",
-    )
+    return anchored_rewrite_pass(
+        "RewriteConv2D", "relax.nn.conv2d", conv2d_unsupported, emit, channel_axis=1,
+        on_fallback=fallback,
+    )  # fmt: skip

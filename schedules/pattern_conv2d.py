@@ -114,6 +114,15 @@ def default_config(
     return PatternConvConfig(rows=rows, vector=vector, filters=filters)
 
 
+def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
+    """Apply the epilogue's activation to a TIR value."""
+    if epilogue.activation in ("relu", "relu6"):
+        value = tvm.tirx.max(value, tvm.tirx.const(0.0, "float32"))
+    if epilogue.activation == "relu6":
+        value = tvm.tirx.min(value, tvm.tirx.const(6.0, "float32"))
+    return value
+
+
 def tile_defaults(geom: ConvGeometry, registers: int, lanes: int) -> dict:
     """Vector width and accumulator budget for a target (``registers``: 16 AVX2, 32 AVX-512
     or NEON; ``lanes``: fp32 lanes of the widest vector). Measured here on AVX-512: 16-lane
@@ -217,11 +226,7 @@ def pattern_conv2d_primfunc(
                     value = value + bias[i]
                 if resid is not None:
                     value = value + resid[n, o, y, x]
-                if epilogue.activation in ("relu", "relu6"):
-                    value = tvm.tirx.max(value, tvm.tirx.const(0.0, "float32"))
-                if epilogue.activation == "relu6":
-                    value = tvm.tirx.min(value, tvm.tirx.const(6.0, "float32"))
-                T.buffer_store(out, value, [n, o, y, x])
+                T.buffer_store(out, activation(value, epilogue), [n, o, y, x])
 
             with T.serial(0, group) as f, T.serial(0, rows) as r:
                 y = tile * rows + r

@@ -10,6 +10,7 @@ from typing import Any
 import tvm
 from tvm import relax
 
+from relay_passes.dense_matmul import RewriteDenseMatmul
 from relay_passes.pattern_conv2d import RewriteConv2D
 
 from .compiled_model import CompiledModel
@@ -33,7 +34,8 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
                 records=records,
                 registers=vector_registers(tgt),
                 lanes=vector_lanes(tgt),
-            )
+            ),
+            RewriteDenseMatmul(records=records, lanes=vector_lanes(tgt)),
         ],
         name="tvm_sparse",
     )

@@ -40,7 +40,7 @@ def format_report(layers: list[LayerRecord]) -> str:
         )
     if dense:
         lines.append(
-            f"conv total: {kept / 1e6:.1f} of {dense / 1e6:.1f} MFLOP kept "
+            f"total: {kept / 1e6:.1f} of {dense / 1e6:.1f} MFLOP kept "
             f"({dense / max(kept, 1):.2f}x fewer)"
         )
     return "\n".join(lines)

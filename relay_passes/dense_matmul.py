@@ -1,0 +1,85 @@
+"""RewriteDenseMatmul: ``relax.matmul(x, W)`` with a constant 2-D weight -> a scheduled kernel.
+
+Fully connected layers (``linear`` imports as ``matmul(x, permute_dims(W))``, folded to a
+constant (K, N) weight) otherwise run on TVM's untuned default loops. The matmul and its
+epilogue (bias, residual add, ReLU / ReLU6) become one ``call_tir`` to
+``schedules.dense_matmul``; anything else (non-constant weight, batched or N-D operands) is left
+to TVM. Block-sparse weights are a later, separate pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from schedules.dense_matmul import default_matmul_config, dense_matmul_primfunc, padded_columns
+from schedules.pattern_conv2d import Epilogue
+from tvm_sparse.report import LayerRecord
+
+from .epilogue import (
+    EpilogueMatch,
+    add_kernel,
+    anchored_rewrite_pass,
+    const_value,
+    describe,
+    static_shape,
+)
+
+
+def matmul_unsupported(call: relax.Call) -> str | None:
+    """Why the kernel cannot take this matmul, or None if it can."""
+    weight = const_value(call.args[1])
+    if weight is None:
+        return "weight is not a constant"
+    x_shape = static_shape(call.args[0])
+    if weight.ndim != 2 or x_shape is None or len(x_shape) != 2:
+        return f"operands {x_shape} x {weight.shape} (only 2-D x constant 2-D)"
+    if weight.dtype != np.float32 or call.args[0].ty.dtype != "float32":
+        return "dtype (only float32)"
+    return None
+
+
+def RewriteDenseMatmul(  # noqa: N802 (TVM's pass naming)
+    records: list[LayerRecord] | None = None, lanes: int = 16
+) -> tvm.transform.Pass:
+    """The pass; ``lanes`` is the target's fp32 vector width."""
+    records = records if records is not None else []
+    kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+
+    def emit(bb: relax.BlockBuilder, match: EpilogueMatch, visit) -> relax.Expr:
+        call = match.anchor
+        m, k = static_shape(call.args[0])
+        weight = const_value(call.args[1]).astype(np.float32)
+        n = weight.shape[1]
+        cfg = default_matmul_config(m, lanes)
+        n_pad = padded_columns(n, cfg)
+        epi = Epilogue(match.bias is not None, match.residual is not None, match.activation)
+        name = f"dense_matmul_{k}x{n}"
+        kernel = add_kernel(
+            bb, kernels, (m, k, n, epi, cfg), name,
+            lambda: dense_matmul_primfunc(m, k, n, epi, cfg, name),
+        )  # fmt: skip
+        args = [visit(call.args[0]), relax.const(np.pad(weight, ((0, 0), (0, n_pad - n))))]
+        if match.bias is not None:
+            args.append(relax.const(np.pad(match.bias, (0, n_pad - n))))
+        if match.residual is not None:
+            args.append(visit(match.residual))
+        records.append(
+            LayerRecord(
+                name=f"matmul_{len(records)}",
+                op="matmul",
+                shape=f"{k}x{n} (batch {m})",
+                format="dense",
+                density=float((weight != 0).mean()),
+                flops_dense=2 * m * k * n,
+                flops_kept=2 * m * k * n,
+                reason="no block-sparse kernel yet: tvm-sparse dense GEMV/GEMM",
+                epilogue=describe(match),
+            )
+        )
+        return relax.call_tir(kernel, args, relax.TensorType((m, n), "float32"))
+
+    return anchored_rewrite_pass(
+        "RewriteDenseMatmul", "relax.matmul", matmul_unsupported, emit, channel_axis=-1
+    )

@@ -1,0 +1,87 @@
+"""Dense matmul with a constant weight (fully connected layers): TIR kernel generator.
+
+``out[m, n] = act(sum_k x[m, k] * w[k, n] + bias[n])``, weight packed as (K, N padded to the
+column block). Each parallel job owns ``rows`` input rows x one column block of ``block``
+outputs held in registers; the k loop streams the weight block once per job (a batch-1 FC layer
+is a weight-bandwidth-bound GEMV, so the weight is read exactly once).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import tvm
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .pattern_conv2d import Epilogue, activation
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Schedule knobs: input rows per job, vector lanes, vectors per column block."""
+
+    rows: int = 1
+    vector: int = 16
+    vectors: int = 4
+
+    @property
+    def block(self) -> int:
+        return self.vector * self.vectors
+
+
+def default_matmul_config(m: int, lanes: int = 16) -> MatmulConfig:
+    rows = min(m, 4)
+    return MatmulConfig(rows=rows, vector=lanes, vectors=max(1, 8 // rows))
+
+
+def padded_columns(n: int, config: MatmulConfig) -> int:
+    return math.ceil(n / config.block) * config.block
+
+
+def dense_matmul_primfunc(
+    m: int,
+    k: int,
+    n: int,
+    epilogue: Epilogue = Epilogue(),
+    config: MatmulConfig | None = None,
+    name: str = "dense_matmul",
+) -> tirx.PrimFunc:
+    """Arguments: x (M, K), weight (K, N_padded), [bias (N_padded,)], [residual (M, N)],
+    out (M, N). ``padded_columns(n, config)`` gives N_padded (pad with zeros)."""
+    cfg = config or default_matmul_config(m)
+    rows, vec, block = cfg.rows, cfg.vector, cfg.block
+    n_pad = padded_columns(n, cfg)
+    row_tiles, col_blocks = math.ceil(m / rows), n_pad // block
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name(name)
+        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        x = T.arg("x", T.buffer((m, k), "float32"))
+        w = T.arg("weight", T.buffer((k, n_pad), "float32"))
+        bias = T.arg("bias", T.buffer((n_pad,), "float32")) if epilogue.bias else None
+        resid = T.arg("residual", T.buffer((m, n), "float32")) if epilogue.residual else None
+        out = T.arg("out", T.buffer((m, n), "float32"))
+        with T.parallel(0, row_tiles * col_blocks) as job:
+            m0 = job // col_blocks * rows
+            n0 = job % col_blocks * block
+            acc = T.alloc_buffer((rows, block), "float32")  # < 1 KiB: on the stack
+            with T.unroll(0, rows) as r, T.unroll(0, cfg.vectors) as v:
+                with T.vectorized(0, vec) as j:
+                    T.buffer_store(acc, tvm.tirx.const(0.0, "float32"), [r, v * vec + j])
+            with T.serial(0, k) as kk:
+                with T.unroll(0, rows) as r:
+                    xv = x[tvm.tirx.min(m0 + r, m - 1), kk]
+                    with T.unroll(0, cfg.vectors) as v, T.vectorized(0, vec) as j:
+                        col = v * vec + j
+                        T.buffer_store(acc, acc[r, col] + xv * w[kk, n0 + col], [r, col])
+            with T.serial(0, rows) as r, T.serial(0, block) as col:
+                with T.If(tvm.tirx.all(m0 + r < m, n0 + col < n)), T.Then():
+                    value = acc[r, col]
+                    if bias is not None:
+                        value = value + bias[n0 + col]
+                    if resid is not None:
+                        value = value + resid[m0 + r, n0 + col]
+                    T.buffer_store(out, activation(value, epilogue), [m0 + r, n0 + col])
+    return ib.get().without_attr("global_symbol")
