@@ -13,7 +13,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from schedules.dense_matmul import default_matmul_config, dense_matmul_primfunc, padded_columns
+from schedules.dense_matmul import (
+    default_matmul_config,
+    dense_matmul_primfunc,
+    pack_weight,
+    padded_columns,
+)
 from schedules.pattern_conv2d import Epilogue
 from tvm_sparse.report import LayerRecord
 
@@ -60,7 +65,7 @@ def RewriteDenseMatmul(  # noqa: N802 (TVM's pass naming)
             bb, kernels, (m, k, n, epi, cfg), name,
             lambda: dense_matmul_primfunc(m, k, n, epi, cfg, name),
         )  # fmt: skip
-        args = [visit(call.args[0]), relax.const(np.pad(weight, ((0, 0), (0, n_pad - n))))]
+        args = [visit(call.args[0]), relax.const(pack_weight(weight, cfg))]
         if match.bias is not None:
             args.append(relax.const(np.pad(match.bias, (0, n_pad - n))))
         if match.residual is not None:

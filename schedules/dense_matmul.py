@@ -1,9 +1,9 @@
 """Dense matmul with a constant weight (fully connected layers): TIR kernel generator.
 
-``out[m, n] = act(sum_k x[m, k] * w[k, n] + bias[n])``, weight packed as (K, N padded to the
-column block). Each parallel job owns ``rows`` input rows x one column block of ``block``
-outputs held in registers; the k loop streams the weight block once per job (a batch-1 FC layer
-is a weight-bandwidth-bound GEMV, so the weight is read exactly once).
+``out[m, n] = act(sum_k x[m, k] * w[k, n] + bias[n])``, weight packed column-block-major as
+(N / block, K, block) so each job streams one contiguous panel. Each parallel job owns ``rows``
+input rows x one column block of ``block`` outputs held in registers (a batch-1 FC layer is a
+weight-bandwidth-bound GEMV: the weight is read exactly once, sequentially).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
@@ -41,6 +42,13 @@ def padded_columns(n: int, config: MatmulConfig) -> int:
     return math.ceil(n / config.block) * config.block
 
 
+def pack_weight(weight: np.ndarray, config: MatmulConfig) -> np.ndarray:
+    """(K, N) -> (N_padded / block, K, block), zero-padded: the layout the kernel reads."""
+    k, n = weight.shape
+    padded = np.pad(weight, ((0, 0), (0, padded_columns(n, config) - n)))
+    return np.ascontiguousarray(padded.reshape(k, -1, config.block).transpose(1, 0, 2))
+
+
 def dense_matmul_primfunc(
     m: int,
     k: int,
@@ -49,8 +57,8 @@ def dense_matmul_primfunc(
     config: MatmulConfig | None = None,
     name: str = "dense_matmul",
 ) -> tirx.PrimFunc:
-    """Arguments: x (M, K), weight (K, N_padded), [bias (N_padded,)], [residual (M, N)],
-    out (M, N). ``padded_columns(n, config)`` gives N_padded (pad with zeros)."""
+    """Arguments: x (M, K), weight ``pack_weight(w, config)``, [bias (N_padded,)],
+    [residual (M, N)], out (M, N). ``padded_columns(n, config)`` gives N_padded."""
     cfg = config or default_matmul_config(m)
     rows, vec, block = cfg.rows, cfg.vector, cfg.block
     n_pad = padded_columns(n, cfg)
@@ -59,7 +67,7 @@ def dense_matmul_primfunc(
         T.func_name(name)
         T.func_attr({"tir.noalias": True, "op_pattern": 8})
         x = T.arg("x", T.buffer((m, k), "float32"))
-        w = T.arg("weight", T.buffer((k, n_pad), "float32"))
+        w = T.arg("weight", T.buffer((col_blocks, k, block), "float32"))
         bias = T.arg("bias", T.buffer((n_pad,), "float32")) if epilogue.bias else None
         resid = T.arg("residual", T.buffer((m, n), "float32")) if epilogue.residual else None
         out = T.arg("out", T.buffer((m, n), "float32"))
@@ -75,7 +83,8 @@ def dense_matmul_primfunc(
                     xv = x[tvm.tirx.min(m0 + r, m - 1), kk]
                     with T.unroll(0, cfg.vectors) as v, T.vectorized(0, vec) as j:
                         col = v * vec + j
-                        T.buffer_store(acc, acc[r, col] + xv * w[kk, n0 + col], [r, col])
+                        value = acc[r, col] + xv * w[job % col_blocks, kk, col]
+                        T.buffer_store(acc, value, [r, col])
             with T.serial(0, rows) as r, T.serial(0, block) as col:
                 with T.If(tvm.tirx.all(m0 + r < m, n0 + col < n)), T.Then():
                     value = acc[r, col]

@@ -11,6 +11,7 @@ from schedules.dense_matmul import (
     MatmulConfig,
     default_matmul_config,
     dense_matmul_primfunc,
+    pack_weight,
     padded_columns,
 )
 from schedules.pattern_conv2d import Epilogue
@@ -42,7 +43,7 @@ def test_kernel_matches_numpy(m, k, n, bias, residual, act, rows, vector, seed):
         tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
         target=resolve_target("x86"),
     ).jit()
-    args = [x, np.pad(w, ((0, 0), (0, n_pad - n)))]
+    args = [x, pack_weight(w, cfg)]
     args += [np.pad(b, (0, n_pad - n))] if bias else []
     args += [r] if residual else []
     out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
@@ -76,7 +77,7 @@ def test_linear_with_bias_and_relu_becomes_one_call():
     )
     with bb.function("main", [x]):
         with bb.dataflow():
-            args = [x, relax.const(np.pad(w, ((0, 0), (0, n_pad - 10)))),
+            args = [x, relax.const(pack_weight(w, cfg)),
                     relax.const(np.pad(b, (0, n_pad - 10)))]  # fmt: skip
             y = bb.emit_output(relax.call_tir(gv, args, relax.TensorType((2, 10), "float32")))
         bb.emit_func_output(y)

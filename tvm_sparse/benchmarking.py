@@ -1,9 +1,9 @@
 """Side-by-side latency measurement: interleaved repeats, medians, useful GFLOP/s, machine facts.
 
 Used by ``tvm-sparse demo`` and the scripts in ``benchmarks/``. Runners are measured in rounds
-(each round calls every runner once, in a rotating order) so that drift in machine load hits all
-of them alike; between calls we pause briefly so one runtime's spinning worker threads do not
-steal cores from the next.
+(each round calls every runner a few times, in a rotating order) so that drift in machine load
+hits all of them alike; see ``time_interleaved`` for how one runtime's leftovers are kept out of
+the next one's numbers.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-SETTLE_SECONDS = 0.005
 
 
 def machine_description() -> dict[str, Any]:
@@ -56,18 +54,22 @@ def machine_description() -> dict[str, Any]:
 
 
 def time_interleaved(
-    runners: dict[str, Callable[[], Any]], rounds: int = 15, warmup: int = 2, inner: int = 1
+    runners: dict[str, Callable[[], Any]], rounds: int = 15, warm: int = 5, inner: int = 10
 ) -> dict[str, float]:
-    """Median milliseconds per call of each runner, measured in interleaved rounds."""
+    """Median over interleaved rounds of each runner's mean milliseconds per call.
+
+    In every round each runner (in a rotating order) first makes ``warm`` untimed calls, then
+    ``inner`` timed calls. The untimed calls absorb what the previous runtime left behind: its
+    idle worker threads still spinning (PyTorch ran 5x slower right after a TVM call here), and
+    a woken-up core. Timing single calls after a pause instead measured wake-up latency.
+    """
     names = list(runners)
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         rotated = names[r % len(names) :] + names[: r % len(names)]
         for name in rotated:
-            time.sleep(SETTLE_SECONDS)
+            for _ in range(warm):
+                runners[name]()
             t0 = time.perf_counter()
             for _ in range(inner):
                 runners[name]()
@@ -109,6 +111,8 @@ def ort_runner(onnx_model: bytes | str, inputs: tuple, threads: int) -> Callable
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's idle workers otherwise spin between runs and take the cores from the next runtime.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
     feed = {
         i.name: np.asarray(x, dtype=np.float32)
