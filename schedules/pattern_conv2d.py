@@ -8,7 +8,7 @@ output tile of ``rows x padded width``. A dense conv is the same kernel with one
 Structure (per image)::
 
     pad[c, phase, Y, q]   = zero-padded input, columns split by stride phase (contiguous loads)
-    parallel for (row tile, packed filter i):
+    parallel for (row tile, column tile, packed filter i):
         acc[rows, width] = 0
         for pattern p:                       # unrolled in Python: one code path per pattern
             for k in kernel_ptr[i, p] .. kernel_ptr[i, p + 1]:
@@ -17,13 +17,14 @@ Structure (per image)::
                     acc[r, x] += sum_t w_t * pad[c, dx_t % s, (y0 + r) * s + dy_t, x + dx_t // s]
         out[filter_order[i], y0 + r, :W] = act(acc + bias[i] (+ residual))
 
-The schedule knobs (``PatternConvConfig``) are rows per tile and vector width.
+The schedule knobs (``PatternConvConfig``): rows and columns per tile, vector width, filters
+computed together (dense convs), and the input staging layout.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
@@ -81,10 +82,12 @@ class PatternConvConfig:
     rows: int = 2
     vector: int = 8
     filters: int = 1
+    # Output columns per tile (a multiple of ``vector``); 0: the whole row. Narrower tiles keep
+    # the input rows a tile reads (over all channels) closer to L1.
+    cols: int = 0
     # Input staged as one copy per tap column dx, pre-shifted so every vector load is aligned
     # (costs kw x the staging memory); otherwise one copy per stride phase, loads unaligned.
     shifted: bool = False
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def default_config(
@@ -96,6 +99,11 @@ def default_config(
     registers). ``tile_defaults`` gives vector / accumulators per target.
     """
     vecs_per_row = math.ceil(geom.out_width / vector)
+    cols = 0
+    if vecs_per_row >= 4 and geom.out_width >= 64:
+        # Wide maps: tall, narrow tiles (2 vectors wide) reuse each input row across more
+        # output rows and keep the rows a tile reads in L1 (measured 74 -> 106 GFLOP/s at 224^2).
+        vecs_per_row, cols = 2, 2 * vector
     budget = max(1, accumulators)
     filters = 1
     if shared_kernels:
@@ -111,7 +119,7 @@ def default_config(
         if geom.out_height % r == 0 and r * 2 > rows:
             rows = r
             break
-    return PatternConvConfig(rows=rows, vector=vector, filters=filters)
+    return PatternConvConfig(rows=rows, vector=vector, filters=filters, cols=cols)
 
 
 def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
@@ -163,7 +171,11 @@ def pattern_conv2d_primfunc(
     out_h, out_w = geom.out_height, geom.out_width
     rows, vec = cfg.rows, cfg.vector
     tiles = math.ceil(out_h / rows)
-    wide = math.ceil(out_w / vec) * vec  # padded output width the vector loop covers
+    cols = cfg.cols or math.ceil(out_w / vec) * vec  # output columns per tile
+    if cols % vec:
+        raise ValueError(f"cols={cols} is not a multiple of vector={vec}")
+    col_tiles = math.ceil(out_w / cols)
+    wide = col_tiles * cols  # padded output width the vector loops cover
     pad_h = (tiles * rows - 1) * sh + kh
     pad_q = wide + (kw - 1) // sw
     num_p = len(patterns)
@@ -188,13 +200,15 @@ def pattern_conv2d_primfunc(
             pad = _stage_phases(data, geom, pad_h, pad_q)
 
         jobs = filters // group
-        with T.parallel(0, n_img * tiles * jobs) as job:
-            n = job // (tiles * jobs)
-            tile = job % (tiles * jobs) // jobs
+        per_image = tiles * col_tiles * jobs
+        with T.parallel(0, n_img * per_image) as job:
+            n = job // per_image
+            tile = job % per_image // (col_tiles * jobs)
+            x0 = job % (col_tiles * jobs) // jobs * cols
             i0 = job % jobs * group
-            acc = T.alloc_buffer((group, rows, wide), "float32")  # < 1 KiB: on the stack
+            acc = T.alloc_buffer((group, rows, cols), "float32")  # < 1 KiB: on the stack
             with T.unroll(0, group) as f, T.unroll(0, rows) as r:
-                with T.unroll(0, wide // vec) as xo, T.vectorized(0, vec) as xi:
+                with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
                     T.buffer_store(acc, tvm.tirx.const(0.0, "float32"), [f, r, xo * vec + xi])
             for p in range(num_p):
                 with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
@@ -205,13 +219,14 @@ def pattern_conv2d_primfunc(
                     ]
                     with T.unroll(0, rows) as r:
                         y0 = (tile * rows + r) * sh
-                        with T.unroll(0, wide // vec) as xo, T.vectorized(0, vec) as xi:
+                        with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
                             x = xo * vec + xi
                             if cfg.shifted:
-                                src = [pad[n, c, dx, y0 + dy, x] for dy, dx in taps[p]]
+                                src = [pad[n, c, dx, y0 + dy, x0 + x] for dy, dx in taps[p]]
                             else:
                                 src = [
-                                    pad[n, c, dx % sw, y0 + dy, x + dx // sw] for dy, dx in taps[p]
+                                    pad[n, c, dx % sw, y0 + dy, x0 + x + dx // sw]
+                                    for dy, dx in taps[p]
                                 ]
                             for f in range(group):
                                 total = acc[f, r, x]
@@ -221,7 +236,7 @@ def pattern_conv2d_primfunc(
 
             def store(f, y, x):
                 i, o = i0 + f, order[i0 + f]
-                value = acc[f, y - tile * rows, x]
+                value = acc[f, y - tile * rows, x - x0]
                 if bias is not None:
                     value = value + bias[i]
                 if resid is not None:
@@ -230,14 +245,13 @@ def pattern_conv2d_primfunc(
 
             with T.serial(0, group) as f, T.serial(0, rows) as r:
                 y = tile * rows + r
-                with T.If(y < out_h), T.Then():
-                    full = out_w // vec
-                    if full:
-                        with T.serial(0, full) as xo, T.vectorized(0, vec) as xi:
-                            store(f, y, xo * vec + xi)
-                    if out_w % vec:
-                        with T.serial(full * vec, out_w) as x:
-                            store(f, y, x)
+                with T.If(y < out_h), T.Then(), T.serial(0, cols // vec) as xo:
+                    with T.If(x0 + xo * vec + vec <= out_w):
+                        with T.Then(), T.vectorized(0, vec) as xi:
+                            store(f, y, x0 + xo * vec + xi)
+                        with T.Else(), T.serial(0, vec) as xi:
+                            with T.If(x0 + xo * vec + xi < out_w), T.Then():
+                                store(f, y, x0 + xo * vec + xi)
     # No global symbol: the module that takes the kernel names it (several layers share one).
     return ib.get().without_attr("global_symbol")
 

@@ -38,6 +38,7 @@ def conv_layers(draw):
         rows=draw(st.sampled_from([None, 1, 3])),
         dense=draw(st.booleans()),
         filters=draw(st.sampled_from([1, 2, 4])),
+        col_vectors=draw(st.sampled_from([0, 1, 2])),
         vector=draw(st.sampled_from([4, 8, 16])),
         seed=draw(st.integers(0, 2**16)),
     )
@@ -69,7 +70,10 @@ def test_generated_layers_match_torch(layer):
     filters = max(f for f in (1, 2, 4) if f <= layer["filters"] and layer["out_ch"] % f == 0)
     cfg = None
     if layer["rows"]:
-        cfg = PatternConvConfig(rows=layer["rows"], vector=layer["vector"], filters=filters)
+        cfg = PatternConvConfig(
+            rows=layer["rows"], vector=layer["vector"], filters=filters,
+            cols=layer["col_vectors"] * layer["vector"],
+        )  # fmt: skip
     got = run_pattern_conv(
         x, weight, layer["stride"], pad, epi, bias, residual, cfg, keep_zeros=layer["dense"]
     )
