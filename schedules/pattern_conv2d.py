@@ -257,23 +257,26 @@ def pattern_conv2d_primfunc(
 
 
 def _stage_phases(data, geom: ConvGeometry, pad_h: int, pad_q: int):
-    """pad[n, c, phase, Y, q] = padded input at row Y, column q * stride + phase (0 outside)."""
+    """pad[n, c, phase, Y, q] = padded input at row Y, column q * stride + phase (0 outside).
+
+    Zero-fill, then copy the interior with compile-time bounds (no per-element conditions, so
+    LLVM vectorizes both loops).
+    """
     n_img, chans, height, width = geom.batch, geom.in_channels, geom.height, geom.width
     (_, sw), (pt, pl, _, _) = geom.stride, geom.padding
     pad = T.alloc_buffer((n_img, chans, sw, pad_h, pad_q), "float32")
     with T.parallel(0, n_img * chans) as nc:
         n, c = nc // chans, nc % chans
-        with T.serial(0, pad_h) as y, T.serial(0, sw) as ph, T.serial(0, pad_q) as q:
-            src_y, src_x = y - pt, q * sw + ph - pl
-            inside = tvm.tirx.all(src_y >= 0, src_y < height, src_x >= 0, src_x < width)
-            clamped = data[
-                n,
-                c,
-                tvm.tirx.min(tvm.tirx.max(src_y, 0), height - 1),
-                tvm.tirx.min(tvm.tirx.max(src_x, 0), width - 1),
-            ]
-            zero = tvm.tirx.const(0.0, "float32")
-            T.buffer_store(pad, tvm.tirx.if_then_else(inside, clamped, zero), [n, c, ph, y, q])
+        with T.serial(0, sw) as ph, T.serial(0, pad_h) as y, T.serial(0, pad_q) as q:
+            T.buffer_store(pad, tvm.tirx.const(0.0, "float32"), [n, c, ph, y, q])
+        for ph in range(sw):
+            lo = max(0, -((ph - pl) // sw))  # first q whose source column is >= 0
+            hi = min(pad_q, (width - 1 + pl - ph) // sw + 1)
+            rows = min(height, pad_h - pt)
+            if hi <= lo or rows <= 0:
+                continue
+            with T.serial(0, rows) as y, T.serial(lo, hi) as q:
+                T.buffer_store(pad, data[n, c, y, q * sw + ph - pl], [n, c, ph, y + pt, q])
     return pad
 
 
@@ -290,8 +293,9 @@ def _stage_shifted(data, geom: ConvGeometry, pad_h: int, wide: int):
             # Columns x whose source column x * sw + dx - pl lies inside the image.
             lo = max(0, -((dx - pl) // sw))
             hi = min(wide, (width - 1 + pl - dx) // sw + 1)
-            if hi <= lo:
+            rows = min(height, pad_h - pt)  # input rows past the last tile are never read
+            if hi <= lo or rows <= 0:
                 continue
-            with T.serial(0, height) as y, T.serial(lo, hi) as x:
+            with T.serial(0, rows) as y, T.serial(lo, hi) as x:
                 T.buffer_store(pad, data[n, c, y, x * sw + dx - pl], [n, c, dx, y + pt, x])
     return pad

@@ -39,12 +39,13 @@ def conv_layers(draw):
         dense=draw(st.booleans()),
         filters=draw(st.sampled_from([1, 2, 4])),
         col_vectors=draw(st.sampled_from([0, 1, 2])),
+        shifted=draw(st.booleans()),
         vector=draw(st.sampled_from([4, 8, 16])),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_layers())
 def test_generated_layers_match_torch(layer):
     rng = np.random.default_rng(layer["seed"])
@@ -72,7 +73,7 @@ def test_generated_layers_match_torch(layer):
     if layer["rows"]:
         cfg = PatternConvConfig(
             rows=layer["rows"], vector=layer["vector"], filters=filters,
-            cols=layer["col_vectors"] * layer["vector"],
+            cols=layer["col_vectors"] * layer["vector"], shifted=layer["shifted"],
         )  # fmt: skip
     got = run_pattern_conv(
         x, weight, layer["stride"], pad, epi, bias, residual, cfg, keep_zeros=layer["dense"]
