@@ -18,13 +18,18 @@ from tvm_sparse.testing import random_pattern_weight
 X_SHAPE = (1, 8, 10, 10)
 
 
+def _params(weight, residual):
+    """The function's inputs: x, and the residual r when there is one."""
+    x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
+    if not residual:
+        return [x]
+    return [x, relax.Var("r", relax.TensorType((1, weight.shape[0], 10, 10), "float32"))]
+
+
 def _before(weight, bias=None, residual=False, relu=False, groups=1):
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
-    params = [x]
-    if residual:
-        r = relax.Var("r", relax.TensorType((1, weight.shape[0], 10, 10), "float32"))
-        params.append(r)
+    params = _params(weight, residual)
+    x, r = params[0], params[-1]
     with bb.function("main", params):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1, groups=groups))
@@ -56,11 +61,8 @@ def _expected(weight, fmt, bias=None, residual=False, relu=False, num_threads=2)
         shared,
     )
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
-    params = [x]
-    if residual:
-        r = relax.Var("r", relax.TensorType((1, weight.shape[0], 10, 10), "float32"))
-        params.append(r)
+    params = _params(weight, residual)
+    x, r = params[0], params[-1]
     gv = bb.add_func(kernel, name)
     with bb.function("main", params):
         with bb.dataflow():
