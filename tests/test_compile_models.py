@@ -42,6 +42,8 @@ def test_tiny_vgg_with_batchnorm():
     x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype("float32")
     cm = _check(model, x)
     assert sum(r.format == "pattern" for r in cm.layers) == 13  # all 13 3x3 convs pruned
+    # conv + bias + BatchNorm folded into one conv, so bias and ReLU fuse into the kernel
+    assert all(r.epilogue == "bias+relu" for r in cm.layers if r.op == "conv2d")
 
 
 def test_unpruned_model_compiles_dense_and_says_why():

@@ -14,6 +14,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from relay_passes.fold_batch_norm import FoldBatchNorm
+
 from .errors import InputError, ModelLoadError
 
 
@@ -144,7 +146,7 @@ def _prepare(mod: tvm.IRModule) -> tvm.IRModule:
     seq = tvm.transform.Sequential(
         [
             relax.transform.FoldConstant(),  # the importers wrap weights in permute/reshape
-            relax.transform.FoldBatchnormToConv2D(),
+            FoldBatchNorm,  # also conv + bias -> batch_norm (TVM's pass misses it)
             relax.transform.FoldConstant(),
             relax.transform.DecomposeOpsForInference(),  # any batch_norm left (no conv before it)
             relax.transform.FoldConstant(),
