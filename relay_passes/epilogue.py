@@ -162,7 +162,7 @@ def anchored_rewrite_pass(
             if getattr(value.op, "name", "") == op_name:
                 reason = unsupported(value)
                 if reason is not None:
-                    on_fallback(value, reason)
+                    plan[value] = reason  # reported when visited, so records keep graph order
                     continue
             match = match_epilogue(value, var2val, uses, is_anchor, channel_axis)
             if match is not None:
@@ -178,7 +178,9 @@ def anchored_rewrite_pass(
 
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             match = self.plan.get(call)
-            if match is None:
+            if match is None or isinstance(match, str):
+                if match is not None:
+                    on_fallback(call, match)
                 return super().visit_call_(call)
             return emit(self.builder_, match, self.visit_expr)
 

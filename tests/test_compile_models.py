@@ -35,6 +35,9 @@ def test_tiny_resnet_residual_blocks_batch2():
     formats = [r.format for r in cm.layers if r.op == "conv2d"]
     assert formats.count("pattern") == 16  # every 3x3 conv of the residual stages
     assert any("residual" in r.epilogue for r in cm.layers)
+    names = [r.name for r in cm.layers]
+    assert names[:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]  # the torch module paths
+    assert "layer2.0.downsample.0" in names and names[-1] == "fc"
 
 
 def test_tiny_vgg_with_batchnorm():

@@ -31,6 +31,7 @@ def test_onnx_file_without_example_inputs(onnx_model):
     cm = tvm_sparse.compile(str(path))  # shapes come from the file
     np.testing.assert_allclose(cm(x), ref, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()))
     assert sum(r.format == "pattern" for r in cm.layers) == 16
+    assert cm.layers[1].name == "/layer1/layer1.0/conv1/Conv"  # the ONNX node names
 
 
 def test_onnx_model_proto_matches_onnxruntime(onnx_model):

@@ -47,7 +47,32 @@ def analyze(model: Any, example_inputs: Any = None, target: Any = "x86") -> str:
     imported = import_model(model, example_inputs)
     records: list[LayerRecord] = []
     mod = sparse_pipeline(tgt, True, records)(imported.mod)
-    return format_report(records + _remaining_ops(mod))
+    records.extend(_remaining_ops(mod))
+    _name_layers(records, imported.layer_names)
+    return format_report(records)
+
+
+def _name_layers(records: list[LayerRecord], names: dict[str, list[tuple[str, str]]]) -> None:
+    """Give records the source model's layer names. Each record takes the first unused name
+    whose weight shape matches (importers and passes may reorder layers; layers of one shape
+    keep their order); without shapes, names go in order when the counts agree."""
+    for op, op_names in names.items():
+        recs = [r for r in records if r.op == op]
+        if not recs or len(recs) != len(op_names):
+            continue
+        if any(not shape for _, shape in op_names):
+            chosen = [name for name, _ in op_names]
+        else:
+            unused, chosen = list(op_names), []
+            for rec in recs:
+                hit = next((n for n in unused if n[1] == rec.shape.split()[0]), None)
+                if hit is None:
+                    break
+                unused.remove(hit)
+                chosen.append(hit[0])
+        if len(chosen) == len(recs):
+            for rec, name in zip(recs, chosen, strict=True):
+                rec.name = name
 
 
 def _num_threads(tgt: tvm.target.Target) -> int:
@@ -72,8 +97,9 @@ def compile(  # noqa: A001 (the public name users expect)
     _progress(f"imported {imported.source} in {time.perf_counter() - t0:.1f}s", verbose)
     records: list[LayerRecord] = []
     mod = sparse_pipeline(tgt, sparse, records)(imported.mod)
-    _progress(f"rewrote {len(records)} conv layers in {time.perf_counter() - t0:.1f}s", verbose)
+    _progress(f"rewrote {len(records)} layers in {time.perf_counter() - t0:.1f}s", verbose)
     records.extend(_remaining_ops(mod))
+    _name_layers(records, imported.layer_names)
     executable = tvm.compile(mod, target=tgt)
     _progress(
         f"built for {tgt.attrs.get('mtriple') or tgt.kind.name} in {time.perf_counter() - t0:.1f}s",

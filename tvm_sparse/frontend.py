@@ -7,7 +7,7 @@ preceding conv (a per-filter scale: zeros stay zeros, so sparsity survives).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,9 @@ class ImportedModel:
     mod: tvm.IRModule
     inputs: list[TensorSpec]
     source: str  # "torch" or "onnx:<path>"
+    # The source's (name, weight shape "OxCxKHxKW" / "KxN" or "") of its conv2d / matmul
+    # layers, in graph order (for the report).
+    layer_names: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -76,7 +79,7 @@ def from_torch(model: Any, example_inputs: tuple) -> ImportedModel:
         TensorSpec(f"input{i}", tuple(int(d) for d in x.shape), str(x.dtype).replace("torch.", ""))
         for i, x in enumerate(example)
     ]
-    return ImportedModel(_prepare(mod), inputs, "torch")
+    return ImportedModel(_prepare(mod), inputs, "torch", _torch_layer_names(exported))
 
 
 def from_onnx(model: Any, example_inputs: tuple | None = None) -> ImportedModel:
@@ -123,7 +126,36 @@ def from_onnx(model: Any, example_inputs: tuple | None = None) -> ImportedModel:
         )
     except Exception as err:
         raise ModelLoadError(f"{source}: TVM could not import the ONNX graph ({err})") from err
-    return ImportedModel(_prepare(mod), graph_inputs, source)
+    return ImportedModel(_prepare(mod), graph_inputs, source, _onnx_layer_names(model))
+
+
+def _torch_layer_names(exported: Any) -> dict[str, list[tuple[str, str]]]:
+    """Module paths ("layer1.0.conv1") and weight shapes of the conv / linear calls."""
+    names: dict[str, list[tuple[str, str]]] = {"conv2d": [], "matmul": []}
+    for node in exported.graph.nodes:
+        target = str(node.target)
+        op = "conv2d" if "conv2d" in target else "matmul" if "linear" in target else None
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        if node.op != "call_function" or not op or not stack:
+            continue
+        val = getattr(node.args[1], "meta", {}).get("val") if len(node.args) > 1 else None
+        shape = [int(d) for d in val.shape] if val is not None else []
+        if op == "matmul":
+            shape = shape[::-1]  # linear stores (N, K); the report shows K x N
+        names[op].append((str(stack[-1][0]), "x".join(map(str, shape))))
+    return names
+
+
+def _onnx_layer_names(model: Any) -> dict[str, list[tuple[str, str]]]:
+    """Node names and (for Conv) weight shapes of the Conv / Gemm / MatMul nodes."""
+    dims = {init.name: "x".join(map(str, init.dims)) for init in model.graph.initializer}
+    names: dict[str, list[tuple[str, str]]] = {"conv2d": [], "matmul": []}
+    for i, node in enumerate(model.graph.node):
+        op = {"Conv": "conv2d", "Gemm": "matmul", "MatMul": "matmul"}.get(node.op_type)
+        if op:
+            shape = dims.get(node.input[1], "") if op == "conv2d" else ""
+            names[op].append((node.name or f"{node.op_type}_{i}", shape))
+    return names
 
 
 def _onnx_inputs(model: Any) -> list[TensorSpec]:

@@ -25,8 +25,9 @@ class LayerRecord:
 
 def format_report(layers: list[LayerRecord]) -> str:
     """A fixed-width table of the records and the total FLOPs kept."""
+    width = max([len(r.name) for r in layers] + [5])
     lines = [
-        f"{'layer':<11} {'weight / input':<28} {'format':<8} {'density':>7} "
+        f"{'layer':<{width}} {'weight / input':<28} {'format':<8} {'density':>7} "
         f"{'FLOPs kept':>10}  {'fused':<18} why",
     ]
     dense = kept = 0
@@ -35,7 +36,7 @@ def format_report(layers: list[LayerRecord]) -> str:
         dense += rec.flops_dense
         kept += rec.flops_kept
         lines.append(
-            f"{rec.name:<11} {rec.shape:<28} {rec.format:<8} {rec.density:>7.1%} "
+            f"{rec.name:<{width}} {rec.shape:<28} {rec.format:<8} {rec.density:>7.1%} "
             f"{frac:>10}  {rec.epilogue or '-':<18} {rec.reason}"
         )
     if dense:
