@@ -32,7 +32,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
-# TVM keeps a CPU allocation on the stack (not the workspace heap) below this size.
+# TVM keeps a CPU allocation inside a parallel loop on the stack (not the workspace heap, where
+# LLVM cannot prove it unaliased and keep it in registers) only when it is below this size.
 STACK_BYTES = 1024
 
 
@@ -95,12 +96,13 @@ def default_config(
 ) -> PatternConvConfig:
     """Largest register tile (filters x rows x width) within ``accumulators`` vector registers.
 
-    The tile must also stay under 1 KiB so TVM keeps it on the stack (where LLVM promotes it to
-    registers). ``tile_defaults`` gives vector / accumulators per target.
+    Each accumulator row (one per filter and output row) must stay under 1 KiB so TVM keeps it
+    on the stack (where LLVM promotes it to registers). ``tile_defaults`` gives vector /
+    accumulators per target.
     """
     vecs_per_row = math.ceil(geom.out_width / vector)
     cols = 0
-    if vecs_per_row >= 4 and geom.out_width >= 64:
+    if (vecs_per_row >= 4 and geom.out_width >= 64) or vecs_per_row * vector * 4 > STACK_BYTES:
         # Wide maps: tall, narrow tiles (2 vectors wide) reuse each input row across more
         # output rows and keep the rows a tile reads in L1 (measured 74 -> 106 GFLOP/s at 224^2).
         vecs_per_row, cols = 2, 2 * vector
@@ -112,8 +114,6 @@ def default_config(
                 filters = f
                 break
     rows = max(1, min(geom.out_height, budget // (filters * vecs_per_row)))
-    while rows > 1 and filters * rows * vecs_per_row * vector * 4 > STACK_BYTES:
-        rows -= 1
     # Prefer tiles that divide the output evenly (no wasted rows in the last tile).
     for r in range(rows, 0, -1):
         if geom.out_height % r == 0 and r * 2 > rows:
@@ -134,10 +134,10 @@ def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
 def tile_defaults(geom: ConvGeometry, registers: int, lanes: int) -> dict:
     """Vector width and accumulator budget for a target (``registers``: 16 AVX2, 32 AVX-512
     or NEON; ``lanes``: fp32 lanes of the widest vector). Measured here on AVX-512: 16-lane
-    tiles of ~12 accumulators win when an output row is >= 12 wide, 8-lane tiles of up to 28
+    tiles of ~14 accumulators win when an output row is >= 12 wide, 8-lane tiles of up to 28
     accumulators on 7-wide rows (a 16-lane vector would be half empty)."""
     if lanes >= 16 and geom.out_width >= 12:
-        return {"vector": 16, "accumulators": 12}
+        return {"vector": 16, "accumulators": 14}
     vector = min(lanes, 8)
     return {"vector": vector, "accumulators": registers - 4}
 
@@ -206,10 +206,13 @@ def pattern_conv2d_primfunc(
             tile = job % per_image // (col_tiles * jobs)
             x0 = job % (col_tiles * jobs) // jobs * cols
             i0 = job % jobs * group
-            acc = T.alloc_buffer((group, rows, cols), "float32")  # < 1 KiB: on the stack
-            with T.unroll(0, group) as f, T.unroll(0, rows) as r:
-                with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
-                    T.buffer_store(acc, tvm.tirx.const(0.0, "float32"), [f, r, xo * vec + xi])
+            # One accumulator row per (filter, row): each < 1 KiB stays on the stack, where LLVM
+            # keeps it in registers (a larger buffer would go to the heap, see STACK_BYTES).
+            acc = [[T.alloc_buffer((cols,), "float32") for _ in range(rows)] for _ in range(group)]
+            for f in range(group):
+                for r in range(rows):
+                    with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
+                        T.buffer_store(acc[f][r], tvm.tirx.const(0.0, "float32"), [xo * vec + xi])
             for p in range(num_p):
                 with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
                     c = T.Bind(kchan[k])
@@ -217,7 +220,7 @@ def pattern_conv2d_primfunc(
                         [T.Bind(kval[k + f * kernels_per_filter, t]) for t in range(len(taps[p]))]
                         for f in range(group)
                     ]
-                    with T.unroll(0, rows) as r:
+                    for r in range(rows):
                         y0 = (tile * rows + r) * sh
                         with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
                             x = xo * vec + xi
@@ -229,29 +232,30 @@ def pattern_conv2d_primfunc(
                                     for dy, dx in taps[p]
                                 ]
                             for f in range(group):
-                                total = acc[f, r, x]
+                                total = acc[f][r][x]
                                 for t in range(len(src)):
                                     total = total + w[f][t] * src[t]
-                                T.buffer_store(acc, total, [f, r, x])
+                                T.buffer_store(acc[f][r], total, [x])
 
-            def store(f, y, x):
+            def store(f, r, y, x):
                 i, o = i0 + f, order[i0 + f]
-                value = acc[f, y - tile * rows, x - x0]
+                value = acc[f][r][x - x0]
                 if bias is not None:
                     value = value + bias[i]
                 if resid is not None:
                     value = value + resid[n, o, y, x]
                 T.buffer_store(out, activation(value, epilogue), [n, o, y, x])
 
-            with T.serial(0, group) as f, T.serial(0, rows) as r:
-                y = tile * rows + r
-                with T.If(y < out_h), T.Then(), T.serial(0, cols // vec) as xo:
-                    with T.If(x0 + xo * vec + vec <= out_w):
-                        with T.Then(), T.vectorized(0, vec) as xi:
-                            store(f, y, x0 + xo * vec + xi)
-                        with T.Else(), T.serial(0, vec) as xi:
-                            with T.If(x0 + xo * vec + xi < out_w), T.Then():
-                                store(f, y, x0 + xo * vec + xi)
+            for f in range(group):
+                for r in range(rows):
+                    y = tile * rows + r
+                    with T.If(y < out_h), T.Then(), T.serial(0, cols // vec) as xo:
+                        with T.If(x0 + xo * vec + vec <= out_w):
+                            with T.Then(), T.vectorized(0, vec) as xi:
+                                store(f, r, y, x0 + xo * vec + xi)
+                            with T.Else(), T.serial(0, vec) as xi:
+                                with T.If(x0 + xo * vec + xi < out_w), T.Then():
+                                    store(f, r, y, x0 + xo * vec + xi)
     # No global symbol: the module that takes the kernel names it (several layers share one).
     return ib.get().without_attr("global_symbol")
 
