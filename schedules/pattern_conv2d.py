@@ -263,24 +263,33 @@ def pattern_conv2d_primfunc(
 def _stage_phases(data, geom: ConvGeometry, pad_h: int, pad_q: int):
     """pad[n, c, phase, Y, q] = padded input at row Y, column q * stride + phase (0 outside).
 
-    Zero-fill, then copy the interior with compile-time bounds (no per-element conditions, so
-    LLVM vectorizes both loops).
+    Every element is written once: the border with zeros, the interior copied, each with
+    compile-time bounds (no per-element conditions, so LLVM vectorizes the loops).
     """
     n_img, chans, height, width = geom.batch, geom.in_channels, geom.height, geom.width
     (_, sw), (pt, pl, _, _) = geom.stride, geom.padding
     pad = T.alloc_buffer((n_img, chans, sw, pad_h, pad_q), "float32")
+    zero = tvm.tirx.const(0.0, "float32")
+    rows = max(0, min(height, pad_h - pt))  # input rows past the last tile are never read
     with T.parallel(0, n_img * chans) as nc:
         n, c = nc // chans, nc % chans
-        with T.serial(0, sw) as ph, T.serial(0, pad_h) as y, T.serial(0, pad_q) as q:
-            T.buffer_store(pad, tvm.tirx.const(0.0, "float32"), [n, c, ph, y, q])
         for ph in range(sw):
-            lo = max(0, -((ph - pl) // sw))  # first q whose source column is >= 0
-            hi = min(pad_q, (width - 1 + pl - ph) // sw + 1)
-            rows = min(height, pad_h - pt)
-            if hi <= lo or rows <= 0:
+            lo = min(pad_q, max(0, -((ph - pl) // sw)))  # first q whose source column is >= 0
+            hi = max(lo, min(pad_q, (width - 1 + pl - ph) // sw + 1))
+            for y_lo, y_hi in ((0, min(pt, pad_h)), (pt + rows, pad_h)):  # rows above / below
+                if y_hi > y_lo:
+                    with T.serial(y_lo, y_hi) as y, T.serial(0, pad_q) as q:
+                        T.buffer_store(pad, zero, [n, c, ph, y, q])
+            if rows == 0:
                 continue
-            with T.serial(0, rows) as y, T.serial(lo, hi) as q:
-                T.buffer_store(pad, data[n, c, y, q * sw + ph - pl], [n, c, ph, y + pt, q])
+            with T.serial(0, rows) as y:
+                for q_lo, q_hi in ((0, lo), (hi, pad_q)):  # columns left / right
+                    if q_hi > q_lo:
+                        with T.serial(q_lo, q_hi) as q:
+                            T.buffer_store(pad, zero, [n, c, ph, y + pt, q])
+                if hi > lo:
+                    with T.serial(lo, hi) as q:
+                        T.buffer_store(pad, data[n, c, y, q * sw + ph - pl], [n, c, ph, y + pt, q])
     return pad
 
 
