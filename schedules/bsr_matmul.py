@@ -10,8 +10,8 @@ of packed block rows (balanced by the packing), one parallel job per (share, til
   holds ``rows`` batch rows x r outputs. A batch-1 FC layer streams the packed weight once.
 - ``bsr_conv1x1_primfunc`` (NCHW 1x1 conv, any stride): vectorized along the output pixels; an
   accumulator tile of r output channels x ``vectors * vector`` pixels stays in registers and each
-  input vector load feeds r FMAs. Stride 1 reads the input in place (the pass passes it as
-  ``(N, C, H*W)``); a pixel tail that is not a whole vector is staged zero-padded; a strided
+  input vector load feeds r FMAs. Stride 1 reads the input in place (an ``(N, C, H*W)`` view);
+  a pixel tail that is not a whole vector is staged zero-padded; a strided
   conv first gathers its subsampled input into ``(N, C, Ho*Wo)``.
 """
 
@@ -91,8 +91,7 @@ def bsr_matmul_primfunc(
             share = job // m_tiles
             m0 = job % m_tiles * rows
             acc = T.alloc_buffer((rows, r), "float32")  # < 1 KiB: on the stack
-            end = tvm.tirx.min((share + 1) * per_share, n_rows)
-            with T.serial(share * per_share, end) as i:
+            with _share_rows(share, per_share, shares, n_rows) as i:
                 with T.unroll(0, rows) as mr, _vector_loop(r) as ii:
                     T.buffer_store(acc, ZERO, [mr, ii])
                 with T.serial(ptr[i], ptr[i + 1]) as b:
@@ -168,16 +167,22 @@ class BSRConvConfig:
 
 
 def default_bsr_conv_config(
-    geom: Conv1x1Geometry, r: int, lanes: int = 16, num_threads: int = 1, accumulators: int = 16
+    geom: Conv1x1Geometry,
+    r: int,
+    lanes: int = 16,
+    num_threads: int = 1,
+    accumulators: int = 16,
+    bcr: bool = False,
 ) -> BSRConvConfig:
-    """Tile of r x (vectors x vector) accumulators within ``accumulators`` registers and under
-    1 KiB (the stack); shares of block rows only when pixel tiles alone cannot feed the cores."""
+    """Tile of r x (vectors x vector) accumulators within ``accumulators`` registers (BCR: its
+    (r, tile) buffer under 1 KiB, the stack); shares of block rows only when pixel tiles alone
+    cannot feed the cores."""
     pixels = geom.pixels
     vector = lanes if pixels >= 2 * lanes or lanes <= 8 else 8
     vectors = max(1, min(accumulators // r, 8, math.ceil(pixels / vector)))
-    while vectors > 1 and r * vectors * vector * 4 >= STACK_BYTES:
+    while bcr and vectors > 1 and r * vectors * vector * 4 >= STACK_BYTES:
         vectors -= 1
-    while vector > 4 and r * vectors * vector * 4 >= STACK_BYTES:
+    while bcr and vector > 4 and r * vectors * vector * 4 >= STACK_BYTES:
         vector //= 2
     tiles = geom.batch * math.ceil(pixels / (vector * vectors))
     shares = 1 if tiles >= 4 * num_threads else max(1, num_threads)
@@ -193,9 +198,9 @@ def bsr_conv1x1_primfunc(
     name: str = "bsr_conv1x1",
     kept: tuple[int, int] | None = None,
 ) -> tirx.PrimFunc:
-    """Arguments: data ((N, C, H*W) for stride 1, else (N, C, H, W)), block_ptr (R+1,) i32,
-    block_col (nb,) i32, block_values (nb, c, r) f32, row_order (R,) i32, [bias (R*r,) original
-    order zero-padded], [residual (N, O, P)], out (N, O, P) with P = Ho * Wo.
+    """Arguments: data (N, C, H, W), block_ptr (R+1,) i32, block_col (nb,) i32, block_values
+    (nb, c, r) f32, row_order (R,) i32, [bias (R*r,) original order zero-padded], [residual
+    (N, O, Ho, Wo)], out (N, O, Ho, Wo); inside, pixels are one axis (flat views, no copy).
 
     ``kept = (nr, nc)`` makes it the BCR kernel (``formats.block.BCRWeight``): then row_idx
     (nb, nr) i32 and col_idx (nb, nc) i32 follow block_col, and block_values is (nb, nc, nr).
@@ -216,10 +221,7 @@ def bsr_conv1x1_primfunc(
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         T.func_attr({"tir.noalias": True, "op_pattern": 8})
-        if geom.strided:
-            data = T.arg("data", T.buffer((n_img, chans, geom.height, geom.width), "float32"))
-        else:
-            data = T.arg("data", T.buffer((n_img, chans, pixels), "float32"))
+        data4 = T.arg("data", T.buffer((n_img, chans, geom.height, geom.width), "float32"))
         ptr = T.arg("block_ptr", T.buffer((n_rows + 1,), "int32"))
         bcol = T.arg("block_col", T.buffer((max(num_blocks, 1),), "int32"))
         nb = max(num_blocks, 1)
@@ -230,9 +232,18 @@ def bsr_conv1x1_primfunc(
         vals = T.arg("block_values", T.buffer((nb, sub_c, sub_r), "float32"))
         order = T.arg("row_order", T.buffer((n_rows,), "int32"))
         bias = T.arg("bias", T.buffer((n_rows * r,), "float32")) if epilogue.bias else None
-        out_shape = (n_img, outs, pixels)
+        out_shape = (n_img, outs, geom.out_height, geom.out_width)
         resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
         out = T.arg("out", T.buffer(out_shape, "float32"))
+        # Pixels as one axis: (N, C|O, H*W) views of the same memory (no copy).
+        flat = (n_img, outs, pixels)
+        out = T.decl_buffer(flat, "float32", data=out.data)
+        resid = T.decl_buffer(flat, "float32", data=resid.data) if resid is not None else None
+        data = (
+            data4
+            if geom.strided
+            else T.decl_buffer((n_img, chans, pixels), "float32", data=data4.data)
+        )
 
         # Where each tile reads its input from: src(n, channel, pixel) -> value.
         if geom.strided:
@@ -254,49 +265,59 @@ def bsr_conv1x1_primfunc(
 
         def tile_body(n, t, i, vectors, tail_tile):
             """acc = block row i (packed) x pixels [t * tile, + vectors * vec); then store."""
-            p0 = t * tile
-            acc = T.alloc_buffer((r, vectors * vec), "float32")  # < 1 KiB: on the stack
-            with T.unroll(0, r) as ii, T.unroll(0, vectors) as v, T.vectorized(0, vec) as x:
-                T.buffer_store(acc, ZERO, [ii, v * vec + x])
+            p0, width = t * tile, vectors * vec
+            # BSR: one stack buffer per output row (each < 1 KiB, constant indices: registers).
+            # BCR: rows are indexed by row_idx, so one (r, width) buffer (memory), and the
+            # block's kept rows accumulate in per-row register buffers first.
+            if kept is None:
+                acc_rows = [T.alloc_buffer((width,), "float32") for _ in range(r)]
+                dst = acc_rows
+            else:
+                acc = T.alloc_buffer((r, width), "float32")
+                acc_rows = [_RowView(acc, ii) for ii in range(r)]
+            for row in acc_rows:
+                with T.unroll(0, vectors) as v, T.vectorized(0, vec) as x:
+                    _put(row, v * vec + x, ZERO)
             with T.serial(ptr[i], ptr[i + 1]) as b:
                 ch0 = T.Bind(bcol[b] * c)
-                # BSR: accumulate straight into acc; BCR: into sub (the kept rows), added after.
-                dst = acc
                 if kept is not None:
-                    dst = T.alloc_buffer((sub_r, vectors * vec), "float32")
-                    with T.unroll(0, sub_r) as ii, T.unroll(0, vectors) as v:
-                        with T.vectorized(0, vec) as x:
-                            T.buffer_store(dst, ZERO, [ii, v * vec + x])
+                    dst = [T.alloc_buffer((width,), "float32") for _ in range(sub_r)]
+                    for row in dst:
+                        with T.unroll(0, vectors) as v, T.vectorized(0, vec) as x:
+                            T.buffer_store(row, ZERO, [v * vec + x])
                 with T.unroll(0, sub_c) as j:
                     ch = ch0 + (cidx[b, j] if kept is not None else j)
                     ch = tvm.tirx.min(ch, chans - 1) if clamp_chan else ch
                     w = [T.Bind(vals[b, j, ii]) for ii in range(sub_r)]
                     with T.unroll(0, vectors) as v, T.vectorized(0, vec) as x:
                         xv = src(n, ch, p0 + v * vec + x, tail_tile)
+                        col = v * vec + x
                         for ii in range(sub_r):
-                            col = v * vec + x
-                            T.buffer_store(dst, dst[ii, col] + w[ii] * xv, [ii, col])
+                            T.buffer_store(dst[ii], dst[ii][col] + w[ii] * xv, [col])
                 if kept is not None:
-                    with T.unroll(0, sub_r) as ii:
+                    for ii in range(sub_r):
                         row = T.Bind(ridx[b, ii])
                         with T.unroll(0, vectors) as v, T.vectorized(0, vec) as x:
                             col = v * vec + x
-                            T.buffer_store(acc, acc[row, col] + dst[ii, col], [row, col])
+                            T.buffer_store(acc, acc[row, col] + dst[ii][col], [row, col])
             o0 = T.Bind(order[i] * r)
 
             def store(ii, p):
                 o = o0 + ii
-                value = acc[ii, p - p0]
+                value = acc_rows[ii][p - p0]
                 if bias is not None:
                     value = value + bias[o]
                 if resid is not None:
                     value = value + resid[n, o, p]
                 T.buffer_store(out, activation(value, epilogue), [n, o, p])
 
-            with T.serial(0, r) as ii:
-                with _when(o0 + ii < outs if outs % r else None):
-                    if tail_tile:
-                        with T.serial(0, tail) as p:
+            for ii in range(r):
+                with _when(o0 + ii < outs if outs % r and ii >= outs % r else None):
+                    if tail_tile:  # whole vectors, then the last pixels one by one
+                        if tail // vec:
+                            with T.serial(0, tail // vec) as v, T.vectorized(0, vec) as x:
+                                store(ii, p0 + v * vec + x)
+                        with T.serial(tail // vec * vec, tail) as p:
                             store(ii, p0 + p)
                     else:
                         with T.serial(0, vectors) as v, T.vectorized(0, vec) as x:
@@ -306,22 +327,49 @@ def bsr_conv1x1_primfunc(
             n = job // (tiles * shares)
             t = job % (tiles * shares) // shares
             share = job % shares
-            end = tvm.tirx.min((share + 1) * per_share, n_rows)
             if full_tiles and tail:
                 with T.If(t < full_tiles):
                     with T.Then():
-                        with T.serial(share * per_share, end) as i:
+                        with _share_rows(share, per_share, shares, n_rows) as i:
                             tile_body(n, t, i, cfg.vectors, False)
                     with T.Else():
-                        with T.serial(share * per_share, end) as i:
+                        with _share_rows(share, per_share, shares, n_rows) as i:
                             tile_body(n, t, i, tail_vecs, True)
             else:
-                with T.serial(share * per_share, end) as i:
+                with _share_rows(share, per_share, shares, n_rows) as i:
                     if full_tiles:
                         tile_body(n, t, i, cfg.vectors, False)
                     else:
                         tile_body(n, t, i, tail_vecs, True)
     return ib.get().without_attr("global_symbol")
+
+
+def _put(row, col, value) -> None:
+    """Store into a 1-D buffer or a ``_RowView``."""
+    if isinstance(row, _RowView):
+        T.buffer_store(row.buf, value, [row.ii, col])
+    else:
+        T.buffer_store(row, value, [col])
+
+
+class _RowView:
+    """Row ``ii`` of a 2-D buffer, read / written like a 1-D buffer."""
+
+    def __init__(self, buf, ii: int) -> None:
+        self.buf, self.ii = buf, ii
+
+    def __getitem__(self, col):
+        return self.buf[self.ii, col]
+
+
+@contextlib.contextmanager
+def _share_rows(share, per_share: int, shares: int, n_rows: int):
+    """Loop over the packed block rows of one share. The loop starts at 0: a loop whose start
+    depends on the parallel variable ran the wrong rows here (TVM 0.27, LLVM codegen)."""
+    with T.serial(0, per_share) as di:
+        i = share * per_share + di
+        with _when(i < n_rows if per_share * shares != n_rows else None):
+            yield i
 
 
 @contextlib.contextmanager

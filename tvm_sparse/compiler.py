@@ -10,10 +10,13 @@ from typing import Any
 import tvm
 from tvm import relax
 
+from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
+from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
 from relay_passes.pattern_conv2d import RewriteConv2D
 
 from .compiled_model import CompiledModel
+from .formats.block import load_cost_table
 from .frontend import import_model
 from .report import LayerRecord, format_report
 from .targets import resolve_target, vector_lanes, vector_registers
@@ -25,9 +28,24 @@ def _progress(msg: str, verbose: bool) -> None:
 
 
 def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.transform.Pass:
-    """The graph passes tvm-sparse adds before TVM's own build pipeline."""
+    """The graph passes tvm-sparse adds before TVM's own build pipeline.
+
+    The block-sparse passes run first and take the FC / 1x1 layers whose BSR kernel is estimated
+    faster (the target's cost table); the others go on to the dense / pattern passes, whose
+    records then get the block decision's reason (``_merge_block_notes``).
+    """
+    notes: list[tuple[str, str, str]] = []
+    order: list[tuple[str, str]] = []
+    block_passes = [_graph_order(order)]
+    if sparse:
+        costs = load_cost_table(str(tgt.attrs.get("mcpu", "")))
+        block_passes += [
+            RewriteBSRConv1x1(costs, records, _num_threads(tgt), vector_lanes(tgt), notes=notes),
+            RewriteBSRMatmul(costs, records, _num_threads(tgt), notes=notes),
+        ]
     return tvm.transform.Sequential(
         [
+            *block_passes,
             RewriteConv2D(
                 num_threads=_num_threads(tgt),
                 sparse=sparse,
@@ -36,9 +54,59 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
                 lanes=vector_lanes(tgt),
             ),
             RewriteDenseMatmul(records=records, lanes=vector_lanes(tgt)),
+            _merge_block_notes(records, notes, order),
         ],
         name="tvm_sparse",
     )
+
+
+def _graph_order(order: list) -> tvm.transform.Pass:
+    """Note (op, weight shape) of every conv2d / matmul in binding order (before rewriting)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="NoteLayerOrder")
+    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        order.clear()
+        for func in mod.functions.values():
+            if not isinstance(func, relax.Function):
+                continue
+            for block in func.body.blocks:
+                for binding in block.bindings:
+                    op = getattr(getattr(binding.value, "op", None), "name", "")
+                    if op not in ("relax.nn.conv2d", "relax.matmul"):
+                        continue
+                    shape = getattr(binding.value.args[1].ty, "shape", None)
+                    if shape is not None:
+                        dims = "x".join(str(int(d)) for d in shape.values)
+                        order.append((op.split(".")[-1], dims))
+        return mod
+
+    return transform
+
+
+def _merge_block_notes(records: list, notes: list, order: list) -> tvm.transform.Pass:
+    """Put the block passes' "kept dense, by cost" reasons on the records of those layers, and
+    put the records (appended pass by pass) back in graph order."""
+
+    @tvm.transform.module_pass(opt_level=0, name="MergeBlockNotes")
+    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        pending = list(notes)
+        for rec in records:
+            hit = next((n for n in pending if (n[0], n[1]) == (rec.op, rec.shape)), None)
+            if hit is not None and rec.format not in ("bsr", "bcr"):
+                pending.remove(hit)
+                rec.reason = f"{hit[2]}; {rec.reason}" if rec.op == "conv2d" else hit[2]
+        notes.clear()
+        free = list(enumerate(order))
+        position = {}
+        for rec in records:
+            hit = next((p for p in free if p[1] == (rec.op, rec.shape.split()[0])), None)
+            if hit is not None:
+                free.remove(hit)
+            position[id(rec)] = hit[0] if hit is not None else len(order)
+        records.sort(key=lambda rec: position[id(rec)])
+        return mod
+
+    return transform
 
 
 def analyze(model: Any, example_inputs: Any = None, target: Any = "x86") -> str:

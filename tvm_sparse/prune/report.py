@@ -4,7 +4,10 @@ Conv rows use :func:`tvm_sparse.formats.conv_sparsity` and :func:`choose_conv_fo
 weight the compiler sees: with ``example_inputs`` the model is exported and every conv directly
 followed by an eval-mode BatchNorm gets the BN scale folded in (``W * gamma / sqrt(var + eps)`` per
 output channel, float32 -- zeros stay zeros). Block rows (FC layers and 1x1 convs) use
-:func:`block_sparsity` below, a stand-in until the compiler grows its own block detection.
+the compiler's :func:`tvm_sparse.formats.block.block_sparsity` at the given block shape; their
+format column is a shape-only rule (``choose_block_format`` below); the compiler decides per
+layer by estimated time (``tvm_sparse.formats.block.choose_block_format`` /
+``choose_conv1x1_format``, which also need the input size and the machine's cost table).
 """
 
 from __future__ import annotations
@@ -16,41 +19,12 @@ import torch
 from torch import nn
 
 from ..formats import ConvSparsity, choose_conv_format, conv_sparsity
+from ..formats.block import BlockSparsity, block_sparsity
 
 _CONV_OPS = {"conv2d.default", "convolution.default"}
 # eval-mode BN ops -> position of eps: (x, gamma, beta, mean, var, [training,] momentum, eps, ...)
 _BN_OPS = {"_native_batch_norm_legit_no_training.default": 6, "batch_norm.default": 7}
 BLOCK_MAX_KEPT = 0.5  # like the conv rule: below 2x fewer FLOPs a block format would not win
-
-
-@dataclass(frozen=True)
-class BlockSparsity:
-    """Block structure of a 2-D weight (O, I) cut into ``block`` = (rows, cols) blocks."""
-
-    shape: tuple[int, int]
-    block: tuple[int, int]
-    density: float  # nonzero weights / all weights
-    block_density: float  # blocks with any nonzero / all blocks (BSR)
-    rowcol_density: float  # mean over blocks of (nonzero rows * nonzero cols) / (r * c) (BCR)
-
-
-def block_sparsity(weight: np.ndarray, block: tuple[int, int] = (4, 4)) -> BlockSparsity:
-    """Measure BSR / BCR structure of a weight viewed as (O, -1); edge blocks are zero-padded."""
-    mat = np.asarray(weight).reshape(weight.shape[0], -1) != 0
-    r, c = block
-    rows, cols = mat.shape
-    padded = np.zeros((rows + (-rows % r), cols + (-cols % c)), dtype=bool)
-    padded[:rows, :cols] = mat
-    blocks = padded.reshape(padded.shape[0] // r, r, padded.shape[1] // c, c).transpose(0, 2, 1, 3)
-    kept_rows = blocks.any(axis=3).sum(axis=2)
-    kept_cols = blocks.any(axis=2).sum(axis=2)
-    return BlockSparsity(
-        shape=(rows, cols),
-        block=block,
-        density=float(mat.mean()),
-        block_density=float(blocks.any(axis=(2, 3)).mean()),
-        rowcol_density=float((kept_rows * kept_cols).mean() / (r * c)),
-    )
 
 
 def choose_block_format(stats: BlockSparsity) -> tuple[str, str]:

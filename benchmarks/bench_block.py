@@ -1,0 +1,403 @@
+"""Block-sparse FC and 1x1 conv layers: tvm-sparse vs dense PyTorch / ONNX Runtime / TVM dense.
+
+    python3 benchmarks/bench_block.py                 # -> benchmarks/results/block_layers.*
+    python3 benchmarks/bench_block.py --refresh-costs # -> tvm_sparse/cost_tables/<cpu>.json
+
+Layers: the FC and 1x1 conv shapes of ResNet-50, MobileNetV2 and VGG-16 (batch 1), weights
+BSR-pruned (``tvm_sparse.prune.project_bsr``) to 50 / 80 / 90 % block sparsity, each a one-layer
+model (1x1 conv + bias + ReLU, or linear + bias) compiled with ``tvm_sparse.compile`` (the format
+is its per-layer choice) and with ``sparse=False`` ("TVM dense"); all runtimes with 2 threads,
+medians of interleaved rounds, outputs checked against PyTorch.
+
+``--refresh-costs`` times the kernels the choice is made between (tvm-sparse dense FC and conv
+kernels, the pattern kernel on unstructured 1x1 weights, the BSR kernels for every block shape)
+at two sizes each and writes ``overhead_ms`` + ``ms_per_unit`` (a line through both points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+THREADS = 2
+SPARSITIES = (0.5, 0.8, 0.9)
+# (name, K, N) -- batch-1 classifiers.
+FC_LAYERS = [
+    ("resnet50.fc", 2048, 1000),
+    ("mobilenetv2.classifier", 1280, 1000),
+    ("vgg16.fc7", 4096, 4096),
+    ("vgg16.fc8", 4096, 1000),
+]
+# (name, C_in, C_out, H=W, stride)
+CONV_LAYERS = [
+    ("resnet50.layer1.conv1", 256, 64, 56, 1),
+    ("resnet50.layer1.conv3", 64, 256, 56, 1),
+    ("resnet50.layer2.downsample", 256, 512, 56, 2),
+    ("resnet50.layer2.conv3", 128, 512, 28, 1),
+    ("resnet50.layer3.conv1", 1024, 256, 14, 1),
+    ("resnet50.layer4.conv3", 512, 2048, 7, 1),
+    ("mobilenetv2.expand_24", 24, 144, 56, 1),
+    ("mobilenetv2.project_576", 576, 96, 14, 1),
+    ("mobilenetv2.last_1x1", 320, 1280, 7, 1),
+]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ cost table
+
+
+def _time_primfunc(func, args, target) -> float:
+    """Median ms of one standalone kernel call."""
+    import tvm
+
+    rt = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                     target=target).jit()  # fmt: skip
+    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]
+    timer = rt.time_evaluator("main", tvm.cpu(), number=5, repeat=7, min_repeat_ms=40)
+    return float(np.median(timer(*tensors).results) * 1e3)
+
+
+def _bsr_matrix(rng, rows: int, cols: int, block, keep: float) -> np.ndarray:
+    import torch
+
+    from tvm_sparse.prune import project_bsr
+
+    w = torch.from_numpy(rng.standard_normal((rows, cols)).astype("float32"))
+    return project_bsr(w, block, keep).numpy()
+
+
+def _bcr_matrix(rng, rows: int, cols: int, block) -> np.ndarray:
+    import torch
+
+    from tvm_sparse.prune import project_bcr
+
+    w = torch.from_numpy(rng.standard_normal((rows, cols)).astype("float32"))
+    return project_bcr(w, block, 0.5, 0.5).numpy()
+
+
+def _fit(points: list[tuple[float, float]]) -> dict:
+    """overhead_ms + ms_per_unit through the (units, ms) points (least squares, clamped >= 0)."""
+    u = np.array([p[0] for p in points], dtype=np.float64)
+    t = np.array([p[1] for p in points], dtype=np.float64)
+    slope, icept = np.polyfit(u, t, 1) if len(points) > 1 else (t[0] / u[0], 0.0)
+    if slope <= 0:
+        slope, icept = float(t[-1] / u[-1]), 0.0
+    icept = max(0.0, float(icept))
+    return {"overhead_ms": icept, "ms_per_unit": float(slope),
+            "points": [[float(a), float(b)] for a, b in points]}  # fmt: skip
+
+
+def measure_costs(target) -> dict:
+    """Time every kernel kind the block choice compares, at two sizes each."""
+    from schedules.bsr_matmul import (
+        Conv1x1Geometry,
+        bsr_conv1x1_primfunc,
+        bsr_matmul_primfunc,
+        default_bsr_conv_config,
+        default_bsr_matmul_config,
+    )
+    from schedules.dense_matmul import default_matmul_config, dense_matmul_primfunc, pack_weight
+    from schedules.pattern_conv2d import (
+        ConvGeometry,
+        Epilogue,
+        default_config,
+        pattern_conv2d_primfunc,
+        tile_defaults,
+    )
+    from tvm_sparse.formats import BSRWeight, PatternWeight
+    from tvm_sparse.formats.block import BCR_SHAPES, BLOCK_SHAPES, BCRWeight
+    from tvm_sparse.targets import vector_lanes, vector_registers
+
+    rng = np.random.default_rng(0)
+    lanes, regs = vector_lanes(target), vector_registers(target)
+    keep = 0.2
+    entries: dict[str, dict] = {}
+
+    fc_sizes = [(1, 1024, 1024), (1, 4096, 4096)]
+    pts = []
+    for m, k, n in fc_sizes:
+        cfg = default_matmul_config(m, lanes)
+        w = pack_weight(rng.standard_normal((k, n)).astype("float32"), cfg)
+        x = rng.standard_normal((m, k)).astype("float32")
+        out = np.zeros((m, n), "float32")
+        ms = _time_primfunc(dense_matmul_primfunc(m, k, n, Epilogue(), cfg), [x, w, out], target)
+        pts.append((m * k * n, ms))
+    entries["fc_dense"] = _fit(pts)
+    _say(f"fc_dense {entries['fc_dense']}")
+    for block in BLOCK_SHAPES:
+        pts = []
+        for m, k, n in fc_sizes:
+            packed = BSRWeight.from_dense(_bsr_matrix(rng, n, k, block, keep), block, THREADS)
+            cfg = default_bsr_matmul_config(m, THREADS)
+            func = bsr_matmul_primfunc(m, k, n, block, packed.num_blocks, Epilogue(), cfg)
+            x = rng.standard_normal((m, k)).astype("float32")
+            args = [x, *packed.kernel_args(), np.zeros((m, n), "float32")]
+            pts.append((packed.num_blocks * m, _time_primfunc(func, args, target)))
+        entries[f"fc_bsr_{block[0]}x{block[1]}"] = _fit(pts)
+        _say(f"fc_bsr {block} {entries[f'fc_bsr_{block[0]}x{block[1]}']}")
+    for block in BCR_SHAPES:
+        pts = []
+        for m, k, n in fc_sizes:
+            packed = BCRWeight.from_dense(_bcr_matrix(rng, n, k, block), block, THREADS)
+            cfg = default_bsr_matmul_config(m, THREADS)
+            func = bsr_matmul_primfunc(
+                m, k, n, block, packed.num_blocks, Epilogue(), cfg, kept=packed.kept
+            )
+            x = rng.standard_normal((m, k)).astype("float32")
+            args = [x, *packed.kernel_args(), np.zeros((m, n), "float32")]
+            units = packed.num_blocks * packed.kept[0] * packed.kept[1] * m
+            pts.append((units, _time_primfunc(func, args, target)))
+        entries[f"fc_bcr_{block[0]}x{block[1]}"] = _fit(pts)
+        _say(f"fc_bcr {block} {entries[f'fc_bcr_{block[0]}x{block[1]}']}")
+
+    conv_sizes = [(128, 128, 14), (256, 256, 28)]  # C, O, H=W
+    for kind in ("dense", "pattern"):
+        pts = []
+        for c, o, hw in conv_sizes:
+            geom = ConvGeometry(1, c, hw, hw, o, (1, 1), (1, 1), (0, 0, 0, 0))
+            if kind == "dense":
+                w = rng.standard_normal((o, c, 1, 1)).astype("float32")
+            else:
+                w = rng.standard_normal((o, c, 1, 1)) * (rng.random((o, c, 1, 1)) < keep)
+                w = w.astype("float32")
+            packed = PatternWeight.from_dense(w, num_shares=THREADS, keep_zeros=kind == "dense")
+            shared = c if kind == "dense" else 0
+            cfg = default_config(geom, shared_kernels=shared > 0,
+                                 **tile_defaults(geom, regs, lanes))  # fmt: skip
+            func = pattern_conv2d_primfunc(geom, packed.patterns, packed.num_kernels,
+                                           packed.kernel_values.shape[1], Epilogue(), cfg,
+                                           kernels_per_filter=shared)  # fmt: skip
+            x = rng.standard_normal((1, c, hw, hw)).astype("float32")
+            args = [x, packed.kernel_ptr, packed.kernel_channel, packed.kernel_values,
+                    packed.filter_order, np.zeros((1, o, hw, hw), "float32")]  # fmt: skip
+            units = o * c * hw * hw if kind == "dense" else int((w != 0).sum()) * hw * hw
+            pts.append((units, _time_primfunc(func, args, target)))
+        entries[f"conv_{kind}"] = _fit(pts)
+        _say(f"conv_{kind} {entries[f'conv_{kind}']}")
+    for block in BLOCK_SHAPES:
+        pts = []
+        for c, o, hw in conv_sizes:
+            geom = Conv1x1Geometry(1, c, hw, hw, o)
+            cfg = default_bsr_conv_config(geom, block[0], lanes, THREADS)
+            packed = BSRWeight.from_dense(_bsr_matrix(rng, o, c, block, keep), block, cfg.shares)
+            func = bsr_conv1x1_primfunc(geom, block, packed.num_blocks, Epilogue(), cfg)
+            x = rng.standard_normal((1, c, hw, hw)).astype("float32")
+            args = [x, *packed.kernel_args(), np.zeros((1, o, hw, hw), "float32")]
+            pts.append((packed.num_blocks * hw * hw, _time_primfunc(func, args, target)))
+        entries[f"conv_bsr_{block[0]}x{block[1]}"] = _fit(pts)
+        _say(f"conv_bsr {block} {entries[f'conv_bsr_{block[0]}x{block[1]}']}")
+    for block in BCR_SHAPES:
+        pts = []
+        for c, o, hw in conv_sizes:
+            geom = Conv1x1Geometry(1, c, hw, hw, o)
+            cfg = default_bsr_conv_config(geom, block[0], lanes, THREADS, bcr=True)
+            packed = BCRWeight.from_dense(_bcr_matrix(rng, o, c, block), block, cfg.shares)
+            func = bsr_conv1x1_primfunc(
+                geom, block, packed.num_blocks, Epilogue(), cfg, kept=packed.kept
+            )
+            x = rng.standard_normal((1, c, hw, hw)).astype("float32")
+            args = [x, *packed.kernel_args(), np.zeros((1, o, hw, hw), "float32")]
+            units = packed.num_blocks * packed.kept[0] * packed.kept[1] * hw * hw
+            pts.append((units, _time_primfunc(func, args, target)))
+        entries[f"conv_bcr_{block[0]}x{block[1]}"] = _fit(pts)
+        _say(f"conv_bcr {block} {entries[f'conv_bcr_{block[0]}x{block[1]}']}")
+    # A call's fixed cost does not depend on the block shape, and two-point intercepts are
+    # mostly noise: give every block kernel of an op the median intercept, so that the shape
+    # choice on small layers follows the per-block costs.
+    for op in ("fc", "conv"):
+        kinds = [k for k in entries if k.startswith((f"{op}_bsr_", f"{op}_bcr_"))]
+        common = float(np.median([entries[k]["overhead_ms"] for k in kinds]))
+        for k in kinds:
+            entries[k]["overhead_ms"] = common
+    return entries
+
+
+def refresh_costs() -> str:
+    from tvm_sparse.benchmarking import machine_description
+    from tvm_sparse.formats.block import cost_table_path
+    from tvm_sparse.targets import host_cpu, resolve_target
+
+    target = resolve_target("x86")
+    t0 = time.perf_counter()
+    entries = measure_costs(target)
+    path = cost_table_path(host_cpu())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = {
+        "cpu": host_cpu() or "generic",
+        "threads": THREADS,
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine_description(),
+        "units": {
+            "fc_dense": "multiply-adds",
+            "fc_bsr_RxC": "nonzero blocks x batch rows",
+            "conv_dense": "multiply-adds",
+            "conv_pattern": "nonzero weights x output pixels",
+            "conv_bsr_RxC": "nonzero blocks x output pixels x images",
+            "fc_bcr_RxC": "blocks x kept rows x kept columns x batch rows",
+            "conv_bcr_RxC": "blocks x kept rows x kept columns x output pixels x images",
+        },  # fmt: skip
+        "entries": entries,
+    }
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    _say(f"wrote {path} in {time.perf_counter() - t0:.0f}s")
+    return path
+
+
+# ------------------------------------------------------------------------------ layer bench
+
+
+def _layer_model(kind: str, shape: tuple, sparsity: float, block, seed: int):
+    import torch
+    from torch import nn
+
+    from tvm_sparse.prune import project_bsr
+
+    torch.manual_seed(seed)
+    if kind == "fc":
+        _, k, n = shape
+        model = nn.Linear(k, n)
+        x = np.random.default_rng(seed).standard_normal((1, k)).astype("float32")
+    else:
+        _, c, o, hw, stride = shape
+        conv = nn.Conv2d(c, o, 1, stride=stride)
+        model = nn.Sequential(conv, nn.ReLU())
+        x = np.random.default_rng(seed).standard_normal((1, c, hw, hw)).astype("float32")
+    layer = model if kind == "fc" else model[0]
+    with torch.no_grad():
+        layer.weight.copy_(project_bsr(layer.weight, block, 1.0 - sparsity))
+        layer.bias.uniform_(-0.1, 0.1)
+    return model.eval(), x
+
+
+def run_layers(fc_block, conv_block, rounds: int, only: str | None) -> dict:
+    import torch
+
+    import tvm_sparse
+    from tvm_sparse.benchmarking import (
+        onnx_bytes,
+        ort_runner,
+        time_interleaved,
+        torch_runner,
+        tvm_runner,
+    )
+
+    torch.set_num_threads(THREADS)
+    layers = [("fc", s) for s in FC_LAYERS] + [("conv", s) for s in CONV_LAYERS]
+    if only:
+        layers = [(k, s) for k, s in layers if only in s[0]]
+    results = []
+    for kind, shape in layers:
+        block = fc_block if kind == "fc" else conv_block
+        dense_ms = None
+        for sparsity in SPARSITIES:
+            t0 = time.perf_counter()
+            model, x = _layer_model(kind, shape, sparsity, block, seed=len(results))
+            with torch.no_grad():
+                ref = model(torch.from_numpy(x)).numpy()
+            cm = tvm_sparse.compile(model, (x,))
+            rec = next(r for r in cm.layers if r.op in ("matmul", "conv2d"))
+            runners = {
+                "tvm-sparse": tvm_runner(cm, (x,)),
+                "PyTorch": torch_runner(model, (x,), THREADS),
+                "ONNX Runtime": ort_runner(onnx_bytes(model, (x,)), (x,), THREADS),
+            }
+            if dense_ms is None:  # TVM dense is the same for every sparsity: time it once
+                dense = tvm_sparse.compile(model, (x,), sparse=False)
+                runners["TVM dense"] = tvm_runner(dense, (x,))
+            err = float(np.max(np.abs(cm(x) - ref)))
+            scale = max(1.0, float(np.abs(ref).max()))
+            assert err <= 1e-4 * scale * 10, f"{shape[0]}: max error {err}"
+            ms = time_interleaved(runners, rounds=rounds)
+            dense_ms = ms.get("TVM dense", dense_ms)
+            ms["TVM dense"] = dense_ms
+            best = min(ms["PyTorch"], ms["ONNX Runtime"])
+            row = {
+                "layer": shape[0], "kind": kind, "shape": rec.shape,
+                "block": f"{block[0]}x{block[1]}", "sparsity": sparsity,
+                "format": rec.format, "reason": rec.reason, "ms": ms,
+                "speedup_vs_best_dense": best / ms["tvm-sparse"], "max_err": err,
+            }  # fmt: skip
+            results.append(row)
+            _say(
+                f"{shape[0]:<28} {sparsity:.0%} {rec.format:<7} "
+                + " ".join(f"{k}={v:.3f}" for k, v in ms.items())
+                + f"  x{row['speedup_vs_best_dense']:.2f}  ({time.perf_counter() - t0:.0f}s)"
+            )
+    return {"threads": THREADS, "rounds": rounds, "rows": results}
+
+
+def _markdown(payload: dict) -> str:
+    from tvm_sparse.benchmarking import markdown_table
+
+    header = [
+        "layer",
+        "shape",
+        "block sparsity",
+        "format (choice)",
+        "tvm-sparse ms",
+        "TVM dense ms",
+        "PyTorch ms",
+        "ORT ms",
+        "vs best of PyTorch/ORT",
+        "choice: why",
+    ]
+    rows = []
+    for r in payload["rows"]:
+        ms = r["ms"]
+        rows.append([r["layer"], r["shape"], f"{r['sparsity']:.0%} ({r['block']})", r["format"],
+                     f"{ms['tvm-sparse']:.3f}", f"{ms['TVM dense']:.3f}", f"{ms['PyTorch']:.3f}",
+                     f"{ms['ONNX Runtime']:.3f}", f"{r['speedup_vs_best_dense']:.2f}x",
+                     r["reason"]])  # fmt: skip
+    load = payload.get("loadavg_before_after")
+    load_text = f" Load average (1, 5, 15 min) before / after: {load}." if load else ""
+    return (
+        f"Batch 1, {payload['threads']} threads, medians of {payload['rounds']} interleaved "
+        "rounds; one-layer models (1x1 conv + bias + ReLU / linear + bias); the format column "
+        f"is tvm-sparse's own per-layer choice.{load_text}\n\n" + markdown_table(header, rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--refresh-costs", action="store_true", help="re-measure the cost table")
+    parser.add_argument("--fc-block", default="16x1", help="BSR block the FC weights are pruned to")
+    parser.add_argument("--conv-block", default="8x1", help="BSR block of the 1x1 conv weights")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", help="run the layers whose name contains this")
+    parser.add_argument(
+        "--out", default=os.path.join(ROOT, "benchmarks", "results", "block_layers")
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
+    if args.refresh_costs:
+        refresh_costs()
+        return 0
+    from tvm_sparse.benchmarking import write_results
+
+    def block(text: str) -> tuple[int, int]:
+        r, c = text.split("x")
+        return int(r), int(c)
+
+    load_before = os.getloadavg()
+    payload = run_layers(block(args.fc_block), block(args.conv_block), args.rounds, args.only)
+    payload["loadavg_before_after"] = [list(load_before), list(os.getloadavg())]
+    md = _markdown(payload)
+    print(md)
+    write_results(args.out, payload, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""RewriteBSRMatmul: ``relax.matmul(x, W)`` with a block-sparse constant weight -> BSR kernel.
+
+Takes the FC layers ``RewriteDenseMatmul`` would take (2-D x, constant 2-D float32 weight
+``(K, N)`` as folded from ``linear``) whose weight, viewed as ``(N, K)``, is block-sparse enough
+that the BSR kernel is estimated faster than the dense one (``formats.block.choose_block_format``
+with the target's cost table; the block shape is detected from the weight). The matmul and its
+epilogue (bias, residual add, ReLU / ReLU6) become one ``call_tir`` to
+``schedules.bsr_matmul.bsr_matmul_primfunc``. Everything else is left as it is, for
+RewriteDenseMatmul (which runs after this pass); ``notes`` get why such a layer stayed dense.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from schedules.bsr_matmul import bsr_matmul_primfunc, default_bsr_matmul_config
+from schedules.pattern_conv2d import Epilogue
+from tvm_sparse.formats.block import (
+    BlockChoice,
+    CostTable,
+    choose_block_format,
+    pack_block_weight,
+)
+from tvm_sparse.report import LayerRecord
+
+from .dense_matmul import matmul_unsupported
+from .epilogue import (
+    EpilogueMatch,
+    add_kernel,
+    anchored_rewrite_pass,
+    const_value,
+    describe,
+    static_shape,
+)
+
+NOT_CHOSEN = "kept dense: "
+
+
+def matmul_shape(call: relax.Call) -> str:
+    """The report's shape text for a matmul (the same as RewriteDenseMatmul's)."""
+    m, k = static_shape(call.args[0])
+    return f"{k}x{static_shape(call.args[1])[1]} (batch {m})"
+
+
+def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
+    costs: CostTable,
+    records: list[LayerRecord] | None = None,
+    num_threads: int = 1,
+    notes: list[tuple[str, str, str]] | None = None,
+) -> tvm.transform.Pass:
+    """The pass. ``notes`` collects (op, shape, reason) for FC layers left dense by cost."""
+    records = records if records is not None else []
+    notes = notes if notes is not None else []
+    kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+    choices: dict[relax.Call, tuple[BlockChoice | None, np.ndarray | None]] = {}
+
+    def decide(call: relax.Call) -> tuple[BlockChoice | None, np.ndarray | None]:
+        if call not in choices:
+            if matmul_unsupported(call) is not None:
+                choices[call] = (None, None)
+            else:
+                matrix = const_value(call.args[1]).astype(np.float32).T  # (N, K)
+                m = static_shape(call.args[0])[0]
+                choices[call] = (choose_block_format(matrix, costs, "fc", work=m), matrix)
+        return choices[call]
+
+    def unsupported(call: relax.Call) -> str | None:
+        reason = matmul_unsupported(call)
+        if reason is not None:
+            return reason
+        choice, _ = decide(call)
+        return None if choice.format in ("bsr", "bcr") else NOT_CHOSEN + choice.reason
+
+    def fallback(call: relax.Call, reason: str) -> None:
+        if reason.startswith(NOT_CHOSEN):
+            notes.append(("matmul", matmul_shape(call), reason.removeprefix(NOT_CHOSEN)))
+
+    def emit(bb: relax.BlockBuilder, match: EpilogueMatch, visit) -> relax.Expr:
+        call = match.anchor
+        choice, matrix = decide(call)
+        m, k = static_shape(call.args[0])
+        n = matrix.shape[0]
+        cfg = default_bsr_matmul_config(m, num_threads)
+        fmt = choice.format
+        packed, kept = pack_block_weight(matrix, fmt, choice.block, cfg.shares)
+        epi = Epilogue(match.bias is not None, match.residual is not None, match.activation)
+        r, c = choice.block
+        name = f"{fmt}_matmul_{k}x{n}_{r}x{c}"
+        kernel = add_kernel(
+            bb, kernels, (m, k, n, choice.block, packed.num_blocks, epi, cfg, kept), name,
+            lambda: bsr_matmul_primfunc(
+                m, k, n, choice.block, packed.num_blocks, epi, cfg, name, kept
+            ),
+        )  # fmt: skip
+        args = [visit(call.args[0])] + [relax.const(a) for a in packed.kernel_args()]
+        if match.bias is not None:
+            args.append(relax.const(np.pad(match.bias, (0, packed.num_rows * r - n))))
+        if match.residual is not None:
+            args.append(visit(match.residual))
+        records.append(
+            LayerRecord(
+                name=f"matmul_{len(records)}",
+                op="matmul",
+                shape=matmul_shape(call),
+                format=fmt,
+                density=float((matrix != 0).mean()),
+                flops_dense=2 * m * k * n,
+                flops_kept=2 * m * packed.num_blocks * (math.prod(kept or choice.block)),
+                reason=choice.reason,
+                epilogue=describe(match),
+            )
+        )
+        return relax.call_tir(kernel, args, relax.TensorType((m, n), "float32"))
+
+    return anchored_rewrite_pass(
+        "RewriteBSRMatmul", "relax.matmul", unsupported, emit, channel_axis=-1,
+        on_fallback=fallback,
+    )  # fmt: skip
