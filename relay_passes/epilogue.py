@@ -29,6 +29,16 @@ class EpilogueMatch:
     absorbed: list[relax.Var] = field(default_factory=list)
 
 
+def _clip_activation(call: relax.Call) -> str | None:
+    """``clip(x, 0, 6)`` (how torch's relu6 imports) as "relu6"."""
+    if getattr(call.op, "name", "") != "relax.clip" or len(call.args) != 3:
+        return None
+    bounds = [getattr(a, "value", None) for a in call.args[1:]]
+    if bounds[0] == 0 and bounds[1] == 6:
+        return "relu6"
+    return None
+
+
 def const_value(expr: relax.Expr) -> np.ndarray | None:
     """The numpy value of a Relax constant, or None."""
     value = getattr(expr, "value", None)
@@ -99,11 +109,12 @@ def match_epilogue(
         if is_anchor(call):
             return EpilogueMatch(anchor=call, absorbed=absorbed)
         op_name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
-        if stage == 0 and op_name in ACTIVATIONS:
+        act = ACTIVATIONS.get(op_name) or _clip_activation(call)
+        if stage == 0 and act:
             nxt = inner(call.args[0])
             match = strip(nxt, absorbed + [call.args[0]], 1) if nxt is not None else None
             if match is not None:
-                match.activation = ACTIVATIONS[op_name]
+                match.activation = act
             return match
         if op_name == "relax.add" and stage <= 2:
             for this, other in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):

@@ -45,8 +45,10 @@ def conv2d_unsupported(call: relax.Call) -> str | None:
         return "weight is not a constant"
     if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or attrs.out_layout != "NCHW":
         return f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)"
-    if int(attrs.groups) != 1:
-        return f"groups={int(attrs.groups)} (grouped / depthwise conv)"
+    groups = int(attrs.groups)
+    o, c_per_group = static_shape(call.args[1])[:2]
+    if groups != 1 and not (c_per_group == 1 and o == groups):
+        return f"groups={groups} (grouped conv; only depthwise with multiplier 1 is taken)"
     if any(int(d) != 1 for d in attrs.dilation):
         return f"dilation={tuple(int(d) for d in attrs.dilation)}"
     if static_shape(call.args[0]) is None or len(static_shape(call.args[0])) != 4:
@@ -94,10 +96,21 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         conv = match.anchor
         geom = _geometry(conv)
         weight = const_value(conv.args[1]).astype(np.float32)
+        depthwise = int(conv.attrs.groups) > 1
+        diagonal = None
+        if depthwise:  # as a conv whose filter o keeps only kernel (o, o): one kernel per filter
+            o, _, kh, kw = weight.shape
+            diagonal = np.eye(o, dtype=bool)
+            weight = np.einsum("oc,ohw->ochw", diagonal, weight[:, 0]).astype(np.float32)
         stats = conv_sparsity(weight)
         fmt, reason = choose_conv_format(stats) if sparse else ("dense", "sparse=False")
+        if depthwise:
+            fmt, reason = "depthwise", "one full kernel per filter on the pattern kernel"
         packed = PatternWeight.from_dense(
-            weight, num_shares=num_threads, keep_zeros=(fmt == "dense")
+            weight,
+            num_shares=num_threads,
+            keep_zeros=fmt in ("dense", "depthwise"),
+            kernel_mask=diagonal,
         )
         epi = Epilogue(
             bias=match.bias is not None,
@@ -138,10 +151,11 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
             LayerRecord(
                 name=f"conv2d_{len(records)}",
                 op="conv2d",
-                shape=f"{o}x{c}x{kh}x{kw} s{geom.stride[0]} on {geom.height}x{geom.width}",
+                shape=f"{o}x{1 if depthwise else c}x{kh}x{kw} s{geom.stride[0]} on "
+                f"{geom.height}x{geom.width}",
                 format=fmt,
-                density=stats.density,
-                flops_dense=2 * pixels * o * c * kh * kw,
+                density=1.0 if depthwise else stats.density,
+                flops_dense=2 * pixels * o * kh * kw * (1 if depthwise else c),
                 flops_kept=2 * pixels * packed.num_taps,
                 reason=reason,
                 epilogue=describe(match),

@@ -77,9 +77,9 @@ def test_unsupported_ops_fall_back_to_tvm():
     x = np.random.default_rng(3).standard_normal((1, 8, 12, 12)).astype("float32")
     cm = _check(model, x)
     by_format = {r.format for r in cm.layers}
-    assert by_format == {"pattern", "tvm"}
+    assert by_format == {"pattern", "depthwise", "tvm"}
     reasons = " ".join(r.reason for r in cm.layers if r.format == "tvm")
-    assert "groups=8" in reasons and "dilation" in reasons
+    assert "dilation" in reasons
 
 
 def test_export_and_load_round_trip(tmp_path):
@@ -111,3 +111,26 @@ def test_load_missing_or_corrupt_artifact(tmp_path):
     (tmp_path / "bad.so.json").write_text("{not json")
     with pytest.raises(tvm_sparse.ModelLoadError, match="corrupt metadata"):
         tvm_sparse.load(tmp_path / "bad.so")
+
+
+class _Depthwise(nn.Module):
+    """MobileNetV2's pieces: depthwise 3x3 (stride 1 and 2) + ReLU6 (imported as clip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw1 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.dw2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.dw1(x))
+        return self.grouped(self.dw2(y) * 2.0)
+
+
+def test_depthwise_convs_run_on_the_pattern_kernel_with_relu6_fused():
+    model = randomize_batchnorm_(_Depthwise()).eval()
+    x = np.random.default_rng(5).standard_normal((2, 8, 13, 11)).astype("float32") * 4
+    cm = _check(model, x)
+    formats = [(r.format, r.epilogue) for r in cm.layers if r.op == "conv2d"]
+    assert formats[:2] == [("depthwise", "bias+relu6"), ("depthwise", "")]
+    assert formats[2][0] == "tvm" and "groups=2" in cm.layers[2].reason

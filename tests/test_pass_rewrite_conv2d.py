@@ -114,11 +114,23 @@ def test_sparse_false_forces_dense():
 
 
 def test_grouped_conv_is_left_to_tvm():
-    w = np.ones((8, 1, 3, 3), "float32")
-    before = _before(w, groups=8)
+    w = np.ones((8, 4, 3, 3), "float32")  # 2 groups of 4 channels
+    before = _before(w, groups=2)
     after, records = _run(before)
     tvm.ir.assert_structural_equal(after, before)
-    assert records[0].format == "tvm" and "groups=8" in records[0].reason
+    assert records[0].format == "tvm" and "groups=2" in records[0].reason
+
+
+def test_depthwise_conv_becomes_one_kernel_per_filter():
+    w = np.random.default_rng(6).standard_normal((8, 1, 3, 3)).astype("float32")
+    after, records = _run(_before(w, groups=8, relu=True))
+    calls = [b.value for b in after["main"].body.blocks[0].bindings]
+    calls = [c for c in calls if isinstance(c, relax.Call)]
+    assert [getattr(c.op, "name", "") for c in calls] == ["relax.call_tir"]
+    assert records[0].format == "depthwise" and records[0].epilogue == "relu"
+    packed_channels = calls[0].args[1][2].value.numpy()  # kernel_channel
+    packed_order = calls[0].args[1][4].value.numpy()  # filter_order
+    np.testing.assert_array_equal(packed_channels, packed_order)  # filter o reads channel o
 
 
 def test_shared_intermediate_is_not_fused():
