@@ -215,7 +215,7 @@ def test_block_pruned_model_compiles_to_bsr_and_matches_torch(monkeypatch):
     _check(cm, net, x)
     block = [(r.op, r.format, r.epilogue) for r in cm.layers if r.format in ("bsr", "bcr")]
     assert block == [
-        ("conv2d", "bsr", "bias"),  # torch's relu6 imports as clip: not fused (yet)
+        ("conv2d", "bsr", "bias+relu6"),  # torch's relu6 imports as clip(0, 6): fused
         ("conv2d", "bsr", "bias+relu"),
         ("conv2d", "bcr", "bias+residual+relu"),
         ("matmul", "bsr", "bias+relu"),

@@ -102,7 +102,8 @@ def test_report_agrees_with_the_compile_report() -> None:
     net = _pruned_net()
     report = sparsity_report(net, (X,))
     compiled = compiler.compile(net, (X,), target="x86")
-    records = {r.name: r for r in compiled.layers if r.op == "conv2d" and r.format != "tvm"}
+    skip = ("tvm", "depthwise")  # the report covers convs with a sparsity choice
+    records = {r.name: r for r in compiled.layers if r.op == "conv2d" and r.format not in skip}
     assert sorted(records) == sorted(row.name for row in report.convs)  # named as in torch
     blocks = {row.name: row for row in report.blocks}
     for row in report.convs:
