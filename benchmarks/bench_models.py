@@ -1,8 +1,9 @@
-"""Whole pattern-pruned ResNet-18 and VGG-16 (224x224, batch 1): tvm-sparse vs its dense build
-vs PyTorch vs ONNX Runtime on the same weights, interleaved in one run, plus compile times.
+"""Whole pruned models (224x224, batch 1): tvm-sparse vs its dense build vs PyTorch vs ONNX Runtime
+on the same weights, interleaved in one run, plus compile times.
 
-Every 3x3 conv keeps 8 patterns of 4 taps and 28 % of its kernels (random weights, BatchNorm
-with non-trivial statistics); the 7x7 stem, 1x1 downsample convs and FC layers stay dense.
+Every 3x3 conv (groups 1) keeps 8 patterns of 4 taps and 28 % of its kernels (random weights,
+BatchNorm with non-trivial statistics). ResNet-18 / VGG-16: 7x7 stem, 1x1 and FC layers stay
+dense. ResNet-50 / MobileNetV2: 1x1 convs and FC layers also keep 10 % of their 8x1 blocks.
 
     python benchmarks/bench_models.py [--rounds 7] [--models resnet18,vgg16]
 
@@ -29,15 +30,25 @@ from tvm_sparse.benchmarking import (
     tvm_runner,
     write_results,
 )
-from tvm_sparse.models import resnet18, vgg16_bn
-from tvm_sparse.testing import pattern_prune_model_, randomize_batchnorm_
+from tvm_sparse.models import mobilenet_v2, resnet18, resnet50, vgg16_bn
+from tvm_sparse.testing import block_prune_model_, pattern_prune_model_, randomize_batchnorm_
 
-MODELS = {"resnet18": lambda: resnet18(), "vgg16": lambda: vgg16_bn()}
+MODELS = {
+    "resnet18": lambda: resnet18(),
+    "vgg16": lambda: vgg16_bn(),
+    "resnet50": lambda: resnet50(),
+    "mobilenet_v2": lambda: mobilenet_v2(),
+}
+# 1x1 convs and FC layers of these are BSR-pruned (8x1 blocks, 90 % of blocks dropped).
+BLOCK_PRUNED = {"resnet50", "mobilenet_v2"}
 
 
 def bench_model(name: str, rounds: int, threads: int) -> dict:
     torch.manual_seed(0)
-    net = randomize_batchnorm_(pattern_prune_model_(MODELS[name]())).eval()
+    net = pattern_prune_model_(MODELS[name]())
+    if name in BLOCK_PRUNED:
+        net = block_prune_model_(net, keep=0.1)
+    net = randomize_batchnorm_(net).eval()
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
     sparse = tvm_sparse.compile(net, (x,), verbose=True)
     dense = tvm_sparse.compile(net, (x,), sparse=False, verbose=True)
@@ -75,7 +86,7 @@ def bench_model(name: str, rounds: int, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--models", default="resnet18,vgg16")
+    parser.add_argument("--models", default="resnet18,vgg16,resnet50,mobilenet_v2")
     parser.add_argument("--out", default="benchmarks/results/models")
     args = parser.parse_args()
     threads = os.cpu_count() or 1

@@ -64,3 +64,22 @@ def randomize_batchnorm_(model, seed: int = 0):
                 module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
     return model
+
+
+def block_prune_model_(model, keep: float = 0.1, block: tuple[int, int] = (8, 1)):
+    """Keep the largest ``keep`` fraction of (rows x cols) blocks of every 1x1 conv and FC weight.
+
+    Uses the pruning toolkit's BSR projection; weights are treated as (out, in) matrices.
+    """
+    import torch
+
+    from .prune import project_bsr
+
+    for module in model.modules():
+        is_1x1 = isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
+        if (is_1x1 and module.groups == 1) or isinstance(module, torch.nn.Linear):
+            w = module.weight.detach()
+            pruned = project_bsr(w.reshape(w.shape[0], -1), block, keep).reshape(w.shape)
+            with torch.no_grad():
+                module.weight.copy_(pruned)
+    return model
