@@ -88,11 +88,11 @@ def run_demo(
         for name, t in sorted(ms.items(), key=lambda kv: kv[1])
     ]
     table = markdown_table(
-        ["runtime", "median ms", "speed-up vs best dense", "useful conv GFLOP/s", "max |err|"], rows
+        ["runtime", "median ms", "speed-up vs best dense", "useful GFLOP/s", "max |err|"], rows
     )
     print()
     print(
-        f"ResNet-18, 1x3x{image}x{image}, conv FLOPs kept {kept / 1e9:.2f} of "
+        f"ResNet-18, 1x3x{image}x{image}, FLOPs kept (conv + FC) {kept / 1e9:.2f} of "
         f"{dense_flops / 1e9:.2f} G ({dense_flops / kept:.1f}x fewer); {threads} threads"
     )
     print(f"machine: {machine_description()['cpu']}, {threads} threads")
