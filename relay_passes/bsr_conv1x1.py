@@ -27,6 +27,7 @@ from tvm_sparse.formats.block import (
 )
 from tvm_sparse.report import LayerRecord
 
+from .block_choice import BlockDecisions, block_kernel_args
 from .epilogue import (
     EpilogueMatch,
     add_kernel,
@@ -75,34 +76,18 @@ def RewriteBSRConv1x1(  # noqa: N802 (TVM's pass naming)
     records = records if records is not None else []
     notes = notes if notes is not None else []
     kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-    choices: dict[relax.Call, tuple[BlockChoice | None, np.ndarray | None]] = {}
 
-    def decide(call: relax.Call) -> tuple[BlockChoice | None, np.ndarray | None]:
-        if call not in choices:
-            if conv1x1_unsupported(call) is not None:
-                choices[call] = (None, None)
-            else:
-                weight = const_value(call.args[1]).astype(np.float32)
-                geom = _geometry(call)
-                work = geom.batch * geom.pixels
-                choice, _, _ = choose_conv1x1_format(weight, work, costs)
-                choices[call] = (choice, weight.reshape(weight.shape[0], -1))
-        return choices[call]
+    def choose(call: relax.Call) -> tuple[BlockChoice, np.ndarray]:
+        weight = const_value(call.args[1]).astype(np.float32)
+        geom = _geometry(call)
+        choice, _, _ = choose_conv1x1_format(weight, geom.batch * geom.pixels, costs)
+        return choice, weight.reshape(weight.shape[0], -1)
 
-    def unsupported(call: relax.Call) -> str | None:
-        reason = conv1x1_unsupported(call)
-        if reason is not None:
-            return reason
-        choice, _ = decide(call)
-        return None if choice.format in ("bsr", "bcr") else NOT_CHOSEN + choice.reason
-
-    def fallback(call: relax.Call, reason: str) -> None:
-        if reason.startswith(NOT_CHOSEN):
-            notes.append(("conv2d", conv_shape(call), reason.removeprefix(NOT_CHOSEN)))
+    decisions = BlockDecisions("conv2d", conv1x1_unsupported, choose, conv_shape, NOT_CHOSEN, notes)
 
     def emit(bb: relax.BlockBuilder, match: EpilogueMatch, visit) -> relax.Expr:
         conv = match.anchor
-        choice, matrix = decide(conv)
+        choice, matrix = decisions.decide(conv)
         geom = _geometry(conv)
         r, c = choice.block
         fmt = choice.format
@@ -117,11 +102,7 @@ def RewriteBSRConv1x1(  # noqa: N802 (TVM's pass naming)
                 geom, choice.block, packed.num_blocks, epi, cfg, name, kept
             ),
         )  # fmt: skip
-        args = [visit(conv.args[0])] + [relax.const(a) for a in packed.kernel_args()]
-        if match.bias is not None:
-            args.append(relax.const(np.pad(match.bias, (0, packed.num_rows * r - o))))
-        if match.residual is not None:
-            args.append(visit(match.residual))
+        args = block_kernel_args(match, visit, packed, r, o)
         records.append(
             LayerRecord(
                 name=f"conv2d_{len(records)}",
@@ -139,6 +120,6 @@ def RewriteBSRConv1x1(  # noqa: N802 (TVM's pass naming)
         return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
 
     return anchored_rewrite_pass(
-        "RewriteBSRConv1x1", "relax.nn.conv2d", unsupported, emit, channel_axis=1,
-        on_fallback=fallback,
+        "RewriteBSRConv1x1", "relax.nn.conv2d", decisions.unsupported, emit, channel_axis=1,
+        on_fallback=decisions.fallback,
     )  # fmt: skip

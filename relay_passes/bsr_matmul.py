@@ -27,6 +27,7 @@ from tvm_sparse.formats.block import (
 )
 from tvm_sparse.report import LayerRecord
 
+from .block_choice import BlockDecisions, block_kernel_args
 from .dense_matmul import matmul_unsupported
 from .epilogue import (
     EpilogueMatch,
@@ -56,32 +57,19 @@ def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
     records = records if records is not None else []
     notes = notes if notes is not None else []
     kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-    choices: dict[relax.Call, tuple[BlockChoice | None, np.ndarray | None]] = {}
 
-    def decide(call: relax.Call) -> tuple[BlockChoice | None, np.ndarray | None]:
-        if call not in choices:
-            if matmul_unsupported(call) is not None:
-                choices[call] = (None, None)
-            else:
-                matrix = const_value(call.args[1]).astype(np.float32).T  # (N, K)
-                m = static_shape(call.args[0])[0]
-                choices[call] = (choose_block_format(matrix, costs, "fc", work=m), matrix)
-        return choices[call]
+    def choose(call: relax.Call) -> tuple[BlockChoice, np.ndarray]:
+        matrix = const_value(call.args[1]).astype(np.float32).T  # (N, K)
+        m = static_shape(call.args[0])[0]
+        return choose_block_format(matrix, costs, "fc", work=m), matrix
 
-    def unsupported(call: relax.Call) -> str | None:
-        reason = matmul_unsupported(call)
-        if reason is not None:
-            return reason
-        choice, _ = decide(call)
-        return None if choice.format in ("bsr", "bcr") else NOT_CHOSEN + choice.reason
-
-    def fallback(call: relax.Call, reason: str) -> None:
-        if reason.startswith(NOT_CHOSEN):
-            notes.append(("matmul", matmul_shape(call), reason.removeprefix(NOT_CHOSEN)))
+    decisions = BlockDecisions(
+        "matmul", matmul_unsupported, choose, matmul_shape, NOT_CHOSEN, notes
+    )
 
     def emit(bb: relax.BlockBuilder, match: EpilogueMatch, visit) -> relax.Expr:
         call = match.anchor
-        choice, matrix = decide(call)
+        choice, matrix = decisions.decide(call)
         m, k = static_shape(call.args[0])
         n = matrix.shape[0]
         cfg = default_bsr_matmul_config(m, num_threads)
@@ -96,11 +84,7 @@ def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
                 m, k, n, choice.block, packed.num_blocks, epi, cfg, name, kept
             ),
         )  # fmt: skip
-        args = [visit(call.args[0])] + [relax.const(a) for a in packed.kernel_args()]
-        if match.bias is not None:
-            args.append(relax.const(np.pad(match.bias, (0, packed.num_rows * r - n))))
-        if match.residual is not None:
-            args.append(visit(match.residual))
+        args = block_kernel_args(match, visit, packed, r, n)
         records.append(
             LayerRecord(
                 name=f"matmul_{len(records)}",
@@ -117,6 +101,6 @@ def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
         return relax.call_tir(kernel, args, relax.TensorType((m, n), "float32"))
 
     return anchored_rewrite_pass(
-        "RewriteBSRMatmul", "relax.matmul", unsupported, emit, channel_axis=-1,
-        on_fallback=fallback,
+        "RewriteBSRMatmul", "relax.matmul", decisions.unsupported, emit, channel_axis=-1,
+        on_fallback=decisions.fallback,
     )  # fmt: skip
