@@ -22,7 +22,7 @@ from schedules.pattern_conv2d import (
     ConvGeometry,
     Epilogue,
     default_config,
-    pattern_conv2d_primfunc,
+    pattern_conv2d_template,
     tile_defaults,
 )
 from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
@@ -127,10 +127,10 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         kernel = add_kernel(
             bb,
             kernels,
-            (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, shared),
+            (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, shared, lanes),
             name,
-            lambda: pattern_conv2d_primfunc(
-                geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, shared
+            lambda: pattern_conv2d_template(
+                geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, shared, lanes
             ),
         )
         nonempty = packed.num_kernels > 0

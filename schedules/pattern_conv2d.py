@@ -24,12 +24,14 @@ computed together (dense convs), and the input staging layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import tvm
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
+
+from .tunable import Knobs, TunableKernel, register, template
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
 # TVM keeps a CPU allocation inside a parallel loop on the stack (not the workspace heap, where
@@ -312,3 +314,95 @@ def _stage_shifted(data, geom: ConvGeometry, pad_h: int, wide: int):
             with T.serial(0, rows) as y, T.serial(lo, hi) as x:
                 T.buffer_store(pad, data[n, c, y, x * sw + dx - pl], [n, c, dx, y + pt, x])
     return pad
+
+
+# --- MetaSchedule search space (see schedules/tunable.py) -----------------------------------
+
+
+def config_knobs(cfg: PatternConvConfig) -> Knobs:
+    """A config as the integer knobs a tuning record stores."""
+    return {
+        "rows": cfg.rows,
+        "vector": cfg.vector,
+        "filters": cfg.filters,
+        "col_vectors": cfg.cols // cfg.vector,
+        "shifted": int(cfg.shifted),
+    }
+
+
+def knobs_config(knobs: Knobs) -> PatternConvConfig:
+    return PatternConvConfig(
+        rows=knobs["rows"],
+        vector=knobs["vector"],
+        filters=knobs["filters"],
+        cols=knobs["col_vectors"] * knobs["vector"],
+        shifted=bool(knobs["shifted"]),
+    )
+
+
+def _params(geom, patterns, num_kernels, max_taps, epilogue, name, kernels_per_filter, lanes):
+    return {
+        "geom": asdict(geom),
+        "patterns": [list(p) for p in patterns],
+        "num_kernels": num_kernels,
+        "max_taps": max_taps,
+        "epilogue": asdict(epilogue),
+        "name": name,
+        "kernels_per_filter": kernels_per_filter,
+        "lanes": lanes,
+    }
+
+
+def _build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
+    return pattern_conv2d_primfunc(
+        _geom(params),
+        tuple(tuple(p) for p in params["patterns"]),
+        params["num_kernels"],
+        params["max_taps"],
+        Epilogue(**params["epilogue"]),
+        knobs_config(knobs),
+        params["name"],
+        params["kernels_per_filter"],
+    )
+
+
+def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
+    """Rows per tile 1-8, vector = the target's lanes or half, 0 (whole row) to 4 vectors per
+    tile, 1/2/4 filters together (dense packing only), either staging layout."""
+    out_channels, out_h = params["geom"]["out_channels"], _geom(params).out_height
+    lanes = params["lanes"]
+    shared = params["kernels_per_filter"] > 0
+    return {
+        "rows": list(range(1, min(out_h, 8) + 1)),
+        "vector": sorted({lanes, max(4, lanes // 2)}),
+        "filters": [f for f in (1, 2, 4) if out_channels % f == 0] if shared else [1],
+        "col_vectors": [0, 1, 2, 3, 4],
+        "shifted": [0, 1],
+    }
+
+
+def _geom(params: dict) -> ConvGeometry:
+    g = params["geom"]
+    return ConvGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
+
+
+PATTERN_CONV2D = register(TunableKernel("pattern_conv2d", _build, _space))
+
+
+def pattern_conv2d_template(
+    geom: ConvGeometry,
+    patterns: tuple[tuple[int, ...], ...],
+    num_kernels: int,
+    max_taps: int,
+    epilogue: Epilogue,
+    config: PatternConvConfig,
+    name: str,
+    kernels_per_filter: int,
+    lanes: int,
+) -> tirx.PrimFunc:
+    """The kernel at ``config`` as a MetaSchedule template (``config`` is its default point)."""
+    params = _params(
+        geom, patterns, num_kernels, max_taps, epilogue, name, kernels_per_filter, lanes
+    )
+    knobs = config_knobs(config)
+    return template(_build(params, knobs), PATTERN_CONV2D.name, params, knobs)

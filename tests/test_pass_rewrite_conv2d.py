@@ -9,7 +9,7 @@ from schedules.pattern_conv2d import (
     ConvGeometry,
     Epilogue,
     default_config,
-    pattern_conv2d_primfunc,
+    pattern_conv2d_template,
     tile_defaults,
 )
 from tvm_sparse.formats import PatternWeight
@@ -50,7 +50,7 @@ def _expected(weight, fmt, bias=None, residual=False, relu=False, num_threads=2)
     epi = Epilogue(bias=bias is not None, residual=residual, activation="relu" if relu else "none")
     name = f"{fmt}_conv2d_{weight.shape[0]}x8x3x3"
     shared = 8 if fmt == "dense" else 0  # a dense packing: every filter has all 8 kernels
-    kernel = pattern_conv2d_primfunc(
+    kernel = pattern_conv2d_template(
         geom,
         packed.patterns,
         packed.num_kernels,
@@ -59,6 +59,7 @@ def _expected(weight, fmt, bias=None, residual=False, relu=False, num_threads=2)
         default_config(geom, shared_kernels=shared > 0, **tile_defaults(geom, 16, 8)),
         name,
         shared,
+        8,
     )
     bb = relax.BlockBuilder()
     params = _params(weight, residual)

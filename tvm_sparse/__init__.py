@@ -12,7 +12,12 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 from .errors import InputError, ModelLoadError, TvmSparseError  # noqa: E402
 
-_LAZY = {"compile": "compiler", "load": "compiled_model", "CompiledModel": "compiled_model"}
+_LAZY = {
+    "compile": "compiler",
+    "tune": "tuning",
+    "load": "compiled_model",
+    "CompiledModel": "compiled_model",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +28,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'tvm_sparse' has no attribute {name!r}")
 
 
-__all__ = ["CompiledModel", "InputError", "ModelLoadError", "TvmSparseError", "compile", "load"]
+__all__ = [
+    "CompiledModel",
+    "InputError",
+    "ModelLoadError",
+    "TvmSparseError",
+    "compile",
+    "load",
+    "tune",
+]

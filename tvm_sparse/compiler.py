@@ -14,6 +14,7 @@ from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
 from relay_passes.pattern_conv2d import RewriteConv2D
+from schedules.tunable import RealizeTunableKernels
 
 from .compiled_model import CompiledModel
 from .formats.block import load_cost_table
@@ -147,20 +148,12 @@ def _num_threads(tgt: tvm.target.Target) -> int:
     return int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
 
 
-def compile(  # noqa: A001 (the public name users expect)
-    model: Any,
-    example_inputs: Any = None,
-    target: Any = "x86",
-    *,
-    sparse: bool = True,
-    verbose: bool = False,
-) -> CompiledModel:
-    """Compile a pruned model (``torch.nn.Module``, ONNX path or ``ModelProto``) for ``target``.
-
-    ``sparse=False`` compiles every conv dense (the baseline the sparse build is compared with).
-    """
+def prepare(
+    model: Any, example_inputs: Any, tgt: tvm.target.Target, sparse: bool, verbose: bool = False
+) -> tuple[tvm.IRModule, list[LayerRecord], list]:
+    """Import ``model`` and run the sparse graph passes: the Relax module (tunable kernel
+    templates at their default knobs) and the per-layer records of the report."""
     t0 = time.perf_counter()
-    tgt = resolve_target(target)
     imported = import_model(model, example_inputs)
     _progress(f"imported {imported.source} in {time.perf_counter() - t0:.1f}s", verbose)
     records: list[LayerRecord] = []
@@ -168,6 +161,33 @@ def compile(  # noqa: A001 (the public name users expect)
     _progress(f"rewrote {len(records)} layers in {time.perf_counter() - t0:.1f}s", verbose)
     records.extend(_remaining_ops(mod))
     _name_layers(records, imported.layer_names)
+    return mod, records, imported.inputs
+
+
+def compile(  # noqa: A001 (the public name users expect)
+    model: Any,
+    example_inputs: Any = None,
+    target: Any = "x86",
+    *,
+    sparse: bool = True,
+    tuning: str | None = None,
+    verbose: bool = False,
+) -> CompiledModel:
+    """Compile a pruned model (``torch.nn.Module``, ONNX path or ``ModelProto``) for ``target``.
+
+    ``sparse=False`` compiles every conv dense (the baseline the sparse build is compared with);
+    ``tuning`` is a ``tune()`` work directory whose best records replace the default schedules.
+    """
+    t0 = time.perf_counter()
+    tgt = resolve_target(target)
+    mod, records, inputs = prepare(model, example_inputs, tgt, sparse, verbose)
+    if tuning is not None:
+        from .tuning import apply_records
+
+        mod = apply_records(mod, tgt, tuning)
+        _progress(f"applied the tuning records of {tuning}", verbose)
+    else:
+        mod = RealizeTunableKernels(mod)
     executable = tvm.compile(mod, target=tgt)
     _progress(
         f"built for {tgt.attrs.get('mtriple') or tgt.kind.name} in {time.perf_counter() - t0:.1f}s",
@@ -175,7 +195,7 @@ def compile(  # noqa: A001 (the public name users expect)
     )
     return CompiledModel(
         executable=executable,
-        inputs=imported.inputs,
+        inputs=inputs,
         layers=records,
         target=tgt,
         compile_seconds=time.perf_counter() - t0,

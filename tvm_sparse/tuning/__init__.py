@@ -1,0 +1,248 @@
+"""``tvm_sparse.tune``: MetaSchedule tuning of every kernel of a model, resumable.
+
+    tvm_sparse.tune(model, x, target="x86", trials=400, work_dir="tuned/")
+    cm = tvm_sparse.compile(model, x, tuning="tuned/")
+
+Every kernel of the lowered model is a task: the sparse (and dense-direct) kernels of tvm-sparse
+are knob-sampled templates (``schedules/tunable.py``), TVM's own kernels get MetaSchedule's
+default rules. Tasks are tuned one after another (budget split by their share of the measured
+default time) with one XGBoost cost model. Records go to MetaSchedule's JSON database in
+``work_dir`` as they are measured: a killed run keeps them, and a new run skips the trials a task
+already has.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import tvm
+from tvm import relax, s_tir
+from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
+from tvm.s_tir import meta_schedule as ms
+
+from schedules.tunable import RealizeTunableKernels, tunable_block
+from tvm_sparse.targets import resolve_target
+
+from .measure import make_builder, make_runner, real_arguments
+from .progress import Progress
+from .records import open_database, trials_done
+from .search import KnobFeatures, space_for
+
+__all__ = ["TaskResult", "TuningResult", "apply_records", "lower", "tune"]
+
+
+@dataclass
+class TaskResult:
+    name: str
+    weight: int  # calls per model run
+    template: bool  # a tvm-sparse kernel (knob space) rather than a TVM kernel
+    trials: int = 0  # measured records in the database
+    default_ms: float | None = None
+    best_ms: float | None = None
+
+
+@dataclass
+class TuningResult:
+    work_dir: str
+    tasks: list[TaskResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        rows = ["task                                      calls trials  default ms   best ms"]
+        for t in self.tasks:
+            d = f"{t.default_ms:10.3f}" if t.default_ms else "         -"
+            b = f"{t.best_ms:9.3f}" if t.best_ms else "        -"
+            rows.append(f"{t.name[:40]:40s} {t.weight:6d} {t.trials:6d} {d} {b}")
+        return "\n".join(rows)
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse (TVM's CPU passes): the module whose kernels are the tuning tasks."""
+    with target:
+        return tvm.transform.Sequential(legalize_passes(target))(mod)
+
+
+def apply_records(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -> tvm.IRModule:
+    """Lower ``mod``, replace each kernel by its best record in ``work_dir``, realize templates."""
+    database = open_database(work_dir, create=False)
+    mod = lower(mod, target)
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    return RealizeTunableKernels(mod)
+
+
+def _num_cores(target: tvm.target.Target) -> int:
+    return int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1)
+
+
+def tune(
+    model: Any,
+    example_inputs: Any = None,
+    target: Any = "x86",
+    *,
+    trials: int = 200,
+    work_dir: str = "tvm-sparse-tuning",
+    rpc: str | None = None,
+    key: str = "android",
+    sparse: bool = True,
+    tvm_kernels: bool = True,
+    min_task_trials: int = 8,
+    progress: bool = True,
+    seed: int = 0,
+) -> TuningResult:
+    """Tune every kernel of ``model`` for ``target`` with about ``trials`` measurements in all.
+
+    ``rpc="host:port"`` measures on the devices a TVM RPC tracker registers under ``key`` (e.g.
+    the Android RPC app); ``tvm_kernels=False`` tunes only tvm-sparse's kernels. Running again
+    with the same ``work_dir`` resumes: finished records are kept, their trials not repeated.
+    """
+    from tvm_sparse.compiler import prepare
+
+    t0 = time.perf_counter()
+    tgt = resolve_target(target)
+    mod, _records, _inputs = prepare(model, example_inputs, tgt, sparse)
+    mod = lower(mod, tgt)
+    extracted = [
+        t
+        for t in ms.relax_integration.extract_tasks(mod, tgt)
+        if tvm_kernels or tunable_block(_main(t.dispatched[0])) is not None
+    ]
+    tracker = _parse_rpc(rpc, key)
+    if tracker is not None:
+        from tvm_sparse.rpc import connect
+
+        connect(tracker=f"{tracker[0]}:{tracker[1]}", key=key)  # fail fast, naming the device
+    database = open_database(work_dir)
+    cores = _num_cores(tgt)
+    builder = make_builder(tgt, max_workers=cores)
+    runner = make_runner(real_arguments(mod), tracker)
+    cost_model = ms.cost_model.XGBModel(
+        extractor=KnobFeatures(), adaptive_training=False, num_tuning_cores=cores
+    )
+    result = TuningResult(work_dir=work_dir)
+    contexts = []
+    for i, task in enumerate(extracted):
+        task_mod = task.dispatched[0]
+        ctx = ms.TuneContext(
+            mod=task_mod,
+            target=tgt,
+            space_generator=space_for(_main(task_mod), tgt),
+            search_strategy=ms.search_strategy.EvolutionarySearch(),
+            task_name=task.task_name,
+            num_threads=cores,
+            rand_state=seed + i,
+        )
+        contexts.append(ctx)
+        info = TaskResult(
+            task.task_name, int(task.weight), tunable_block(_main(task_mod)) is not None
+        )
+        info.trials = trials_done(database, task_mod)
+        result.tasks.append(info)
+
+    bar = Progress(
+        result, trials, enabled=progress, curve_path=os.path.join(work_dir, "curve.jsonl")
+    )
+    for ctx, info in zip(contexts, result.tasks, strict=True):
+        if info.template:
+            info.default_ms = _measure_default(ctx, builder, runner, database, info, bar)
+    budgets = _budgets(result.tasks, trials, min_task_trials)
+    for i, (ctx, info, budget) in enumerate(zip(contexts, result.tasks, budgets, strict=True)):
+        remaining = budget - info.trials
+        bar.start_task(i, budget)
+        if remaining > 0:
+            ms.tune.tune_tasks(
+                tasks=[ctx],
+                task_weights=[1.0],
+                work_dir=work_dir,
+                max_trials_global=remaining,
+                num_trials_per_iter=min(16, remaining),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model=cost_model,
+                measure_callbacks=[
+                    ms.measure_callback.AddToDatabase(),
+                    ms.measure_callback.RemoveBuildArtifact(),
+                    ms.measure_callback.UpdateCostModel(),
+                    bar.callback(),
+                ],
+                task_scheduler="round-robin",
+            )
+        bar.check_device(tracker)
+        info.trials = trials_done(database, ctx.mod)
+        info.best_ms = _best_ms(database, ctx.mod)
+    result.seconds = time.perf_counter() - t0
+    bar.finish()
+    return result
+
+
+def _main(mod: tvm.IRModule):
+    return next(iter(mod.functions.values()))
+
+
+def _parse_rpc(rpc: str | None, key: str) -> tuple[str, int, str] | None:
+    if rpc is None:
+        return None
+    host, _, port = rpc.rpartition(":")
+    if not host or not port.isdigit():
+        from tvm_sparse.errors import InputError
+
+        raise InputError(f"rpc= expects a tracker address host:port, got {rpc!r}")
+    return host, int(port), key
+
+
+def _budgets(tasks: list[TaskResult], trials: int, floor: int) -> list[int]:
+    """Split ``trials`` by each task's share of the default time (templates: measured; TVM
+    kernels: unknown, so they get the floor)."""
+    shares = [t.weight * (t.default_ms or 0.0) for t in tasks]
+    fixed = sum(floor for t in tasks if not t.default_ms)
+    left = max(0, trials - fixed)
+    total = sum(shares) or 1.0
+    return [
+        max(floor, math.ceil(left * s / total)) if t.default_ms else floor
+        for t, s in zip(tasks, shares, strict=True)
+    ]
+
+
+def _best_ms(database: ms.database.Database, mod: tvm.IRModule) -> float | None:
+    if not database.has_workload(mod):
+        return None
+    top = database.get_top_k(database.commit_workload(mod), 1)
+    if not top:
+        return None
+    return 1e3 * sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
+
+
+def _measure_default(ctx, builder, runner, database, info: TaskResult, bar) -> float | None:
+    """Measure the template's default point (the hand schedule) once, as a record: tuning
+    then starts from it and can only equal or beat it."""
+    space = ctx.generate_design_space()[0]
+    trace = space.trace
+    for inst in list(trace.decisions):
+        if inst.kind.name == "SampleCategorical":
+            trace = trace.with_decision(inst, 0, remove_postproc=True)
+    sch = s_tir.Schedule(ctx.mod)
+    trace.apply_to_schedule(sch, remove_postproc=True)
+    workload = database.commit_workload(ctx.mod)
+    for rec in database.get_all_tuning_records():
+        if rec.workload.same_as(workload) and str(rec.trace) == str(sch.trace):
+            return 1e3 * sum(float(s) for s in rec.run_secs) / len(rec.run_secs)
+    args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, ctx.target)])
+    if built.error_msg:
+        bar.note(f"{info.name}: default failed to build: {built.error_msg.splitlines()[-1]}")
+        return None
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])
+    res = future.result()
+    if res.error_msg:
+        bar.note(f"{info.name}: default failed to run: {res.error_msg.splitlines()[-1]}")
+        return None
+    database.commit_tuning_record(
+        ms.database.TuningRecord(sch.trace, workload, res.run_secs, ctx.target, args)
+    )
+    info.trials += 1
+    return 1e3 * sum(float(s) for s in res.run_secs) / len(res.run_secs)
