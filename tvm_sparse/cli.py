@@ -1,4 +1,4 @@
-"""The ``tvm-sparse`` command line: inspect, compile, demo."""
+"""The ``tvm-sparse`` command line: inspect, compile, tune, run / bench over RPC, demo."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .compiler import compile as compile_model
 
     model, inputs = _load(args)
-    cm = compile_model(model, inputs, target=args.target, sparse=not args.dense, verbose=True)
+    cm = compile_model(
+        model, inputs, target=args.target, sparse=not args.dense, tuning=args.tuning, verbose=True
+    )
     print(cm.report())
     path = cm.export(args.output)
     print(f"wrote {path} and {path}.json")
@@ -68,7 +70,7 @@ def cmd_remote(args: argparse.Namespace) -> int:
     from .rpc import benchmark_remote, run_remote
 
     model, inputs = _load(args)
-    device = compile_model(model, inputs, target=args.target, verbose=True)
+    device = compile_model(model, inputs, target=args.target, tuning=args.tuning, verbose=True)
     host = compile_model(model, inputs, target="x86")
     rng = np.random.default_rng(0)
     feed = [rng.standard_normal(s.shape).astype(s.dtype) for s in device.inputs]
@@ -83,6 +85,27 @@ def cmd_remote(args: argparse.Namespace) -> int:
                                   repeat=args.repeat)  # fmt: skip
             print(f"{remote}: median {ms:.3f} ms per run ({args.repeat} repeats)")
     return 0 if err <= 1e-3 * max(1.0, max(float(np.abs(e).max()) for e in expected)) else 1
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Tune every kernel of the model (resumable: rerun with the same --work-dir)."""
+    from .tuning import tune
+
+    model, inputs = _load(args)
+    result = tune(
+        model,
+        inputs,
+        target=args.target,
+        trials=args.trials,
+        work_dir=args.work_dir,
+        rpc=args.rpc,
+        key=args.key or "android",
+        tvm_kernels=not args.sparse_only,
+    )
+    print(result.table())
+    print(f"records in {result.work_dir} ({result.seconds:.0f} s); use them with "
+          f"`tvm-sparse compile ... --tuning {result.work_dir}`")  # fmt: skip
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -110,7 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("-o", "--output", required=True, help="library path (.so); metadata: OUT.json")
     p.add_argument("--dense", action="store_true", help="ignore sparsity (dense baseline)")
+    p.add_argument("--tuning", help="a tune work directory: apply its best records")
     p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("tune", help="MetaSchedule-tune every kernel; records resume on rerun")
+    model_args(p)
+    p.add_argument("--trials", type=int, default=200, help="measurements in all")
+    p.add_argument("--work-dir", default="tvm-sparse-tuning", help="records (JSON database)")
+    p.add_argument("--rpc", help="measure on a device: tracker HOST:PORT (with --key)")
+    p.add_argument("--key", help="device key registered with the tracker (default android)")
+    p.add_argument("--sparse-only", action="store_true", help="skip TVM's own kernels")
+    p.set_defaults(func=cmd_tune)
     for name, text in (("run", "run on a device over RPC and compare with the host"),
                        ("bench", "run, compare and time on a device over RPC")):  # fmt: skip
         p = sub.add_parser(name, help=text)
@@ -119,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rpc", help="tracker HOST:PORT (with --key) or server HOST:PORT")
         p.add_argument("--key", help="device key registered with the tracker (e.g. android)")
         p.add_argument("--repeat", type=int, default=5)
+        p.add_argument("--tuning", help="a tune work directory: apply its best records")
         p.set_defaults(func=cmd_remote)
     p = sub.add_parser("demo", help="pruned ResNet-18: sparse vs dense vs PyTorch vs ONNX Runtime")
     p.add_argument("--image", type=int, default=224)

@@ -1,0 +1,258 @@
+"""MetaSchedule tuning on tiny budgets: the template space, tuned numerics vs PyTorch, resume
+after a killed run, corrupt records, records in a fresh process, the RPC runner on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+import tvm_ffi
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+
+import tvm_sparse
+from schedules.pattern_conv2d import (
+    ConvGeometry,
+    Epilogue,
+    PatternConvConfig,
+    config_knobs,
+    pattern_conv2d_primfunc,
+    pattern_conv2d_template,
+)
+from schedules.tunable import knob_space, realize, tunable_block
+from tvm_sparse.rpc import RPCError
+from tvm_sparse.targets import resolve_target
+from tvm_sparse.tuning.records import RECORDS, CorruptRecordWarning, open_database
+from tvm_sparse.tuning.search import space_for
+
+ROOT = Path(__file__).resolve().parents[1]
+RTOL = ATOL = 1e-4  # float32 both sides; only the summation order differs
+
+
+def _net() -> tuple[torch.nn.Module, np.ndarray]:
+    from tvm_sparse.testing import pattern_prune_model_
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+    )  # fmt: skip
+    net = pattern_prune_model_(net, kernel_keep=0.5).eval()
+    x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype("float32")
+    return net, x
+
+
+def _check(cm, net, x) -> None:
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(cm(x), ref, rtol=RTOL, atol=ATOL)
+
+
+GEOM = ConvGeometry(1, 8, 12, 12, 16, (3, 3), (1, 1), (1, 1, 1, 1))
+CFG = PatternConvConfig(rows=3, vector=8)
+
+
+def _template():
+    return pattern_conv2d_template(
+        GEOM, ((0, 1, 4, 5), (1, 4, 7, 8)), 40, 4, Epilogue(bias=True), CFG, "k", 0, 16
+    )
+
+
+# ------------------------------------------------------------------------------ the search space
+def test_template_default_is_the_hand_kernel() -> None:
+    """Before: the template; Expected: the hand kernel at the default config (same TIR)."""
+    expected = pattern_conv2d_primfunc(
+        GEOM, ((0, 1, 4, 5), (1, 4, 7, 8)), 40, 4, Epilogue(bias=True), CFG, "k", 0
+    )
+    tvm.ir.assert_structural_equal(realize(_template()).without_attr("tvm_sparse.params"), expected)
+
+
+def test_rule_samples_every_knob_default_first() -> None:
+    func = _template().with_attr("global_symbol", "main")
+    space = knob_space(func)
+    assert {k: v[0] for k, v in space.items()} == config_knobs(CFG)
+    assert space["vector"] == [8, 16] and space["filters"] == [1]  # sparse: one filter per job
+    target = resolve_target("x86")
+    ctx = ms.TuneContext(
+        mod=tvm.IRModule({"main": func}), target=target, space_generator=space_for(func, target),
+        search_strategy=ms.search_strategy.ReplayTrace(), task_name="t",
+    )  # fmt: skip
+    (sch,) = ctx.generate_design_space()
+    sampled = [i for i in sch.trace.insts if i.kind.name == "SampleCategorical"]
+    assert len(sampled) == len(space)
+    # A record's trace replayed on the template gives a kernel with the sampled knobs.
+    replay = s_tir.Schedule(tvm.IRModule({"main": func}))
+    trace = sch.trace
+    for inst in sampled:  # every knob at its default but rows = 5 (candidates 3, 1, 2, 4, 5...)
+        pick = list(inst.attrs[0]).index(5) if inst.attrs[0][0] == 3 else 0
+        trace = trace.with_decision(inst, pick, True)
+    trace.apply_to_schedule(replay, remove_postproc=True)
+    tuned = realize(replay.mod["main"])
+    expected = pattern_conv2d_primfunc(
+        GEOM, ((0, 1, 4, 5), (1, 4, 7, 8)), 40, 4, Epilogue(bias=True),
+        PatternConvConfig(**{**CFG.__dict__, "rows": 5}), "k", 0,
+    )  # fmt: skip
+    assert tunable_block(tuned) is None
+    assert str(tuned.body) == str(expected.body)
+
+
+# ------------------------------------------------------------------------------ tune and compile
+@pytest.fixture(scope="module")
+def tuned_dir(tmp_path_factory) -> Path:
+    net, x = _net()
+    work = tmp_path_factory.mktemp("tuned")
+    result = tvm_sparse.tune(net, (x,), trials=12, work_dir=str(work), progress=False)
+    assert [t.template for t in result.tasks].count(True) == 2
+    for task in result.tasks:
+        if task.template:
+            # The default is measured first, so the best record can only equal or beat it.
+            assert task.default_ms and task.best_ms and task.best_ms <= task.default_ms
+            assert task.trials >= 2
+    return work
+
+
+def test_tuned_model_matches_pytorch(tuned_dir) -> None:
+    net, x = _net()
+    _check(tvm_sparse.compile(net, (x,), tuning=str(tuned_dir)), net, x)
+    curve = [json.loads(line) for line in (tuned_dir / "curve.jsonl").read_text().splitlines()]
+    assert curve and all(e["best_ms"] is None or e["best_ms"] > 0 for e in curve)
+
+
+def test_records_load_in_a_fresh_process(tuned_dir) -> None:
+    code = f"""
+        import numpy as np, torch, tvm_sparse
+        from tests.test_tuning import _net, _check
+        net, x = _net()
+        _check(tvm_sparse.compile(net, (x,), tuning={str(tuned_dir)!r}), net, x)
+        print("ok")
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_corrupt_record_line_is_skipped_with_a_warning(tuned_dir, tmp_path) -> None:
+    work = tmp_path / "copy"
+    work.mkdir()
+    for f in tuned_dir.iterdir():
+        if f.is_file():
+            (work / f.name).write_bytes(f.read_bytes())
+    lines = (work / RECORDS).read_text().splitlines()
+    (work / RECORDS).write_text("\n".join([lines[0], "{not json", *lines[1:], '[0, ["trunc'])
+                                + "\n")  # fmt: skip
+    with pytest.warns(CorruptRecordWarning, match=r"skipped 2 unreadable tuning record"):
+        database = open_database(str(work))
+    assert len(database) == len(lines)
+    net, x = _net()
+    _check(tvm_sparse.compile(net, (x,), tuning=str(work)), net, x)
+
+
+def test_missing_records_are_a_clear_error(tmp_path) -> None:
+    net, x = _net()
+    with pytest.raises(tvm_sparse.InputError, match="no tuning records"):
+        tvm_sparse.compile(net, (x,), tuning=str(tmp_path / "nowhere"))
+
+
+def test_killed_run_keeps_its_records_and_resumes(tmp_path) -> None:
+    """SIGKILL a tuning process mid-run: every finished record survives, and the next run
+    only adds what the budget still lacks."""
+    code = f"""
+        import tvm_sparse
+        from tests.test_tuning import _net
+        net, x = _net()
+        tvm_sparse.tune(net, (x,), trials=60, work_dir={str(tmp_path)!r}, progress=False)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                            start_new_session=True)  # fmt: skip
+    records = tmp_path / RECORDS
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and len(records.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "tuning finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = [ln for ln in records.read_text().splitlines() if ln.strip()]
+    assert len(before) >= 6
+
+    net, x = _net()
+    result = tvm_sparse.tune(net, (x,), trials=60, work_dir=str(tmp_path), progress=False)
+    after = [ln for ln in records.read_text().splitlines() if ln.strip()]
+    kept = set(after)
+    assert all(line in kept for line in before[:-1])  # the last line may have been torn
+    budget = sum(max(8, t.trials) for t in result.tasks)
+    assert len(after) <= budget + 16  # no task re-ran its finished trials from zero
+    per_workload = Counter(
+        tvm_ffi.structural_hash(rec.workload.mod)
+        for rec in open_database(str(tmp_path)).get_all_tuning_records()
+    )
+    assert sorted(per_workload.values()) == sorted(t.trials for t in result.tasks if t.trials)
+    _check(tvm_sparse.compile(net, (x,), tuning=str(tmp_path)), net, x)
+
+
+# ------------------------------------------------------------------------------ RPC runner
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def loopback_device():
+    """A TVM RPC tracker and one x86 server registered under key "loopback"."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                          "--port", str(port), "--port-end", str(port + 1)],
+                         start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    time.sleep(2)
+    server_port = _free_port()
+    procs.append(
+        subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                          "--port", str(server_port), "--port-end", str(server_port + 1),
+                          "--tracker", f"127.0.0.1:{port}",
+                          "--key", "loopback"],
+                         start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    )  # fmt: skip
+    time.sleep(3)
+    yield f"127.0.0.1:{port}", procs
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_tuning_through_an_rpc_tracker(loopback_device, tmp_path) -> None:
+    tracker, _procs = loopback_device
+    net, x = _net()
+    result = tvm_sparse.tune(net, (x,), trials=4, work_dir=str(tmp_path), rpc=tracker,
+                             key="loopback", tvm_kernels=False, min_task_trials=2,
+                             progress=False)  # fmt: skip
+    assert all(t.best_ms and t.trials >= 2 for t in result.tasks)
+    _check(tvm_sparse.compile(net, (x,), tuning=str(tmp_path)), net, x)
+
+
+def test_tuning_with_no_device_under_the_key_fails_fast(loopback_device, tmp_path) -> None:
+    tracker, _procs = loopback_device
+    net, x = _net()
+    t0 = time.monotonic()
+    with pytest.raises(RPCError, match="phone"):
+        tvm_sparse.tune(net, (x,), trials=4, work_dir=str(tmp_path), rpc=tracker, key="phone",
+                        progress=False)  # fmt: skip
+    assert time.monotonic() - t0 < 30
