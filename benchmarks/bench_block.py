@@ -1,6 +1,7 @@
 """Block-sparse FC and 1x1 conv layers: tvm-sparse vs dense PyTorch / ONNX Runtime / TVM dense.
 
     python3 benchmarks/bench_block.py                 # -> benchmarks/results/block_layers.*
+    python3 benchmarks/bench_block.py --bcr --out benchmarks/results/bcr_layers
     python3 benchmarks/bench_block.py --refresh-costs # -> tvm_sparse/cost_tables/<cpu>.json
 
 Layers: the FC and 1x1 conv shapes of ResNet-50, MobileNetV2 and VGG-16 (batch 1), weights
@@ -29,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 THREADS = 2
 SPARSITIES = (0.5, 0.8, 0.9)
+# The hand-picked subset (--subset); the default is every shape of the models (``model_layers``).
 # (name, K, N) -- batch-1 classifiers.
 FC_LAYERS = [
     ("resnet50.fc", 2048, 1000),
@@ -48,6 +50,51 @@ CONV_LAYERS = [
     ("mobilenetv2.project_576", 576, 96, 14, 1),
     ("mobilenetv2.last_1x1", 320, 1280, 7, 1),
 ]
+
+
+def model_layers() -> tuple[list, list]:
+    """Every distinct FC and 1x1 conv shape of ResNet-50, MobileNetV2 and VGG-16 (224x224,
+    batch 1), named by its first occurrence (``xN`` when the shape repeats), in model order."""
+    import torch
+
+    from tvm_sparse.models import mobilenet_v2, resnet50, vgg16
+
+    fcs, convs, seen = [], [], {}
+    for model_name, make in (("resnet50", resnet50), ("mobilenetv2", mobilenet_v2),
+                             ("vgg16", vgg16)):  # fmt: skip
+        net = make().eval()
+        hooks = []
+        for name, mod in net.named_modules():
+            is_1x1 = isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (1, 1)
+            if not (is_1x1 or isinstance(mod, torch.nn.Linear)):
+                continue
+
+            def hook(mod, inputs, _out, name=f"{model_name}.{name}"):
+                if isinstance(mod, torch.nn.Linear):
+                    key = ("fc", mod.in_features, mod.out_features)
+                    row = [name, mod.in_features, mod.out_features]
+                    target = fcs
+                else:
+                    hw, stride = inputs[0].shape[-1], mod.stride[0]
+                    key = ("conv", mod.in_channels, mod.out_channels, hw, stride)
+                    row = [name, mod.in_channels, mod.out_channels, hw, stride]
+                    target = convs
+                if key in seen:
+                    seen[key][0] = seen[key][0].split(" x")[0] + f" x{int(seen[key][1]) + 1}"
+                    seen[key][1] += 1
+                    return
+                entry = [row[0], 1]
+                seen[key] = entry
+                target.append((entry, row[1:]))
+
+            hooks.append(mod.register_forward_hook(hook))
+        with torch.no_grad():
+            net(torch.zeros(1, 3, 224, 224))
+        for h in hooks:
+            h.remove()
+    fc_layers = [(entry[0], *rest) for entry, rest in fcs]
+    conv_layers = [(entry[0], *rest) for entry, rest in convs]
+    return fc_layers, conv_layers
 
 
 def _say(msg: str) -> None:
@@ -258,11 +305,11 @@ def refresh_costs() -> str:
 # ------------------------------------------------------------------------------ layer bench
 
 
-def _layer_model(kind: str, shape: tuple, sparsity: float, block, seed: int):
+def _layer_model(kind: str, shape: tuple, sparsity: float, block, seed: int, bcr: bool = False):
     import torch
     from torch import nn
 
-    from tvm_sparse.prune import project_bsr
+    from tvm_sparse.prune import project_bcr, project_bsr
 
     torch.manual_seed(seed)
     if kind == "fc":
@@ -276,12 +323,19 @@ def _layer_model(kind: str, shape: tuple, sparsity: float, block, seed: int):
         x = np.random.default_rng(seed).standard_normal((1, c, hw, hw)).astype("float32")
     layer = model if kind == "fc" else model[0]
     with torch.no_grad():
-        layer.weight.copy_(project_bsr(layer.weight, block, 1.0 - sparsity))
+        if bcr:  # GRIM: inside each block, keep sqrt(1 - sparsity) of its rows and of its columns
+            keep = float(np.sqrt(1.0 - sparsity))
+            layer.weight.copy_(project_bcr(layer.weight, block, keep, keep))
+        else:
+            layer.weight.copy_(project_bsr(layer.weight, block, 1.0 - sparsity))
         layer.bias.uniform_(-0.1, 0.1)
     return model.eval(), x
 
 
-def run_layers(fc_block, conv_block, rounds: int, only: str | None) -> dict:
+def run_layers(
+    fc_block, conv_block, rounds: int, only: str | None, layers_from: str = "models",
+    bcr: bool = False,
+) -> dict:
     import torch
 
     import tvm_sparse
@@ -294,7 +348,8 @@ def run_layers(fc_block, conv_block, rounds: int, only: str | None) -> dict:
     )
 
     torch.set_num_threads(THREADS)
-    layers = [("fc", s) for s in FC_LAYERS] + [("conv", s) for s in CONV_LAYERS]
+    fc_layers, conv_layers = model_layers() if layers_from == "models" else (FC_LAYERS, CONV_LAYERS)
+    layers = [("fc", s) for s in fc_layers] + [("conv", s) for s in conv_layers]
     if only:
         layers = [(k, s) for k, s in layers if only in s[0]]
     results = []
@@ -303,7 +358,7 @@ def run_layers(fc_block, conv_block, rounds: int, only: str | None) -> dict:
         dense_ms = None
         for sparsity in SPARSITIES:
             t0 = time.perf_counter()
-            model, x = _layer_model(kind, shape, sparsity, block, seed=len(results))
+            model, x = _layer_model(kind, shape, sparsity, block, seed=len(results), bcr=bcr)
             with torch.no_grad():
                 ref = model(torch.from_numpy(x)).numpy()
             cm = tvm_sparse.compile(model, (x,))
@@ -335,7 +390,8 @@ def run_layers(fc_block, conv_block, rounds: int, only: str | None) -> dict:
                 + " ".join(f"{k}={v:.3f}" for k, v in ms.items())
                 + f"  x{row['speedup_vs_best_dense']:.2f}  ({time.perf_counter() - t0:.0f}s)"
             )
-    return {"threads": THREADS, "rounds": rounds, "rows": results}
+    return {"threads": THREADS, "rounds": rounds, "rows": results,
+            "pruning": "bcr" if bcr else "bsr"}  # fmt: skip
 
 
 def _markdown(payload: dict) -> str:
@@ -364,8 +420,9 @@ def _markdown(payload: dict) -> str:
     load_text = f" Load average (1, 5, 15 min) before / after: {load}." if load else ""
     return (
         f"Batch 1, {payload['threads']} threads, medians of {payload['rounds']} interleaved "
-        "rounds; one-layer models (1x1 conv + bias + ReLU / linear + bias); the format column "
-        f"is tvm-sparse's own per-layer choice.{load_text}\n\n" + markdown_table(header, rows)
+        "rounds; one-layer models (1x1 conv + bias + ReLU / linear + bias), weights pruned to "
+        f"{payload.get('pruning', 'bsr').upper()} blocks; the format column is tvm-sparse's own "
+        f"per-layer choice.{load_text}\n\n" + markdown_table(header, rows)
     )
 
 
@@ -376,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conv-block", default="8x1", help="BSR block of the 1x1 conv weights")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", help="run the layers whose name contains this")
+    parser.add_argument("--subset", action="store_true", help="the 13 hand-picked layers only")
+    parser.add_argument("--bcr", action="store_true", help="prune to GRIM BCR blocks (8x8/16x16)")
     parser.add_argument(
         "--out", default=os.path.join(ROOT, "benchmarks", "results", "block_layers")
     )
@@ -391,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(r), int(c)
 
     load_before = os.getloadavg()
-    payload = run_layers(block(args.fc_block), block(args.conv_block), args.rounds, args.only)
+    fc_block, conv_block = block(args.fc_block), block(args.conv_block)
+    if args.bcr and args.fc_block == "16x1":
+        fc_block = conv_block = (16, 16)
+    payload = run_layers(fc_block, conv_block, args.rounds, args.only,
+                         "subset" if args.subset else "models", args.bcr)  # fmt: skip
     payload["loadavg_before_after"] = [list(load_before), list(os.getloadavg())]
     md = _markdown(payload)
     print(md)

@@ -3,6 +3,7 @@ ResNet-18 / VGG-16 pattern-pruned 3x3 layers and the whole pruned ResNet-18, in 
 plus the tuning curve (best latency vs trials).
 
     python benchmarks/bench_tuning.py [--layer-trials 48] [--model-trials 300] [--rounds 11]
+        [--only resnet18]
 
 Writes benchmarks/results/tuning.{json,md} and tuning_curve.png. The tuning records are kept
 in --work-dir (one directory per layer, ``resnet18/`` for the model): run again to resume.
@@ -112,12 +113,13 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/tvm-sparse-bench-tuning")
     parser.add_argument("--out", default="benchmarks/results/tuning")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--only", default="resnet18,vgg16", help="layer sets to tune")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     layers, rows = [], []
     for i, (model, o, c, size, stride) in enumerate(LAYERS):
-        if (model, o, c, size, stride) not in TUNED_LAYERS:
+        if (model, o, c, size, stride) not in TUNED_LAYERS or model not in args.only:
             continue
         weight = random_pattern_weight(o, c, 3, num_patterns=8, kernel_keep=0.28, seed=i)
         net = Conv(weight, stride).eval()

@@ -5,7 +5,7 @@ weight, viewed as ``(O, C)``, is block-sparse enough that the BSR kernel is esti
 what RewriteConv2D would run instead (its dense kernel, or its pattern kernel for an
 unstructured-sparse 1x1 weight): ``formats.block.choose_block_format`` with the target's cost
 table, block shape detected from the weight. The conv and its epilogue (bias, residual add,
-ReLU / ReLU6) become one ``call_tir`` to ``schedules.bsr_matmul.bsr_conv1x1_primfunc``.
+ReLU / ReLU6) become one ``call_tir`` to a tunable ``schedules.bsr_matmul.bsr_conv1x1_template``.
 Everything else is left for RewriteConv2D (which runs after this pass); ``notes`` get why.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from schedules.bsr_matmul import Conv1x1Geometry, bsr_conv1x1_primfunc, default_bsr_conv_config
+from schedules.bsr_matmul import Conv1x1Geometry, bsr_conv1x1_template, default_bsr_conv_config
 from schedules.pattern_conv2d import Epilogue
 from tvm_sparse.formats.block import (
     BlockChoice,
@@ -98,8 +98,8 @@ def RewriteBSRConv1x1(  # noqa: N802 (TVM's pass naming)
         name = f"{fmt}_conv1x1_{o}x{ch}_{r}x{c}"
         kernel = add_kernel(
             bb, kernels, (geom, choice.block, packed.num_blocks, epi, cfg, kept), name,
-            lambda: bsr_conv1x1_primfunc(
-                geom, choice.block, packed.num_blocks, epi, cfg, name, kept
+            lambda: bsr_conv1x1_template(
+                geom, choice.block, packed.num_blocks, epi, cfg, name, kept, lanes, num_threads
             ),
         )  # fmt: skip
         args = block_kernel_args(match, visit, packed, r, o)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import tvm
 from tvm import tirx
@@ -27,6 +27,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .pattern_conv2d import STACK_BYTES, Epilogue, activation
+from .tunable import Knobs, TunableKernel, register, template
 
 ZERO = tvm.tirx.const(0.0, "float32")
 
@@ -407,3 +408,50 @@ def _stage_tail(data, geom: Conv1x1Geometry, start: int, width: int):
             value = data[n, ch, tvm.tirx.min(start + q, pixels - 1)]
             T.buffer_store(buf, tvm.tirx.if_then_else(inside, value, ZERO), [n, ch, q])
     return buf
+
+
+# --- MetaSchedule search space of the 1x1 conv kernel (see schedules/tunable.py) ------------
+
+
+def _conv_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
+    geom = Conv1x1Geometry(**{**params["geom"], "stride": tuple(params["geom"]["stride"])})
+    kept = tuple(params["kept"]) if params["kept"] else None
+    config = BSRConvConfig(vector=knobs["vector"], vectors=knobs["vectors"], shares=knobs["shares"])
+    return bsr_conv1x1_primfunc(
+        geom, tuple(params["block"]), params["num_blocks"], Epilogue(**params["epilogue"]),
+        config, params["name"], kept,
+    )  # fmt: skip
+
+
+def _conv_space(params: dict, default: Knobs) -> dict[str, list[int]]:
+    """Vector = the target's lanes or half, 1-8 vectors per tile, 1 share or one per core."""
+    lanes = params["lanes"]
+    return {
+        "vector": sorted({lanes, max(4, lanes // 2)}),
+        "vectors": list(range(1, 9)),
+        "shares": sorted({1, params["num_threads"]}),
+    }
+
+
+BSR_CONV1X1 = register(TunableKernel("bsr_conv1x1", _conv_build, _conv_space))
+
+
+def bsr_conv1x1_template(
+    geom: Conv1x1Geometry,
+    block: tuple[int, int],
+    num_blocks: int,
+    epilogue: Epilogue,
+    config: BSRConvConfig,
+    name: str,
+    kept: tuple[int, int] | None,
+    lanes: int,
+    num_threads: int,
+) -> tirx.PrimFunc:
+    """The 1x1 kernel at ``config`` as a MetaSchedule template (``config``: its default)."""
+    params = {
+        "geom": asdict(geom), "block": list(block), "num_blocks": num_blocks,
+        "epilogue": asdict(epilogue), "name": name, "kept": list(kept) if kept else None,
+        "lanes": lanes, "num_threads": num_threads,
+    }  # fmt: skip
+    knobs = {"vector": config.vector, "vectors": config.vectors, "shares": config.shares}
+    return template(_conv_build(params, knobs), BSR_CONV1X1.name, params, knobs)

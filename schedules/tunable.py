@@ -32,6 +32,7 @@ KNOB_PREFIX = "tvm_sparse.knob."
 DEFAULT_PREFIX = "tvm_sparse.default."
 RULE_PREFIX = "tvm_sparse."
 TARGET_KEYS = ("cpu", "arm_cpu")
+KERNEL_MODULES = ("schedules.pattern_conv2d", "schedules.bsr_matmul")
 
 Knobs = dict[str, int]
 
@@ -63,10 +64,11 @@ def register(kernel: TunableKernel) -> TunableKernel:
 
 
 def kernel(name: str) -> TunableKernel:
-    """The registered kernel ``name`` (its module ``schedules.<name>`` is imported on first use,
-    e.g. in a MetaSchedule builder process)."""
+    """The registered kernel ``name`` (the kernel modules are imported on first use, e.g. in a
+    MetaSchedule builder process)."""
     if name not in KERNELS:
-        importlib.import_module(f"schedules.{name}")
+        for module in KERNEL_MODULES:
+            importlib.import_module(module)
     return KERNELS[name]
 
 

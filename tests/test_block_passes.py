@@ -16,7 +16,7 @@ from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from schedules.bsr_matmul import (
     Conv1x1Geometry,
-    bsr_conv1x1_primfunc,
+    bsr_conv1x1_template,
     bsr_matmul_primfunc,
     default_bsr_conv_config,
     default_bsr_matmul_config,
@@ -138,7 +138,8 @@ def test_sparse_1x1_conv_with_residual_and_relu_becomes_one_bsr_call():
     x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
     r = relax.Var("r", relax.TensorType((1, 32, 6, 6), "float32"))
     bb = relax.BlockBuilder()
-    gv = bb.add_func(bsr_conv1x1_primfunc(geom, (8, 1), packed.num_blocks, epi, cfg, name), name)
+    kernel = bsr_conv1x1_template(geom, (8, 1), packed.num_blocks, epi, cfg, name, None, 16, 2)
+    gv = bb.add_func(kernel, name)
     with bb.function("main", [x, r]):
         with bb.dataflow():
             args = [x] + [relax.const(a) for a in packed.kernel_args()] + [r]

@@ -266,3 +266,29 @@ def test_cli_run_on_the_device(device, tmp_path) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "max |device - host|" in res.stdout and "median" in res.stdout
+
+
+# ------------------------------------------------------------------------------ tuning over RPC
+def test_tuning_on_the_device_then_deploy(device, tmp_path) -> None:
+    """MetaSchedule measures cross-compiled candidates on the device (RPC runner, real index
+    arrays); the tuned build, deployed there, matches PyTorch."""
+    import tvm_sparse
+    from tvm_sparse.testing import pattern_prune_model_
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU())
+    net = pattern_prune_model_(net, kernel_keep=0.5).eval()
+    x = np.random.default_rng(2).standard_normal((1, 8, 12, 12)).astype("float32")
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    work = tmp_path / "tuned"
+    result = tvm_sparse.tune(net, (x,), target="arm64", trials=3, work_dir=str(work),
+                             rpc=device.tracker, key=device.key, tvm_kernels=False,
+                             min_task_trials=3, progress=False)  # fmt: skip
+    (task,) = result.tasks
+    assert task.template and task.trials >= 2 and task.best_ms and task.best_ms > 0
+    cm = tvm_sparse.compile(net, (x,), target="arm64", tuning=str(work))
+    path = cm.export(tmp_path / "tuned.so")
+    with connect(tracker=device.tracker, key=device.key) as remote:
+        (got,) = run_remote(str(path), [x], remote)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)

@@ -256,3 +256,19 @@ def test_tuning_with_no_device_under_the_key_fails_fast(loopback_device, tmp_pat
         tvm_sparse.tune(net, (x,), trials=4, work_dir=str(tmp_path), rpc=tracker, key="phone",
                         progress=False)  # fmt: skip
     assert time.monotonic() - t0 < 30
+
+
+def test_bsr_conv1x1_template_default_is_the_hand_kernel() -> None:
+    from schedules.bsr_matmul import (
+        BSRConvConfig,
+        Conv1x1Geometry,
+        bsr_conv1x1_primfunc,
+        bsr_conv1x1_template,
+    )
+
+    geom, cfg = Conv1x1Geometry(1, 16, 6, 6, 32), BSRConvConfig(vector=8, vectors=2, shares=2)
+    func = bsr_conv1x1_template(geom, (8, 1), 20, Epilogue(), cfg, "b", None, 16, 2)
+    expected = bsr_conv1x1_primfunc(geom, (8, 1), 20, Epilogue(), cfg, "b")
+    tvm.ir.assert_structural_equal(realize(func).without_attr("tvm_sparse.params"), expected)
+    assert knob_space(func) == {"vector": [8, 16], "vectors": [2, 1, 3, 4, 5, 6, 7, 8],
+                                "shares": [2, 1]}  # fmt: skip
