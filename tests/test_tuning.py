@@ -172,7 +172,7 @@ def test_killed_run_keeps_its_records_and_resumes(tmp_path) -> None:
         import tvm_sparse
         from tests.test_tuning import _net
         net, x = _net()
-        tvm_sparse.tune(net, (x,), trials=60, work_dir={str(tmp_path)!r}, progress=False)
+        tvm_sparse.tune(net, (x,), trials=30, work_dir={str(tmp_path)!r}, progress=False)
     """
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
                             start_new_session=True)  # fmt: skip
@@ -189,7 +189,7 @@ def test_killed_run_keeps_its_records_and_resumes(tmp_path) -> None:
     assert len(before) >= 6
 
     net, x = _net()
-    result = tvm_sparse.tune(net, (x,), trials=60, work_dir=str(tmp_path), progress=False)
+    result = tvm_sparse.tune(net, (x,), trials=30, work_dir=str(tmp_path), progress=False)
     after = [ln for ln in records.read_text().splitlines() if ln.strip()]
     kept = set(after)
     assert all(line in kept for line in before[:-1])  # the last line may have been torn
@@ -230,7 +230,14 @@ def loopback_device():
                          start_new_session=True, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     )  # fmt: skip
-    time.sleep(3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the server has registered its key
+        try:
+            if "loopback" in str(tvm.rpc.connect_tracker("127.0.0.1", port).summary()):
+                break
+        except (RuntimeError, OSError, tvm.error.TVMError):
+            pass
+        time.sleep(0.5)
     yield f"127.0.0.1:{port}", procs
     for p in procs:
         if p.poll() is None:

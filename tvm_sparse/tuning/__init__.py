@@ -30,7 +30,7 @@ from tvm_sparse.targets import resolve_target
 from .measure import make_builder, make_runner, real_arguments
 from .progress import Progress
 from .records import open_database, trials_done
-from .search import KnobFeatures, space_for
+from .search import KnobFeatures, space_for, strategy_for
 
 __all__ = ["TaskResult", "TuningResult", "apply_records", "lower", "tune"]
 
@@ -131,7 +131,7 @@ def tune(
             mod=task_mod,
             target=tgt,
             space_generator=space_for(_main(task_mod), tgt),
-            search_strategy=ms.search_strategy.EvolutionarySearch(),
+            search_strategy=strategy_for(_main(task_mod)),
             task_name=task.task_name,
             num_threads=cores,
             rand_state=seed + i,

@@ -15,7 +15,7 @@ from tvm.s_tir import meta_schedule as ms
 from relay_passes.epilogue import const_value
 from schedules.tunable import realize_module, tunable_block
 from tvm_sparse import toolchain
-from tvm_sparse.targets import is_arm
+from tvm_sparse.targets import ANDROID_TRIPLE, is_arm
 
 Signature = tuple[tuple[str, tuple[int, ...]], ...]
 ArgTable = dict[Signature, list]
@@ -31,20 +31,24 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
     return tvm_build(mod, target=target)
 
 
-def cross_export(triple: str) -> Callable[[tvm.runtime.Module], str]:
-    """MetaSchedule ``f_export`` for a cross target: a shared library linked by the toolchain
-    ``tvm_sparse.toolchain`` finds (Android NDK, aarch64 gcc or clang + lld)."""
+def cross_export(target: str) -> Callable[[tvm.runtime.Module], str]:
+    """MetaSchedule ``f_export`` for a cross target ("arm64" / "android"): a shared library
+    linked by the toolchain ``tvm_sparse.toolchain`` finds (Android NDK, aarch64 gcc or clang +
+    lld)."""
 
     def export(lib: tvm.runtime.Module) -> str:
         path = os.path.join(tempfile.mkdtemp(prefix="tvm-sparse-tune-"), "candidate.so")
-        lib.export_library(path, fcompile=toolchain.fcompile_for(triple))
+        lib.export_library(path, fcompile=toolchain.fcompile_for(target))
         return path
 
     return export
 
 
 def make_builder(target: tvm.target.Target, max_workers: int, timeout: float = 120.0):
-    f_export = cross_export(str(target.attrs["mtriple"])) if is_arm(target) else None
+    f_export = None
+    if is_arm(target):
+        android = str(target.attrs["mtriple"]) == ANDROID_TRIPLE
+        f_export = cross_export("android" if android else "arm64")
     return ms.builder.LocalBuilder(
         max_workers=max_workers, timeout_sec=timeout, f_build=build_candidate, f_export=f_export
     )
@@ -83,18 +87,24 @@ def real_arguments(mod: tvm.IRModule) -> ArgTable:
     return table
 
 
-def _allocate(table: ArgTable, fill, device, args_info, alloc_repeat: int) -> list:
+def _random(dtype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if dtype.startswith("float"):
+        return rng.standard_normal(shape).astype(dtype)
+    return np.zeros(shape, dtype=dtype)  # indices of TVM kernels: 0 is always in bounds
+
+
+def _allocate(table: ArgTable, device, args_info, alloc_repeat: int) -> list:
+    """Real arrays where the table has them, random ones elsewhere, generated here and copied
+    to ``device`` (a device runtime, e.g. the Android RPC app, may lack TVM's random fill)."""
     real = table.get(signature(args_info), [None] * len(args_info))
+    rng = np.random.default_rng(0)
     repeated = []
     for _ in range(alloc_repeat):
         args = []
         for info, value in zip(args_info, real, strict=True):
-            if value is not None:
-                args.append(tvm.runtime.tensor(np.ascontiguousarray(value), device))
-                continue
-            arr = tvm.runtime.empty(shape=info[2], dtype=info[1], device=device)
-            fill(arr)
-            args.append(arr)
+            if value is None:
+                value = _random(str(info[1]), tuple(int(d) for d in info[2]), rng)
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(value), device))
         repeated.append(args)
     return repeated
 
@@ -103,8 +113,7 @@ def local_alloc(table: ArgTable):
     """``f_alloc_argument`` for ``LocalRunner``: real index data, random tensors elsewhere."""
 
     def alloc(device, args_info, alloc_repeat):
-        fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
-        return _allocate(table, fill, device, args_info, alloc_repeat)
+        return _allocate(table, device, args_info, alloc_repeat)
 
     return alloc
 
@@ -112,9 +121,8 @@ def local_alloc(table: ArgTable):
 def rpc_alloc(table: ArgTable):
     """``f_alloc_argument`` for ``RPCRunner`` (the session comes first)."""
 
-    def alloc(session, device, args_info, alloc_repeat):
-        fill = session.get_function("tvm.contrib.random.random_fill_for_measure")
-        return _allocate(table, fill, device, args_info, alloc_repeat)
+    def alloc(_session, device, args_info, alloc_repeat):
+        return _allocate(table, device, args_info, alloc_repeat)
 
     return alloc
 

@@ -82,3 +82,13 @@ def space_for(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> ms.SpaceGen
             mutator_probs={MutateKnob(): 1.0},
         )
     return ms.space_generator.PostOrderApply()
+
+
+def strategy_for(func: tvm.tirx.PrimFunc) -> ms.SearchStrategy:
+    """Evolutionary search; a template's space is a few hundred knob points, so a small
+    population finds its best as surely as the default 512 and costs far less per round."""
+    if tunable_block(func) is not None:
+        return ms.search_strategy.EvolutionarySearch(
+            population_size=96, init_min_unmeasured=16, genetic_num_iters=2
+        )
+    return ms.search_strategy.EvolutionarySearch(population_size=256)
