@@ -333,8 +333,14 @@ def _layer_model(kind: str, shape: tuple, sparsity: float, block, seed: int, bcr
 
 
 def run_layers(
-    fc_block, conv_block, rounds: int, only: str | None, layers_from: str = "models",
+    fc_block,
+    conv_block,
+    rounds: int,
+    only: str | None,
+    layers_from: str = "models",
     bcr: bool = False,
+    tune_trials: int = 0,
+    sparsities=SPARSITIES,
 ) -> dict:
     import torch
 
@@ -351,23 +357,32 @@ def run_layers(
     fc_layers, conv_layers = model_layers() if layers_from == "models" else (FC_LAYERS, CONV_LAYERS)
     layers = [("fc", s) for s in fc_layers] + [("conv", s) for s in conv_layers]
     if only:
-        layers = [(k, s) for k, s in layers if only in s[0]]
+        layers = [(k, s) for k, s in layers if any(o in s[0] for o in only.split(","))]
     results = []
     for kind, shape in layers:
         block = fc_block if kind == "fc" else conv_block
         dense_ms = None
-        for sparsity in SPARSITIES:
+        for sparsity in sparsities:
             t0 = time.perf_counter()
             model, x = _layer_model(kind, shape, sparsity, block, seed=len(results), bcr=bcr)
             with torch.no_grad():
                 ref = model(torch.from_numpy(x)).numpy()
             cm = tvm_sparse.compile(model, (x,))
+            untuned = cm
+            if tune_trials:  # MetaSchedule over the kernel's knobs; records in a fresh dir
+                import tempfile
+
+                work = tempfile.mkdtemp(prefix="bench-block-tune-")
+                tvm_sparse.tune(model, (x,), trials=tune_trials, work_dir=work, progress=False)
+                cm = tvm_sparse.compile(model, (x,), tuning=work)
             rec = next(r for r in cm.layers if r.op in ("matmul", "conv2d"))
             runners = {
                 "tvm-sparse": tvm_runner(cm, (x,)),
                 "PyTorch": torch_runner(model, (x,), THREADS),
                 "ONNX Runtime": ort_runner(onnx_bytes(model, (x,)), (x,), THREADS),
             }
+            if tune_trials:
+                runners["untuned"] = tvm_runner(untuned, (x,))
             if dense_ms is None:  # TVM dense is the same for every sparsity: time it once
                 dense = tvm_sparse.compile(model, (x,), sparse=False)
                 runners["TVM dense"] = tvm_runner(dense, (x,))
@@ -391,7 +406,7 @@ def run_layers(
                 + f"  x{row['speedup_vs_best_dense']:.2f}  ({time.perf_counter() - t0:.0f}s)"
             )
     return {"threads": THREADS, "rounds": rounds, "rows": results,
-            "pruning": "bcr" if bcr else "bsr"}  # fmt: skip
+            "pruning": "bcr" if bcr else "bsr", "tune_trials": tune_trials}  # fmt: skip
 
 
 def _markdown(payload: dict) -> str:
@@ -412,17 +427,35 @@ def _markdown(payload: dict) -> str:
     rows = []
     for r in payload["rows"]:
         ms = r["ms"]
+        tuned = f" (untuned {ms['untuned']:.3f})" if "untuned" in ms else ""
         rows.append([r["layer"], r["shape"], f"{r['sparsity']:.0%} ({r['block']})", r["format"],
-                     f"{ms['tvm-sparse']:.3f}", f"{ms['TVM dense']:.3f}", f"{ms['PyTorch']:.3f}",
+                     f"{ms['tvm-sparse']:.3f}{tuned}",
+                     f"{ms['TVM dense']:.3f}", f"{ms['PyTorch']:.3f}",
                      f"{ms['ONNX Runtime']:.3f}", f"{r['speedup_vs_best_dense']:.2f}x",
                      r["reason"]])  # fmt: skip
+    summary = []
+    for sparsity in SPARSITIES:
+        ratios = sorted(r["speedup_vs_best_dense"] for r in payload["rows"]
+                        if r["sparsity"] == sparsity)  # fmt: skip
+        if ratios:
+            summary.append(
+                f"{sparsity:.0%}: {ratios[0]:.2f}x / {float(np.median(ratios)):.2f}x / "
+                f"{ratios[-1]:.2f}x ({sum(x >= 4 for x in ratios)} of {len(ratios)} >= 4x)"
+            )
     load = payload.get("loadavg_before_after")
     load_text = f" Load average (1, 5, 15 min) before / after: {load}." if load else ""
     return (
         f"Batch 1, {payload['threads']} threads, medians of {payload['rounds']} interleaved "
         "rounds; one-layer models (1x1 conv + bias + ReLU / linear + bias), weights pruned to "
-        f"{payload.get('pruning', 'bsr').upper()} blocks; the format column is tvm-sparse's own "
-        f"per-layer choice.{load_text}\n\n" + markdown_table(header, rows)
+        f"{payload.get('pruning', 'bsr').upper()} blocks"
+        + (
+            f", tvm-sparse tuned with {payload['tune_trials']} MetaSchedule trials per layer"
+            if payload.get("tune_trials")
+            else ""
+        )
+        + "; the format column is tvm-sparse's own "
+        f"per-layer choice.{load_text}\n\nvs the faster of PyTorch / ONNX Runtime, min / median / "
+        f"max by block sparsity: {'; '.join(summary)}.\n\n" + markdown_table(header, rows)
     )
 
 
@@ -432,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fc-block", default="16x1", help="BSR block the FC weights are pruned to")
     parser.add_argument("--conv-block", default="8x1", help="BSR block of the 1x1 conv weights")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--only", help="run the layers whose name contains this")
+    parser.add_argument("--only", help="the layers whose name contains one of these (a,b,...)")
+    parser.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per layer")
+    parser.add_argument("--sparsities", default="0.5,0.8,0.9")
     parser.add_argument("--subset", action="store_true", help="the 13 hand-picked layers only")
     parser.add_argument("--bcr", action="store_true", help="prune to GRIM BCR blocks (8x8/16x16)")
+    parser.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument(
         "--out", default=os.path.join(ROOT, "benchmarks", "results", "block_layers")
     )
@@ -445,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tvm_sparse.benchmarking import write_results
 
+    if args.render:
+        with open(args.out + ".json") as f:
+            payload = json.load(f)
+        write_results(args.out, payload, _markdown(payload))
+        return 0
+
     def block(text: str) -> tuple[int, int]:
         r, c = text.split("x")
         return int(r), int(c)
@@ -454,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bcr and args.fc_block == "16x1":
         fc_block = conv_block = (16, 16)
     payload = run_layers(fc_block, conv_block, args.rounds, args.only,
-                         "subset" if args.subset else "models", args.bcr)  # fmt: skip
+                         "subset" if args.subset else "models", args.bcr, args.tune,
+                         tuple(float(v) for v in args.sparsities.split(",")))  # fmt: skip
     payload["loadavg_before_after"] = [list(load_before), list(os.getloadavg())]
     md = _markdown(payload)
     print(md)

@@ -111,6 +111,53 @@ def plot_curve(points: list[tuple[int, float]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def render(payload: dict, out: str) -> str:
+    """The Markdown report of a results payload (also ``--render`` from a JSON file)."""
+    layers, rounds = payload["layers"], payload["rounds"]
+    text = f"# MetaSchedule tuning\n\n{payload['threads']} threads, medians of {rounds} " \
+        "interleaved rounds."  # fmt: skip
+    if layers:
+        ratios = [r["tuned_vs_best_dense"] for r in layers]
+        text += (
+            f" {payload.get('layer_trials', '?')} trials per layer. Tuned 3x3 layers (8x fewer "
+            f"FLOPs) vs the faster of PyTorch / ONNX Runtime: min {min(ratios):.2f}x, median "
+            f"{float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x.\n\n"
+        )
+        rows = []
+        for r in layers:
+            ms, g = r["ms"], r["useful_gflops"]
+            rows.append([
+                r["model"], r["shape"], f"{ms['default']:.3f}", f"{ms['tuned']:.3f}",
+                f"{ms['pytorch']:.3f}", f"{ms['onnxruntime']:.3f}", f"{r['tuned_vs_default']:.2f}x",
+                f"**{r['tuned_vs_best_dense']:.2f}x**", f"{g['tuned']:.0f}", f"{r['trials']}",
+                f"{r['tune_seconds']:.0f}",
+            ])  # fmt: skip
+        text += markdown_table(
+            ["model", "layer", "default ms", "tuned ms", "PyTorch ms", "ORT ms",
+             "tuned vs default", "tuned vs best dense", "tuned useful GFLOP/s", "trials",
+             "tune s"], rows,
+        )  # fmt: skip
+    if "resnet18" in payload:
+        r = payload["resnet18"]
+        ms = r["ms"]
+        text += "\n\n## Whole pattern-pruned ResNet-18\n\n" + markdown_table(
+            ["default ms", "tuned ms", "PyTorch ms", "ORT ms", "tuned vs default",
+             "tuned vs ORT", "trials", "tune s"],
+            [[f"{ms['default']:.2f}", f"{ms['tuned']:.2f}", f"{ms['pytorch']:.2f}",
+              f"{ms['onnxruntime']:.2f}", f"{r['tuned_vs_default']:.2f}x",
+              f"**{ms['onnxruntime'] / ms['tuned']:.2f}x**", f"{r['trials']}",
+              f"{r['tune_seconds']:.0f}"]],
+        )  # fmt: skip
+        curve = r.get("curve") or []
+        if curve:
+            text += (
+                f"\n\nEstimated kernel time (sum of calls x best per task): "
+                f"{curve[0][1]:.2f} ms untuned -> {curve[-1][1]:.2f} ms after {curve[-1][0]} "
+                f"measured candidates. Tuning curve: `{os.path.basename(out)}_curve.png`."
+            )
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layer-trials", type=int, default=48)
@@ -120,10 +167,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/tuning")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--only", default="resnet18,vgg16", help="layer sets to tune")
+    parser.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    if args.render:
+        with open(args.out + ".json") as f:
+            payload = json.load(f)
+        write_results(args.out, payload, render(payload, args.out))
+        return
     threads = os.cpu_count() or 1
-    layers, rows = [], []
+    layers = []
     for i, (model, o, c, size, stride) in enumerate(LAYERS):
         if (model, o, c, size, stride) not in TUNED_LAYERS or model not in args.only:
             continue
@@ -134,66 +187,20 @@ def main() -> None:
         r = compare(net, x, wd, args.layer_trials, args.rounds, threads, args.quiet)
         r.update(model=model, shape=f"{o}x{c}x3x3 s{stride} on {size}x{size}")
         layers.append(r)
-        ms, g = r["ms"], r["useful_gflops"]
-        rows.append([
-            model, r["shape"], f"{ms['default']:.3f}", f"{ms['tuned']:.3f}", f"{ms['pytorch']:.3f}",
-            f"{ms['onnxruntime']:.3f}", f"{r['tuned_vs_default']:.2f}x",
-            f"**{r['tuned_vs_best_dense']:.2f}x**", f"{g['tuned']:.0f}", f"{r['trials']}",
-            f"{r['tune_seconds']:.0f}",
-        ])  # fmt: skip
-        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    header = ["model", "layer", "default ms", "tuned ms", "PyTorch ms", "ORT ms",
-              "tuned vs default", "tuned vs best dense", "tuned useful GFLOP/s", "trials",
-              "tune s"]  # fmt: skip
-    ratios = [r["tuned_vs_best_dense"] for r in layers] or [float("nan")]
-    text = (
-        f"# MetaSchedule tuning\n\n{threads} threads, medians of {args.rounds} interleaved "
-        f"rounds; {args.layer_trials} trials per layer. Tuned 3x3 layers (8x fewer FLOPs) vs the "
-        f"faster of PyTorch / ONNX Runtime: min {min(ratios):.2f}x, median "
-        f"{float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x.\n\n"
-        + (markdown_table(header, rows) if rows else "(no layers run)")
-    )
+        print(f"{r['shape']}: tuned {r['ms']['tuned']:.3f} ms, {r['tuned_vs_best_dense']:.2f}x",
+              file=sys.stderr, flush=True)  # fmt: skip
     payload = {"layers": layers, "threads": threads, "rounds": args.rounds,
-               "machine": machine_description()}  # fmt: skip
+               "layer_trials": args.layer_trials, "machine": machine_description()}  # fmt: skip
     if not args.skip_model:
         torch.manual_seed(0)
         net = randomize_batchnorm_(pattern_prune_model_(resnet18())).eval()
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
         wd = os.path.join(args.work_dir, "resnet18")
         r = compare(net, x, wd, args.model_trials, args.rounds, threads, args.quiet)
-        points = model_curve(os.path.join(wd, "curve.jsonl"), r["tasks"])
-        plot_curve(points, args.out + "_curve.png")
-        r["curve"] = points
+        r["curve"] = model_curve(os.path.join(wd, "curve.jsonl"), r["tasks"])
+        plot_curve(r["curve"], args.out + "_curve.png")
         payload["resnet18"] = r
-        ms = r["ms"]
-        text += (
-            "\n\n## Whole pattern-pruned ResNet-18\n\n"
-            + markdown_table(
-                [
-                    "default ms",
-                    "tuned ms",
-                    "PyTorch ms",
-                    "ORT ms",
-                    "tuned vs default",
-                    "tuned vs ORT",
-                    "trials",
-                    "tune s",
-                ],
-                [
-                    [
-                        f"{ms['default']:.2f}",
-                        f"{ms['tuned']:.2f}",
-                        f"{ms['pytorch']:.2f}",
-                        f"{ms['onnxruntime']:.2f}",
-                        f"{r['tuned_vs_default']:.2f}x",
-                        f"**{ms['onnxruntime'] / ms['tuned']:.2f}x**",
-                        f"{r['trials']}",
-                        f"{r['tune_seconds']:.0f}",
-                    ]
-                ],
-            )  # fmt: skip
-            + f"\n\nTuning curve: `{os.path.basename(args.out)}_curve.png`."
-        )
+    text = render(payload, args.out)
     write_results(args.out, payload, text)
     print(text)
 

@@ -13,7 +13,14 @@ from tvm.s_tir import meta_schedule as ms
 from tvm_sparse.rpc import RPCError
 
 # Runner errors that mean the device (not the candidate) failed.
-DEVICE_ERRORS = ("RPCSessionTimeoutError", "Connection refused", "connect", "tracker", "RPCError")
+DEVICE_ERRORS = (
+    "RPCSessionTimeoutError",
+    "Connection refused",
+    "connect",
+    "tracker",
+    "RPCError",
+    "Timeout",
+)
 
 
 class Progress:
