@@ -137,9 +137,9 @@ def realize_module(mod: tvm.IRModule) -> tvm.IRModule:
     }
     if not updates:
         return mod
-    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions))
+    mod = mod.clone()  # keeps the module's attrs and global infos
     for gv, func in updates.items():
-        mod[gv] = func
+        mod.update_func(gv, func)
     return mod
 
 
