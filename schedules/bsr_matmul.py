@@ -156,11 +156,13 @@ class Conv1x1Geometry:
 
 @dataclass(frozen=True)
 class BSRConvConfig:
-    """1x1 conv knobs: vector lanes along pixels, vectors per tile, parallel shares of rows."""
+    """1x1 conv knobs: vector lanes along pixels, vectors per tile, parallel shares of rows, and
+    whether the jobs run on the thread pool at all (a ~30 us layer can lose its launch cost)."""
 
     vector: int = 16
     vectors: int = 1
     shares: int = 1
+    parallel: bool = True
 
     @property
     def tile(self) -> int:
@@ -324,7 +326,8 @@ def bsr_conv1x1_primfunc(
                         with T.serial(0, vectors) as v, T.vectorized(0, vec) as x:
                             store(ii, p0 + v * vec + x)
 
-        with T.parallel(0, n_img * tiles * shares) as job:
+        jobs = T.parallel if cfg.parallel else T.serial
+        with jobs(0, n_img * tiles * shares) as job:
             n = job // (tiles * shares)
             t = job % (tiles * shares) // shares
             share = job % shares
@@ -416,7 +419,10 @@ def _stage_tail(data, geom: Conv1x1Geometry, start: int, width: int):
 def _conv_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
     geom = Conv1x1Geometry(**{**params["geom"], "stride": tuple(params["geom"]["stride"])})
     kept = tuple(params["kept"]) if params["kept"] else None
-    config = BSRConvConfig(vector=knobs["vector"], vectors=knobs["vectors"], shares=knobs["shares"])
+    config = BSRConvConfig(
+        vector=knobs["vector"], vectors=knobs["vectors"], shares=knobs["shares"],
+        parallel=bool(knobs.get("parallel", 1)),
+    )  # fmt: skip
     return bsr_conv1x1_primfunc(
         geom, tuple(params["block"]), params["num_blocks"], Epilogue(**params["epilogue"]),
         config, params["name"], kept,
@@ -424,12 +430,14 @@ def _conv_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
 
 
 def _conv_space(params: dict, default: Knobs) -> dict[str, list[int]]:
-    """Vector = the target's lanes or half, 1-8 vectors per tile, 1 share or one per core."""
+    """Vector = the target's lanes or half, 1-8 vectors per tile, 1 share or one per core, on
+    the thread pool or not."""
     lanes = params["lanes"]
     return {
         "vector": sorted({lanes, max(4, lanes // 2)}),
         "vectors": list(range(1, 9)),
         "shares": sorted({1, params["num_threads"]}),
+        "parallel": [1, 0],
     }
 
 
@@ -453,5 +461,6 @@ def bsr_conv1x1_template(
         "epilogue": asdict(epilogue), "name": name, "kept": list(kept) if kept else None,
         "lanes": lanes, "num_threads": num_threads,
     }  # fmt: skip
-    knobs = {"vector": config.vector, "vectors": config.vectors, "shares": config.shares}
+    knobs = {"vector": config.vector, "vectors": config.vectors, "shares": config.shares,
+             "parallel": int(config.parallel)}  # fmt: skip
     return template(_conv_build(params, knobs), BSR_CONV1X1.name, params, knobs)

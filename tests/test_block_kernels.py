@@ -121,10 +121,26 @@ def test_bsr_matmul_matches_numpy(m, k, n, fmt, keep, bias, residual, act, rows,
     vector=st.sampled_from([4, 8, 16]),
     vectors=st.integers(1, 3),
     shares=st.integers(1, 3),
+    parallel=st.booleans(),
     seed=st.integers(0, 999),
 )
 def test_bsr_conv1x1_matches_torch(
-    batch, c, o, h, w, stride, fmt, keep, bias, residual, act, vector, vectors, shares, seed
+    batch,
+    c,
+    o,
+    h,
+    w,
+    stride,
+    fmt,
+    keep,
+    bias,
+    residual,
+    act,
+    vector,
+    vectors,
+    shares,
+    parallel,
+    seed,
 ):
     rng = np.random.default_rng(seed)
     bcr, block = fmt
@@ -134,7 +150,7 @@ def test_bsr_conv1x1_matches_torch(
     ho, wo = geom.out_height, geom.out_width
     b = rng.standard_normal(o).astype("float32")
     res = rng.standard_normal((batch, o, ho, wo)).astype("float32")
-    cfg = BSRConvConfig(vector=vector, vectors=vectors, shares=shares)
+    cfg = BSRConvConfig(vector=vector, vectors=vectors, shares=shares, parallel=parallel)
     epi = Epilogue(bias, residual, act)
     func = bsr_conv1x1_primfunc(geom, block, packed.num_blocks, epi, cfg, kept=kept)
     args = [x, *packed.kernel_args()]

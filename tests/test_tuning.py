@@ -31,7 +31,7 @@ from schedules.pattern_conv2d import (
     pattern_conv2d_primfunc,
     pattern_conv2d_template,
 )
-from schedules.tunable import knob_space, realize, tunable_block
+from schedules.tunable import knob_space, realize, template, tunable_block
 from tvm_sparse.rpc import RPCError
 from tvm_sparse.targets import resolve_target
 from tvm_sparse.tuning.records import RECORDS, CorruptRecordWarning, open_database
@@ -278,4 +278,11 @@ def test_bsr_conv1x1_template_default_is_the_hand_kernel() -> None:
     expected = bsr_conv1x1_primfunc(geom, (8, 1), 20, Epilogue(), cfg, "b")
     tvm.ir.assert_structural_equal(realize(func).without_attr("tvm_sparse.params"), expected)
     assert knob_space(func) == {"vector": [8, 16], "vectors": [2, 1, 3, 4, 5, 6, 7, 8],
-                                "shares": [2, 1]}  # fmt: skip
+                                "shares": [2, 1], "parallel": [1, 0]}  # fmt: skip
+    serial = BSRConvConfig(vector=8, vectors=2, shares=2, parallel=False)
+    knobs = {"vector": 8, "vectors": 2, "shares": 2, "parallel": 0}
+    tvm.ir.assert_structural_equal(
+        bsr_conv1x1_template(geom, (8, 1), 20, Epilogue(), serial, "b", None, 16, 2),
+        template(bsr_conv1x1_primfunc(geom, (8, 1), 20, Epilogue(), serial, "b"),
+                 "bsr_conv1x1", json.loads(str(func.attrs["tvm_sparse.params"])), knobs),
+    )  # fmt: skip
