@@ -97,19 +97,15 @@ def tunable_block(func: tirx.BaseFunc) -> s_tir.SBlock | None:
 def knobs_of(block: s_tir.SBlock) -> Knobs:
     """The block's knobs: the template's defaults, overridden by sampled values (annotations
     are never overwritten by ``Schedule.annotate``, hence two prefixes)."""
-    knobs = {}
-    for prefix in (DEFAULT_PREFIX, KNOB_PREFIX):
-        for key, value in block.annotations.items():
-            if str(key).startswith(prefix):
-                knobs[str(key)[len(prefix) :]] = int(value)
-    return knobs
+    return {**_annotated(block, DEFAULT_PREFIX), **_annotated(block, KNOB_PREFIX)}
 
 
-def default_knobs(block: s_tir.SBlock) -> Knobs:
+def _annotated(block: s_tir.SBlock, prefix: str) -> Knobs:
+    """The block's integer annotations under ``prefix``, by name."""
     return {
-        str(k)[len(DEFAULT_PREFIX) :]: int(v)
+        str(k)[len(prefix) :]: int(v)
         for k, v in block.annotations.items()
-        if str(k).startswith(DEFAULT_PREFIX)
+        if str(k).startswith(prefix)
     }
 
 
@@ -154,7 +150,7 @@ def knob_space(func: tirx.PrimFunc) -> dict[str, list[int]]:
     block = tunable_block(func)
     if block is None:
         return {}
-    default = default_knobs(block)
+    default = _annotated(block, DEFAULT_PREFIX)
     params = json.loads(str(func.attrs[PARAMS_ATTR]))
     space = kernel(kernel_name(block)).space(params, default)
     out = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
@@ -20,7 +19,7 @@ from .compiled_model import CompiledModel
 from .formats.block import load_cost_table
 from .frontend import import_model
 from .report import LayerRecord, format_report
-from .targets import resolve_target, vector_lanes, vector_registers
+from .targets import num_cores, resolve_target, vector_lanes, vector_registers
 
 
 def _progress(msg: str, verbose: bool) -> None:
@@ -41,14 +40,14 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
     if sparse:
         costs = load_cost_table(str(tgt.attrs.get("mcpu", "")))
         block_passes += [
-            RewriteBSRConv1x1(costs, records, _num_threads(tgt), vector_lanes(tgt), notes=notes),
-            RewriteBSRMatmul(costs, records, _num_threads(tgt), notes=notes),
+            RewriteBSRConv1x1(costs, records, num_cores(tgt), vector_lanes(tgt), notes=notes),
+            RewriteBSRMatmul(costs, records, num_cores(tgt), notes=notes),
         ]
     return tvm.transform.Sequential(
         [
             *block_passes,
             RewriteConv2D(
-                num_threads=_num_threads(tgt),
+                num_threads=num_cores(tgt),
                 sparse=sparse,
                 records=records,
                 registers=vector_registers(tgt),
@@ -142,10 +141,6 @@ def _name_layers(records: list[LayerRecord], names: dict[str, list[tuple[str, st
         if len(chosen) == len(recs):
             for rec, name in zip(recs, chosen, strict=True):
                 rec.name = name
-
-
-def _num_threads(tgt: tvm.target.Target) -> int:
-    return int(tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
 
 
 def prepare(

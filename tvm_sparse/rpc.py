@@ -40,7 +40,7 @@ class RPCError(TvmSparseError, RuntimeError):
     """A remote device could not be reached or failed; the message names it and the step."""
 
 
-def _split_addr(addr: str) -> tuple[str, int]:
+def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():
         raise InputError(f"expected an RPC address as host:port, got {addr!r}")
@@ -175,7 +175,7 @@ def connect(
     if tracker is not None:
         if not key:
             raise InputError("connect(tracker=...) needs the device key, e.g. key='android'")
-        t_host, t_port = _split_addr(tracker)
+        t_host, t_port = split_addr(tracker)
         url, dev_port, matchkey = _tracker_request(t_host, t_port, key, timeout)
         address = f"tracker {t_host}:{t_port} key {key!r} (device {url}:{dev_port})"
     elif host is not None and port is not None:

@@ -47,6 +47,11 @@ def resolve_target(target: Any) -> Target:
     raise InputError(f"unknown target {target!r}: use one of {TARGET_NAMES} or a tvm.target.Target")
 
 
+def num_cores(target: Target) -> int:
+    """The cores the target's kernels are parallelized and balanced over."""
+    return int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1)
+
+
 def is_arm(target: Target) -> bool:
     return str(target.attrs.get("mtriple", "")).startswith("aarch64")
 

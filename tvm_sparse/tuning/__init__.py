@@ -25,10 +25,11 @@ from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
 from tvm.s_tir import meta_schedule as ms
 
 from schedules.tunable import RealizeTunableKernels, tunable_block
-from tvm_sparse.targets import resolve_target
+from tvm_sparse.rpc import connect, split_addr
+from tvm_sparse.targets import num_cores, resolve_target
 
 from .measure import make_builder, make_runner, real_arguments
-from .progress import Progress
+from .progress import Progress, mean_ms
 from .records import open_database, trials_done
 from .search import KnobFeatures, space_for, strategy_for
 
@@ -75,10 +76,6 @@ def apply_records(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -
     return RealizeTunableKernels(mod)
 
 
-def _num_cores(target: tvm.target.Target) -> int:
-    return int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1)
-
-
 def tune(
     model: Any,
     example_inputs: Any = None,
@@ -111,13 +108,11 @@ def tune(
         for t in ms.relax_integration.extract_tasks(mod, tgt)
         if tvm_kernels or tunable_block(_main(t.dispatched[0])) is not None
     ]
-    tracker = _parse_rpc(rpc, key)
-    if tracker is not None:
-        from tvm_sparse.rpc import connect
-
-        connect(tracker=f"{tracker[0]}:{tracker[1]}", key=key)  # fail fast, naming the device
+    tracker = (*split_addr(rpc), key) if rpc is not None else None
+    if rpc is not None:
+        connect(tracker=rpc, key=key)  # fail fast, naming the device
     database = open_database(work_dir)
-    cores = _num_cores(tgt)
+    cores = num_cores(tgt)
     builder = make_builder(tgt, max_workers=cores)
     runner = make_runner(real_arguments(mod), tracker)
     cost_model = ms.cost_model.XGBModel(
@@ -184,17 +179,6 @@ def _main(mod: tvm.IRModule):
     return next(iter(mod.functions.values()))
 
 
-def _parse_rpc(rpc: str | None, key: str) -> tuple[str, int, str] | None:
-    if rpc is None:
-        return None
-    host, _, port = rpc.rpartition(":")
-    if not host or not port.isdigit():
-        from tvm_sparse.errors import InputError
-
-        raise InputError(f"rpc= expects a tracker address host:port, got {rpc!r}")
-    return host, int(port), key
-
-
 def _budgets(tasks: list[TaskResult], trials: int, floor: int) -> list[int]:
     """Split ``trials`` by each task's share of the default time (templates: measured; TVM
     kernels: unknown, so they get the floor)."""
@@ -212,9 +196,7 @@ def _best_ms(database: ms.database.Database, mod: tvm.IRModule) -> float | None:
     if not database.has_workload(mod):
         return None
     top = database.get_top_k(database.commit_workload(mod), 1)
-    if not top:
-        return None
-    return 1e3 * sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
+    return mean_ms(top[0].run_secs) if top else None
 
 
 def _measure_default(ctx, builder, runner, database, info: TaskResult, bar) -> float | None:
@@ -230,7 +212,7 @@ def _measure_default(ctx, builder, runner, database, info: TaskResult, bar) -> f
     workload = database.commit_workload(ctx.mod)
     for rec in database.get_all_tuning_records():
         if rec.workload.same_as(workload) and str(rec.trace) == str(sch.trace):
-            return 1e3 * sum(float(s) for s in rec.run_secs) / len(rec.run_secs)
+            return mean_ms(rec.run_secs)
     args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, ctx.target)])
     if built.error_msg:
@@ -245,4 +227,4 @@ def _measure_default(ctx, builder, runner, database, info: TaskResult, bar) -> f
         ms.database.TuningRecord(sch.trace, workload, res.run_secs, ctx.target, args)
     )
     info.trials += 1
-    return 1e3 * sum(float(s) for s in res.run_secs) / len(res.run_secs)
+    return mean_ms(res.run_secs)

@@ -23,6 +23,12 @@ DEVICE_ERRORS = (
 )
 
 
+def mean_ms(run_secs) -> float:
+    """Milliseconds from a MetaSchedule result's ``run_secs`` (the mean of its repeats)."""
+    secs = [float(s) for s in run_secs]
+    return 1e3 * sum(secs) / len(secs)
+
+
 class Progress:
     """Progress of a ``tune`` run (``result``: the TuningResult being filled)."""
 
@@ -113,6 +119,5 @@ class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
                 latencies.append(None)
                 errors.append(str(err or "no result"))
             else:
-                secs = [float(s) for s in ran.run_secs]
-                latencies.append(1e3 * sum(secs) / len(secs))
+                latencies.append(mean_ms(ran.run_secs))
         self.progress.record(latencies, errors)
