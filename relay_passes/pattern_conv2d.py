@@ -119,7 +119,10 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         )
         shared = geom.in_channels if fmt == "dense" else 0  # every filter: all C kernels
         cfg = default_config(
-            geom, shared_kernels=shared > 0, **tile_defaults(geom, registers, lanes)
+            geom,
+            shared_kernels=shared > 0,
+            shares=num_threads,
+            **tile_defaults(geom, registers, lanes),
         )
         max_taps = packed.kernel_values.shape[1]
         o, c, kh, kw = stats.shape

@@ -18,7 +18,12 @@ Structure (per image)::
         out[filter_order[i], y0 + r, :W] = act(acc + bias[i] (+ residual))
 
 The schedule knobs (``PatternConvConfig``): rows and columns per tile, vector width, filters
-computed together (dense convs), and the input staging layout.
+computed together (dense convs), the input staging layout, and the loop order. The order above
+keeps a filter's whole reduction in registers; ``channel_block`` > 0 puts the reduction over
+input channels outside instead, in blocks of that many channels, so every filter of a parallel
+share reads the block's input rows while they are in L1 (partial sums kept in a buffer between
+blocks). Each (filter, pattern) run is sorted by channel, so a block's kernels are the next ones
+of the run: a per-run cursor walks them and the packed layout is the same for both orders.
 """
 
 from __future__ import annotations
@@ -91,16 +96,24 @@ class PatternConvConfig:
     # Input staged as one copy per tap column dx, pre-shifted so every vector load is aligned
     # (costs kw x the staging memory); otherwise one copy per stride phase, loads unaligned.
     shifted: bool = False
+    # Loop order: 0 keeps each filter's reduction in registers; > 0 runs the input channels
+    # outermost in blocks of this many, over ``shares`` parallel shares of the filters.
+    channel_block: int = 0
+    shares: int = 2
 
 
 def default_config(
-    geom: ConvGeometry, shared_kernels: bool = False, vector: int = 8, accumulators: int = 12
+    geom: ConvGeometry,
+    shared_kernels: bool = False,
+    vector: int = 8,
+    accumulators: int = 12,
+    shares: int = 2,
 ) -> PatternConvConfig:
     """Largest register tile (filters x rows x width) within ``accumulators`` vector registers.
 
     Each accumulator row (one per filter and output row) must stay under 1 KiB so TVM keeps it
     on the stack (where LLVM promotes it to registers). ``tile_defaults`` gives vector /
-    accumulators per target.
+    accumulators per target; ``shares``: the cores the filters were balanced over.
     """
     vecs_per_row = math.ceil(geom.out_width / vector)
     cols = 0
@@ -121,7 +134,9 @@ def default_config(
         if geom.out_height % r == 0 and r * 2 > rows:
             rows = r
             break
-    return PatternConvConfig(rows=rows, vector=vector, filters=filters, cols=cols)
+    return PatternConvConfig(
+        rows=rows, vector=vector, filters=filters, cols=cols, shares=max(1, shares)
+    )
 
 
 def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
@@ -201,43 +216,43 @@ def pattern_conv2d_primfunc(
         else:
             pad = _stage_phases(data, geom, pad_h, pad_q)
 
-        jobs = filters // group
-        per_image = tiles * col_tiles * jobs
-        with T.parallel(0, n_img * per_image) as job:
-            n = job // per_image
-            tile = job % per_image // (col_tiles * jobs)
-            x0 = job % (col_tiles * jobs) // jobs * cols
-            i0 = job % jobs * group
-            # One accumulator row per (filter, row): each < 1 KiB stays on the stack, where LLVM
-            # keeps it in registers (a larger buffer would go to the heap, see STACK_BYTES).
-            acc = [[T.alloc_buffer((cols,), "float32") for _ in range(rows)] for _ in range(group)]
-            for f in range(group):
+        zero = tvm.tirx.const(0.0, "float32")
+
+        def add_kernel(acc, n, tile, x0, k, p: int) -> None:
+            """acc[f][r] += kernel k's taps (pattern p) for the filters of ``acc``."""
+            c = T.Bind(kchan[k])
+            w = [
+                [T.Bind(kval[k + f * kernels_per_filter, t]) for t in range(len(taps[p]))]
+                for f in range(len(acc))
+            ]
+            for r in range(rows):
+                y0 = (tile * rows + r) * sh
+                with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
+                    x = xo * vec + xi
+                    if cfg.shifted:
+                        src = [pad[n, c, dx, y0 + dy, x0 + x] for dy, dx in taps[p]]
+                    else:
+                        src = [pad[n, c, dx % sw, y0 + dy, x0 + x + dx // sw] for dy, dx in taps[p]]
+                    for f in range(len(acc)):
+                        total = acc[f][r][x]
+                        for t in range(len(src)):
+                            total = total + w[f][t] * src[t]
+                        T.buffer_store(acc[f][r], total, [x])
+
+        def new_tile(count: int, first=None):
+            """``count`` x rows accumulator rows, set to ``first(f, r, x)`` (default 0). Each row
+            is < 1 KiB so TVM keeps it on the stack, where LLVM holds it in registers."""
+            acc = [[T.alloc_buffer((cols,), "float32") for _ in range(rows)] for _ in range(count)]
+            for f in range(count):
                 for r in range(rows):
                     with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
-                        T.buffer_store(acc[f][r], tvm.tirx.const(0.0, "float32"), [xo * vec + xi])
-            for p in range(num_p):
-                with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
-                    c = T.Bind(kchan[k])
-                    w = [
-                        [T.Bind(kval[k + f * kernels_per_filter, t]) for t in range(len(taps[p]))]
-                        for f in range(group)
-                    ]
-                    for r in range(rows):
-                        y0 = (tile * rows + r) * sh
-                        with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
-                            x = xo * vec + xi
-                            if cfg.shifted:
-                                src = [pad[n, c, dx, y0 + dy, x0 + x] for dy, dx in taps[p]]
-                            else:
-                                src = [
-                                    pad[n, c, dx % sw, y0 + dy, x0 + x + dx // sw]
-                                    for dy, dx in taps[p]
-                                ]
-                            for f in range(group):
-                                total = acc[f][r][x]
-                                for t in range(len(src)):
-                                    total = total + w[f][t] * src[t]
-                                T.buffer_store(acc[f][r], total, [x])
+                        x = xo * vec + xi
+                        value = zero if first is None else first(f, r, x)
+                        T.buffer_store(acc[f][r], value, [x])
+            return acc
+
+        def store_tile(acc, n, tile, x0, i0) -> None:
+            """out[filter_order[i0 + f], tile rows, x0 + ...] = epilogue(acc[f]), in bounds."""
 
             def store(f, r, y, x):
                 i, o = i0 + f, order[i0 + f]
@@ -248,7 +263,7 @@ def pattern_conv2d_primfunc(
                     value = value + resid[n, o, y, x]
                 T.buffer_store(out, activation(value, epilogue), [n, o, y, x])
 
-            for f in range(group):
+            for f in range(len(acc)):
                 for r in range(rows):
                     y = tile * rows + r
                     with T.If(y < out_h), T.Then(), T.serial(0, cols // vec) as xo:
@@ -258,8 +273,93 @@ def pattern_conv2d_primfunc(
                             with T.Else(), T.serial(0, vec) as xi:
                                 with T.If(x0 + xo * vec + xi < out_w), T.Then():
                                     store(f, r, y, x0 + xo * vec + xi)
+
+        if cfg.channel_block > 0 and group == 1:
+            _channel_blocked(
+                geom, cfg, num_p, (tiles, col_tiles, cols), (kptr, kchan, num_kernels),
+                (add_kernel, new_tile, store_tile),
+            )  # fmt: skip
+        else:
+            jobs = filters // group
+            per_image = tiles * col_tiles * jobs
+            with T.parallel(0, n_img * per_image) as job:
+                n = job // per_image
+                tile = job % per_image // (col_tiles * jobs)
+                x0 = job % (col_tiles * jobs) // jobs * cols
+                i0 = job % jobs * group
+                acc = new_tile(group)
+                for p in range(num_p):
+                    with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
+                        add_kernel(acc, n, tile, x0, k, p)
+                store_tile(acc, n, tile, x0, i0)
     # No global symbol: the module that takes the kernel names it (several layers share one).
     return ib.get().without_attr("global_symbol")
+
+
+def _channel_blocked(geom, cfg, num_p, tiling, index, emit) -> None:
+    """The channel-block-outer loop order (``cfg.channel_block`` > 0, one filter per tile).
+
+    parallel for (row tile, column tile, share of the filters):
+        for block b of ``channel_block`` input channels:
+            for filter i of the share:
+                acc = 0 if b == 0 else partial[i, tile]
+                for pattern p: while run (i, p)'s next kernel has a channel in block b: add it
+                partial[i, tile] = acc, or out = epilogue(acc) after the last block
+    """
+    tiles, col_tiles, cols = tiling
+    kptr, kchan, num_kernels = index
+    add_kernel, new_tile, store_tile = emit
+    rows, vec, block = cfg.rows, cfg.vector, cfg.channel_block
+    filters, n_img = geom.out_channels, geom.batch
+    blocks = math.ceil(geom.in_channels / block)
+    shares = max(1, min(cfg.shares, filters))
+    per_share = math.ceil(filters / shares)
+    last_kernel = max(num_kernels, 1) - 1
+    partial = T.alloc_buffer((n_img, filters, tiles * rows, col_tiles * cols), "float32")
+    per_image = tiles * col_tiles * shares
+    with T.parallel(0, n_img * per_image) as job:
+        n = job // per_image
+        tile = job % per_image // (col_tiles * shares)
+        x0 = job % (col_tiles * shares) // shares * cols
+        share = job % shares
+        # cursor[ii * P + p]: the next kernel of run (filter share * per_share + ii, pattern p).
+        cursor = T.alloc_buffer((per_share * num_p,), "int32")
+        # Loops start at 0 (a loop from a non-zero start holding these allocations miscompiled).
+        with T.serial(0, per_share) as ii:
+            i = tvm.tirx.min(share * per_share + ii, filters - 1)
+            for p in range(num_p):
+                T.buffer_store(cursor, kptr[i, p], [ii * num_p + p])
+        with T.serial(0, blocks) as b, T.serial(0, per_share) as ii:
+            i = T.Bind(share * per_share + ii)
+            with T.If(i < filters), T.Then():
+                acc = new_tile(
+                    1,
+                    lambda _f, r, x: T.Select(
+                        b == 0, tvm.tirx.const(0.0, "float32"),
+                        partial[n, i, tile * rows + r, x0 + x],
+                    ),
+                )  # fmt: skip
+                limit = (b + 1) * block
+                for p in range(num_p):
+                    slot = ii * num_p + p
+                    nxt = cursor[slot]
+                    more = tvm.tirx.all(
+                        nxt < kptr[i, p + 1], kchan[tvm.tirx.min(nxt, last_kernel)] < limit
+                    )
+                    with T.While(more):
+                        k = T.Bind(cursor[slot])
+                        add_kernel(acc, n, tile, x0, k, p)
+                        T.buffer_store(cursor, k + 1, [slot])
+                with T.If(b < blocks - 1):
+                    with T.Then():
+                        for r in range(rows):
+                            with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
+                                x = xo * vec + xi
+                                T.buffer_store(
+                                    partial, acc[0][r][x], [n, i, tile * rows + r, x0 + x]
+                                )
+                    with T.Else():
+                        store_tile(acc, n, tile, x0, i)
 
 
 def _stage_phases(data, geom: ConvGeometry, pad_h: int, pad_q: int):
@@ -327,6 +427,8 @@ def config_knobs(cfg: PatternConvConfig) -> Knobs:
         "filters": cfg.filters,
         "col_vectors": cfg.cols // cfg.vector,
         "shifted": int(cfg.shifted),
+        "channel_block": cfg.channel_block,
+        "shares": cfg.shares,
     }
 
 
@@ -337,6 +439,9 @@ def knobs_config(knobs: Knobs) -> PatternConvConfig:
         filters=knobs["filters"],
         cols=knobs["col_vectors"] * knobs["vector"],
         shifted=bool(knobs["shifted"]),
+        # Records written before the loop-order knob existed hold neither key.
+        channel_block=knobs.get("channel_block", 0),
+        shares=knobs.get("shares", 2),
     )
 
 
@@ -368,8 +473,11 @@ def _build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
 
 def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
     """Rows per tile 1-8, vector = the target's lanes or half, 0 (whole row) to 4 vectors per
-    tile, 1/2/4 filters together (dense packing only), either staging layout."""
+    tile, 1/2/4 filters together (dense packing only), either staging layout, and the loop
+    order: reduction in registers, or input channels outermost in blocks of 16 / 32 / 64
+    (sparse packings only; ``shares``, the filters' parallel split, stays at its default)."""
     out_channels, out_h = params["geom"]["out_channels"], _geom(params).out_height
+    in_channels = params["geom"]["in_channels"]
     lanes = params["lanes"]
     shared = params["kernels_per_filter"] > 0
     return {
@@ -378,6 +486,8 @@ def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
         "filters": [f for f in (1, 2, 4) if out_channels % f == 0] if shared else [1],
         "col_vectors": [0, 1, 2, 3, 4],
         "shifted": [0, 1],
+        "channel_block": [0] + [b for b in (16, 32, 64) if b < in_channels and not shared],
+        "shares": [default["shares"]],
     }
 
 

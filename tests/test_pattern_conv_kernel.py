@@ -41,6 +41,8 @@ def conv_layers(draw):
         col_vectors=draw(st.sampled_from([0, 1, 2])),
         shifted=draw(st.booleans()),
         vector=draw(st.sampled_from([4, 8, 16])),
+        channel_block=draw(st.sampled_from([0, 0, 2, 5])),
+        shares=draw(st.sampled_from([1, 2, 3])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -74,11 +76,29 @@ def test_generated_layers_match_torch(layer):
         cfg = PatternConvConfig(
             rows=layer["rows"], vector=layer["vector"], filters=filters,
             cols=layer["col_vectors"] * layer["vector"], shifted=layer["shifted"],
+            channel_block=layer["channel_block"], shares=layer["shares"],
         )  # fmt: skip
     got = run_pattern_conv(
         x, weight, layer["stride"], pad, epi, bias, residual, cfg, keep_zeros=layer["dense"]
     )
     ref = torch_conv(x, weight, layer["stride"], pad, bias, residual, layer["activation"])
+    np.testing.assert_allclose(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("block", [0, 16, 32])
+def test_channel_block_order_matches_torch(block):
+    """Input channels outermost (partial sums between blocks), several images, a filter with no
+    kernel, every epilogue term: same result as the registers-only order and as PyTorch."""
+    rng = np.random.default_rng(3)
+    weight = random_pattern_weight(12, 40, 3, num_patterns=6, kernel_keep=0.3, seed=3)
+    weight[5] = 0.0
+    x = rng.standard_normal((2, 40, 9, 10)).astype("float32")
+    bias = rng.standard_normal(12).astype("float32")
+    residual = rng.standard_normal((2, 12, 9, 10)).astype("float32")
+    epi = Epilogue(bias=True, residual=True, activation="relu")
+    cfg = PatternConvConfig(rows=4, vector=8, channel_block=block, shares=3)
+    got = run_pattern_conv(x, weight, 1, (1, 1, 1, 1), epi, bias, residual, cfg)
+    ref = torch_conv(x, weight, 1, (1, 1, 1, 1), bias, residual, "relu")
     np.testing.assert_allclose(got, ref, **TOL)
 
 

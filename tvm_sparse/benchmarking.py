@@ -54,20 +54,27 @@ def machine_description() -> dict[str, Any]:
 
 
 def time_interleaved(
-    runners: dict[str, Callable[[], Any]], rounds: int = 15, warm: int = 5, inner: int = 10
+    runners: dict[str, Callable[[], Any]],
+    rounds: int = 15,
+    warm: int = 5,
+    inner: int = 10,
+    settle_s: float = 0.2,
 ) -> dict[str, float]:
     """Median over interleaved rounds of each runner's mean milliseconds per call.
 
-    In every round each runner (in a rotating order) first makes ``warm`` untimed calls, then
-    ``inner`` timed calls. The untimed calls absorb what the previous runtime left behind: its
-    idle worker threads still spinning (PyTorch ran 5x slower right after a TVM call here), and
-    a woken-up core. Timing single calls after a pause instead measured wake-up latency.
+    In every round each runner (in a rotating order) waits ``settle_s``, makes ``warm`` untimed
+    calls, then ``inner`` timed calls. The wait lets the previous runtime's idle workers stop
+    spinning: TVM's pool yields for ~50 ms after a run (``TVM_THREAD_POOL_SPIN_COUNT``, 300k
+    yields), and a runtime timed inside that window shares the cores with it (ONNX Runtime read
+    2x slower on a 0.6 ms layer here; PyTorch 5x). The warm calls then wake the cores and the
+    runtime's own pool, so the timed calls measure neither the neighbour nor a wake-up.
     """
     names = list(runners)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         rotated = names[r % len(names) :] + names[: r % len(names)]
         for name in rotated:
+            time.sleep(settle_s)
             for _ in range(warm):
                 runners[name]()
             t0 = time.perf_counter()
