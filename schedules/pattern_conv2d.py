@@ -263,6 +263,9 @@ def pattern_conv2d_primfunc(
                     value = value + resid[n, o, y, x]
                 T.buffer_store(out, activation(value, epilogue), [n, o, y, x])
 
+            # Tiles start at multiples of ``vec``, so a row's last vector holds out_w % vec
+            # columns: stored as one shorter vector (no per-element conditions).
+            tail = out_w % vec
             for f in range(len(acc)):
                 for r in range(rows):
                     y = tile * rows + r
@@ -270,9 +273,10 @@ def pattern_conv2d_primfunc(
                         with T.If(x0 + xo * vec + vec <= out_w):
                             with T.Then(), T.vectorized(0, vec) as xi:
                                 store(f, r, y, x0 + xo * vec + xi)
-                            with T.Else(), T.serial(0, vec) as xi:
-                                with T.If(x0 + xo * vec + xi < out_w), T.Then():
-                                    store(f, r, y, x0 + xo * vec + xi)
+                            if tail:
+                                with T.Else(), T.If(x0 + xo * vec < out_w), T.Then():
+                                    with T.vectorized(0, tail) as xi:
+                                        store(f, r, y, x0 + xo * vec + xi)
 
         if cfg.channel_block > 0 and group == 1:
             _channel_blocked(
@@ -390,9 +394,22 @@ def _stage_phases(data, geom: ConvGeometry, pad_h: int, pad_q: int):
                         with T.serial(q_lo, q_hi) as q:
                             T.buffer_store(pad, zero, [n, c, ph, y + pt, q])
                 if hi > lo:
-                    with T.serial(lo, hi) as q:
-                        T.buffer_store(pad, data[n, c, y, q * sw + ph - pl], [n, c, ph, y + pt, q])
+                    _copy_row(pad, data, (n, c, ph, y + pt), (n, c, y), lo, hi, sw, ph - pl)
     return pad
+
+
+def _copy_row(dst, src, dst_row: tuple, src_row: tuple, lo: int, hi: int, step: int, shift: int):
+    """dst[*dst_row, q] = src[*src_row, q * step + shift] for q in [lo, hi), in explicit 16-lane
+    vectors (LLVM does not vectorize the plain loop: the staging buffer may alias the input)."""
+    lanes = 16
+    full = (hi - lo) // lanes
+    if full:
+        with T.serial(0, full) as v, T.vectorized(0, lanes) as e:
+            q = lo + v * lanes + e
+            T.buffer_store(dst, src[(*src_row, q * step + shift)], [*dst_row, q])
+    if (hi - lo) % lanes:
+        with T.serial(lo + full * lanes, hi) as q:
+            T.buffer_store(dst, src[(*src_row, q * step + shift)], [*dst_row, q])
 
 
 def _stage_shifted(data, geom: ConvGeometry, pad_h: int, wide: int):
@@ -411,8 +428,8 @@ def _stage_shifted(data, geom: ConvGeometry, pad_h: int, wide: int):
             rows = min(height, pad_h - pt)  # input rows past the last tile are never read
             if hi <= lo or rows <= 0:
                 continue
-            with T.serial(0, rows) as y, T.serial(lo, hi) as x:
-                T.buffer_store(pad, data[n, c, y, x * sw + dx - pl], [n, c, dx, y + pt, x])
+            with T.serial(0, rows) as y:
+                _copy_row(pad, data, (n, c, dx, y + pt), (n, c, y), lo, hi, sw, dx - pl)
     return pad
 
 
