@@ -3,7 +3,7 @@ ResNet-18 / VGG-16 pattern-pruned 3x3 layers and the whole pruned ResNet-18, in 
 plus the tuning curve (best latency vs trials).
 
     python benchmarks/bench_tuning.py [--layer-trials 48] [--model-trials 300] [--rounds 11]
-        [--only resnet18]
+        [--only resnet18] [--model resnet18|vgg16] [--skip-model]
 
 Writes benchmarks/results/tuning.{json,md} and tuning_curve.png. The tuning records are kept
 in --work-dir (one directory per layer, ``resnet18/`` for the model): run again to resume.
@@ -32,11 +32,12 @@ from tvm_sparse.benchmarking import (
     tvm_runner,
     write_results,
 )
-from tvm_sparse.models import resnet18
+from tvm_sparse.models import resnet18, vgg16_bn
 from tvm_sparse.testing import pattern_prune_model_, random_pattern_weight, randomize_batchnorm_
 
 # The VGG-16 layers on 224x224 / 112x112 maps take minutes per tuning run on 2 cores: skipped.
 TUNED_LAYERS = [row for row in LAYERS if row[3] <= 56]
+WHOLE_MODELS = {"resnet18": ("ResNet-18", resnet18), "vgg16": ("VGG-16-BN", vgg16_bn)}
 
 
 def compare(net, x, work_dir, trials, rounds, threads, quiet) -> dict:
@@ -95,7 +96,7 @@ def model_curve(curve_path: str, tasks: list[dict]) -> list[tuple[int, float]]:
     return points
 
 
-def plot_curve(points: list[tuple[int, float]], path: str) -> None:
+def plot_curve(points: list[tuple[int, float]], path: str, title: str = "ResNet-18") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,8 +105,8 @@ def plot_curve(points: list[tuple[int, float]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([p[0] for p in points], [p[1] for p in points])
     ax.set_xlabel("trials (measured candidates)")
-    ax.set_ylabel("estimated ResNet-18 kernel time (ms)")
-    ax.set_title("Tuning curve: pattern-pruned ResNet-18, 2 threads")
+    ax.set_ylabel(f"estimated {title} kernel time (ms)")
+    ax.set_title(f"Tuning curve: pattern-pruned {title}, 2 threads")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -137,10 +138,12 @@ def render(payload: dict, out: str) -> str:
              "tuned vs default", "tuned vs best dense", "tuned useful GFLOP/s", "trials",
              "tune s"], rows,
         )  # fmt: skip
-    if "resnet18" in payload:
-        r = payload["resnet18"]
+    for name, (title, _) in WHOLE_MODELS.items():
+        if name not in payload:
+            continue
+        r = payload[name]
         ms = r["ms"]
-        text += "\n\n## Whole pattern-pruned ResNet-18\n\n" + markdown_table(
+        text += f"\n\n## Whole pattern-pruned {title}\n\n" + markdown_table(
             ["default ms", "tuned ms", "PyTorch ms", "ORT ms", "tuned vs default",
              "tuned vs ORT", "trials", "tune s"],
             [[f"{ms['default']:.2f}", f"{ms['tuned']:.2f}", f"{ms['pytorch']:.2f}",
@@ -166,6 +169,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/tvm-sparse-bench-tuning")
     parser.add_argument("--out", default="benchmarks/results/tuning")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--model", default="resnet18", choices=sorted(WHOLE_MODELS))
     parser.add_argument("--only", default="resnet18,vgg16", help="layer sets to tune")
     parser.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument("--quiet", action="store_true")
@@ -192,14 +196,15 @@ def main() -> None:
     payload = {"layers": layers, "threads": threads, "rounds": args.rounds,
                "layer_trials": args.layer_trials, "machine": machine_description()}  # fmt: skip
     if not args.skip_model:
+        title, build = WHOLE_MODELS[args.model]
         torch.manual_seed(0)
-        net = randomize_batchnorm_(pattern_prune_model_(resnet18())).eval()
+        net = randomize_batchnorm_(pattern_prune_model_(build())).eval()
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
-        wd = os.path.join(args.work_dir, "resnet18")
+        wd = os.path.join(args.work_dir, args.model)
         r = compare(net, x, wd, args.model_trials, args.rounds, threads, args.quiet)
         r["curve"] = model_curve(os.path.join(wd, "curve.jsonl"), r["tasks"])
-        plot_curve(r["curve"], args.out + "_curve.png")
-        payload["resnet18"] = r
+        plot_curve(r["curve"], args.out + "_curve.png", title)
+        payload[args.model] = r
     text = render(payload, args.out)
     write_results(args.out, payload, text)
     print(text)

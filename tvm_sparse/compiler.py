@@ -8,12 +8,14 @@ from typing import Any
 
 import tvm
 from tvm import relax
+from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
 
 from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
 from relay_passes.pattern_conv2d import RewriteConv2D
 from schedules.tunable import RealizeTunableKernels
+from schedules.tvm_ops import DefaultCPUSchedules
 
 from .compiled_model import CompiledModel
 from .formats.block import load_cost_table
@@ -182,7 +184,9 @@ def compile(  # noqa: A001 (the public name users expect)
         mod = apply_records(mod, tgt, tuning)
         _progress(f"applied the tuning records of {tuning}", verbose)
     else:
-        mod = RealizeTunableKernels(mod)
+        mod = lower(RealizeTunableKernels(mod), tgt)
+    with tgt:
+        mod = DefaultCPUSchedules()(mod)  # TVM's own kernels without a record
     executable = tvm.compile(mod, target=tgt)
     _progress(
         f"built for {tgt.attrs.get('mtriple') or tgt.kind.name} in {time.perf_counter() - t0:.1f}s",
@@ -195,6 +199,12 @@ def compile(  # noqa: A001 (the public name users expect)
         target=tgt,
         compile_seconds=time.perf_counter() - t0,
     )
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse (TVM's CPU passes): the kernels that get schedules (and are tuned)."""
+    with target:
+        return tvm.transform.Sequential(legalize_passes(target))(mod)
 
 
 def _remaining_ops(mod: tvm.IRModule) -> list[LayerRecord]:

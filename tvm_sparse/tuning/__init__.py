@@ -21,10 +21,10 @@ from typing import Any
 
 import tvm
 from tvm import relax, s_tir
-from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
 from tvm.s_tir import meta_schedule as ms
 
 from schedules.tunable import RealizeTunableKernels, tunable_block
+from tvm_sparse.compiler import lower
 from tvm_sparse.rpc import connect, split_addr
 from tvm_sparse.targets import num_cores, resolve_target
 
@@ -59,12 +59,6 @@ class TuningResult:
             b = f"{t.best_ms:9.3f}" if t.best_ms else "        -"
             rows.append(f"{t.name[:40]:40s} {t.weight:6d} {t.trials:6d} {d} {b}")
         return "\n".join(rows)
-
-
-def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize and fuse (TVM's CPU passes): the module whose kernels are the tuning tasks."""
-    with target:
-        return tvm.transform.Sequential(legalize_passes(target))(mod)
 
 
 def apply_records(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -> tvm.IRModule:
