@@ -51,6 +51,21 @@ def test_compile_writes_a_loadable_library(model_file, tmp_path):
     np.testing.assert_allclose(tvm_sparse.load(out)(x), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_profile_lists_every_kernel_of_the_model(model_file):
+    path, _, _ = model_file
+    res = _cli("profile", str(path), "--runs", "3")
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()[1:-1]}
+    # 16 pattern-pruned 3x3 convs (several share a kernel), the dense 7x7 stem, the max-pool.
+    pattern_calls = sum(int(r[1]) for name, r in rows.items() if name.startswith("pattern_conv2d"))
+    assert pattern_calls == 16
+    assert any(name.startswith("dense_conv2d_8x3x7x7") for name in rows)
+    assert "max_pool2d" in rows
+    shares = [float(r[3].rstrip("%")) for r in rows.values()]
+    assert abs(sum(shares) - 100.0) < 1.0 and all(float(r[2]) >= 0 for r in rows.values())
+    assert res.stdout.splitlines()[-1].startswith("sum of kernels")
+
+
 def test_bad_file_is_one_clear_line(tmp_path):
     res = _cli("inspect", str(tmp_path / "missing.onnx"))
     assert res.returncode == 2

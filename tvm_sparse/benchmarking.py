@@ -58,17 +58,20 @@ def time_interleaved(
     rounds: int = 15,
     warm: int = 5,
     inner: int = 10,
-    settle_s: float = 0.2,
+    settle_s: float | None = None,
 ) -> dict[str, float]:
     """Median over interleaved rounds of each runner's mean milliseconds per call.
 
     In every round each runner (in a rotating order) waits ``settle_s``, makes ``warm`` untimed
     calls, then ``inner`` timed calls. The wait lets the previous runtime's idle workers stop
-    spinning: TVM's pool yields for ~50 ms after a run (``TVM_THREAD_POOL_SPIN_COUNT``, 300k
-    yields), and a runtime timed inside that window shares the cores with it (ONNX Runtime read
-    2x slower on a 0.6 ms layer here; PyTorch 5x). The warm calls then wake the cores and the
-    runtime's own pool, so the timed calls measure neither the neighbour nor a wake-up.
+    spinning: TVM's pool yields 300k times after a run (``TVM_THREAD_POOL_SPIN_COUNT``), ONNX
+    Runtime's and PyTorch's workers spin too, and a runtime timed inside that window shares the
+    cores with them (ONNX Runtime read 2x slower on a 0.6 ms layer here, TVM 1.7x, PyTorch up to
+    5x). The warm calls then wake the cores and the runtime's own pool. Default wait: 1 s
+    (``TVM_SPARSE_BENCH_SETTLE_S``); with it each runtime read as it does when run alone.
     """
+    if settle_s is None:
+        settle_s = float(os.environ.get("TVM_SPARSE_BENCH_SETTLE_S", "1.0"))
     names = list(runners)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -118,8 +121,8 @@ def ort_runner(onnx_model: bytes | str, inputs: tuple, threads: int) -> Callable
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ORT's idle workers otherwise spin between runs and take the cores from the next runtime.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spinning stays on (ORT's default): without it a 0.6 ms conv read 1.2 ms here whenever
+    # another runtime's thread pool lived in the process. ``time_interleaved`` waits out the spin.
     sess = ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
     feed = {
         i.name: np.asarray(x, dtype=np.float32)

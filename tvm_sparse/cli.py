@@ -108,6 +108,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Compile for this host and print where a forward pass spends its time, per kernel."""
+    import numpy as np
+
+    from .compiler import compile as compile_model
+
+    model, inputs = _load(args)
+    cm = compile_model(model, inputs, sparse=not args.dense, tuning=args.tuning, verbose=True)
+    rng = np.random.default_rng(0)
+    feed = [rng.standard_normal(s.shape).astype(s.dtype) for s in cm.inputs]
+    print(cm.profile(*feed, runs=args.runs).table(top=args.top))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -153,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeat", type=int, default=5)
         p.add_argument("--tuning", help="a tune work directory: apply its best records")
         p.set_defaults(func=cmd_remote)
+    p = sub.add_parser("profile", help="time every kernel of a forward pass on this host")
+    model_args(p)
+    p.add_argument("--dense", action="store_true", help="ignore sparsity (dense baseline)")
+    p.add_argument("--tuning", help="a tune work directory: apply its best records")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--top", type=int, default=0, help="only the N slowest kernels")
+    p.set_defaults(func=cmd_profile)
     p = sub.add_parser("demo", help="pruned ResNet-18: sparse vs dense vs PyTorch vs ONNX Runtime")
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--rounds", type=int, default=15)

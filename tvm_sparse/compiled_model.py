@@ -72,6 +72,14 @@ class CompiledModel:
         timer = self.vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
         return float(np.median(timer(*self._check(args)).results) * 1e3)
 
+    def profile(self, *args: Any, runs: int = 10):
+        """Per-kernel time of a forward pass on ``args`` (``tvm_sparse.profiling.Profile``;
+        ``.table()`` to print it)."""
+        from .profiling import profile_vm
+
+        self.vm  # noqa: B018 (raises the clear error for a model built for another target)
+        return profile_vm(self.executable, self._check(args), runs=runs)
+
     def report(self) -> str:
         """Per layer: op, shape, format chosen, density, FLOPs kept, why."""
         return format_report(self.layers)
