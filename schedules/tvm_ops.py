@@ -91,11 +91,11 @@ class CPUFallback(CPUScheduleRule):
         extents = [_extent(sch, loop) for loop in loops]
         if any(e is None for e in extents):
             return
-        parallel_work = math.prod(extents) >= MIN_PARALLEL_WORK
+        work = math.prod(extents)
+        parallel_work = work >= MIN_PARALLEL_WORK
         if all(spatial):
             fused = sch.fuse(*loops)
-            total = math.prod(extents)
-            if total % lanes == 0:
+            if work % lanes == 0:
                 outer, inner = sch.split(fused, factors=[None, lanes])
                 sch.vectorize(inner)
             else:
