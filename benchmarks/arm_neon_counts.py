@@ -62,10 +62,10 @@ def count_layer(o: int, c: int, size: int, sparse: bool) -> dict:
     loops = fma_loops(lib.inspect_source("asm"))
     packed = PatternWeight.from_dense(weight, keep_zeros=not sparse)
     geom = ConvGeometry(1, c, size, size, o, (3, 3), (1, 1), (1, 1, 1, 1))
-    cfg = default_config(geom, shared_kernels=not sparse, **tile_defaults(geom, 32, 4))
+    cfg = default_config(geom, filter_group=packed.filter_group, **tile_defaults(geom, 32, 4))
     cols = cfg.cols or math.ceil(size / cfg.vector) * cfg.vector
     tiles = math.ceil(size / cfg.rows) * math.ceil(size / cols)
-    per_pattern = np.diff(packed.kernel_ptr, axis=1).sum(0) // (cfg.filters if not sparse else 1)
+    per_pattern = np.diff(packed.kernel_ptr, axis=1).sum(0) // cfg.filters
     outputs = o * size * size
     result = {"layer": f"{o}x{c}x3x3 on {size}x{size}", "sparse": sparse,
               "fma_loops": len(loops), "patterns": len(packed.patterns)}  # fmt: skip

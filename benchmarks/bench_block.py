@@ -219,12 +219,11 @@ def measure_costs(target) -> dict:
                 w = rng.standard_normal((o, c, 1, 1)) * (rng.random((o, c, 1, 1)) < keep)
                 w = w.astype("float32")
             packed = PatternWeight.from_dense(w, num_shares=THREADS, keep_zeros=kind == "dense")
-            shared = c if kind == "dense" else 0
-            cfg = default_config(geom, shared_kernels=shared > 0,
+            cfg = default_config(geom, filter_group=packed.filter_group,
                                  **tile_defaults(geom, regs, lanes))  # fmt: skip
             func = pattern_conv2d_primfunc(geom, packed.patterns, packed.num_kernels,
                                            packed.kernel_values.shape[1], Epilogue(), cfg,
-                                           kernels_per_filter=shared)  # fmt: skip
+                                           filter_group=packed.filter_group)  # fmt: skip
             x = rng.standard_normal((1, c, hw, hw)).astype("float32")
             args = [x, packed.kernel_ptr, packed.kernel_channel, packed.kernel_values,
                     packed.filter_order, np.zeros((1, o, hw, hw), "float32")]  # fmt: skip

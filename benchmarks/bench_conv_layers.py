@@ -2,9 +2,11 @@
 FLOPs (8 patterns of 4 taps, 28 % of kernels kept): tvm-sparse vs its dense build vs PyTorch vs
 ONNX Runtime, interleaved in one run, medians, useful GFLOP/s.
 
-    python benchmarks/bench_conv_layers.py [--rounds 15] [--only resnet18|vgg16]
+    python benchmarks/bench_conv_layers.py [--rounds 15] [--only resnet18|vgg16] [--filter-group 4]
 
-Writes benchmarks/results/conv_layers.{json,md}.
+Writes benchmarks/results/conv_layers.{json,md}. ``--filter-group G``: kernels and patterns drawn
+per group of G filters (``tvm_sparse.prune``'s filter groups), which the kernel computes together
+(write it to another ``--out``).
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ class Conv(torch.nn.Module):
         return self.conv(x)
 
 
-def bench_layer(model, o, c, size, stride, rounds, threads, seed) -> dict:
-    weight = random_pattern_weight(o, c, 3, num_patterns=8, kernel_keep=0.28, seed=seed)
+def bench_layer(model, o, c, size, stride, rounds, threads, seed, filter_group=1) -> dict:
+    weight = random_pattern_weight(
+        o, c, 3, num_patterns=8, kernel_keep=0.28, seed=seed, filter_group=filter_group
+    )
     net = Conv(weight, stride).eval()
     x = np.random.default_rng(seed).standard_normal((1, c, size, size)).astype("float32")
     sparse = tvm_sparse.compile(net, (x,))
@@ -97,13 +101,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--only", choices=["resnet18", "vgg16"])
     parser.add_argument("--out", default="benchmarks/results/conv_layers")
+    parser.add_argument("--filter-group", type=int, default=1)
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     rows, results = [], []
     for i, (model, o, c, size, stride) in enumerate(LAYERS):
         if args.only and model != args.only:
             continue
-        r = bench_layer(model, o, c, size, stride, args.rounds, threads, seed=i)
+        r = bench_layer(model, o, c, size, stride, args.rounds, threads, i, args.filter_group)
         results.append(r)
         ms, g = r["ms"], r["useful_gflops"]
         rows.append([
@@ -124,11 +129,14 @@ def main() -> None:
         f"{float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x. Useful GFLOP/s counts only "
         "the multiply-adds the sparse kernel keeps (the same numerator for every runtime)."
     )
+    title = "Pattern-sparse 3x3 conv layers"
+    if args.filter_group > 1:
+        title += f", connectivity and patterns shared by groups of {args.filter_group} filters"
     write_results(
         args.out,
         {"layers": results, "threads": threads, "rounds": args.rounds,
-         "machine": machine_description()},
-        f"# Pattern-sparse 3x3 conv layers\n\n{summary}\n\n{table}",
+         "filter_group": args.filter_group, "machine": machine_description()},
+        f"# {title}\n\n{summary}\n\n{table}",
     )  # fmt: skip
     print(summary)
 

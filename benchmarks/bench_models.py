@@ -41,14 +41,18 @@ MODELS = {
     "vgg16_bsr": lambda: vgg16_bn(),
     "resnet50": lambda: resnet50(),
     "mobilenet_v2": lambda: mobilenet_v2(),
+    "resnet18_g4": lambda: resnet18(),
+    "vgg16_g4": lambda: vgg16_bn(),
 }
+# 3x3 convs of these keep kernels and patterns per group of 4 filters (computed together).
+FILTER_GROUPS = {"resnet18_g4": 4, "vgg16_g4": 4}
 # 1x1 convs and FC layers of these are BSR-pruned (8x1 blocks, 90 % of blocks dropped).
 BLOCK_PRUNED = {"resnet50", "mobilenet_v2", "vgg16_bsr"}
 
 
 def bench_model(name: str, rounds: int, threads: int) -> dict:
     torch.manual_seed(0)
-    net = pattern_prune_model_(MODELS[name]())
+    net = pattern_prune_model_(MODELS[name](), filter_group=FILTER_GROUPS.get(name, 1))
     if name in BLOCK_PRUNED:
         net = block_prune_model_(net, keep=0.1)
     net = randomize_batchnorm_(net).eval()

@@ -120,7 +120,13 @@ def render(payload: dict, out: str) -> str:
     if layers:
         ratios = [r["tuned_vs_best_dense"] for r in layers]
         text += (
-            f" {payload.get('layer_trials', '?')} trials per layer. Tuned 3x3 layers (8x fewer "
+            f" {payload.get('layer_trials', '?')} trials per layer"
+            + (
+                f", kernels and patterns per group of {payload['filter_group']} filters"
+                if payload.get("filter_group", 1) > 1
+                else ""
+            )
+            + ". Tuned 3x3 layers (8x fewer "
             f"FLOPs) vs the faster of PyTorch / ONNX Runtime: min {min(ratios):.2f}x, median "
             f"{float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x.\n\n"
         )
@@ -143,7 +149,9 @@ def render(payload: dict, out: str) -> str:
             continue
         r = payload[name]
         ms = r["ms"]
-        text += f"\n\n## Whole pattern-pruned {title}\n\n" + markdown_table(
+        group = payload.get("filter_group", 1)
+        grouped = f" (kernels and patterns per group of {group} filters)" if group > 1 else ""
+        text += f"\n\n## Whole pattern-pruned {title}{grouped}\n\n" + markdown_table(
             ["default ms", "tuned ms", "PyTorch ms", "ORT ms", "tuned vs default",
              "tuned vs ORT", "trials", "tune s"],
             [[f"{ms['default']:.2f}", f"{ms['tuned']:.2f}", f"{ms['pytorch']:.2f}",
@@ -173,6 +181,9 @@ def main() -> None:
     parser.add_argument("--only", default="resnet18,vgg16", help="layer sets to tune")
     parser.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--filter-group", type=int, default=1, help="kernels and patterns per group of filters"
+    )
     args = parser.parse_args()
     if args.render:
         with open(args.out + ".json") as f:
@@ -184,7 +195,9 @@ def main() -> None:
     for i, (model, o, c, size, stride) in enumerate(LAYERS):
         if (model, o, c, size, stride) not in TUNED_LAYERS or model not in args.only:
             continue
-        weight = random_pattern_weight(o, c, 3, num_patterns=8, kernel_keep=0.28, seed=i)
+        weight = random_pattern_weight(
+            o, c, 3, num_patterns=8, kernel_keep=0.28, seed=i, filter_group=args.filter_group
+        )
         net = Conv(weight, stride).eval()
         x = np.random.default_rng(i).standard_normal((1, c, size, size)).astype("float32")
         wd = os.path.join(args.work_dir, f"{model}_{o}x{c}_{size}_s{stride}")
@@ -194,11 +207,13 @@ def main() -> None:
         print(f"{r['shape']}: tuned {r['ms']['tuned']:.3f} ms, {r['tuned_vs_best_dense']:.2f}x",
               file=sys.stderr, flush=True)  # fmt: skip
     payload = {"layers": layers, "threads": threads, "rounds": args.rounds,
-               "layer_trials": args.layer_trials, "machine": machine_description()}  # fmt: skip
+               "layer_trials": args.layer_trials, "filter_group": args.filter_group,
+               "machine": machine_description()}  # fmt: skip
     if not args.skip_model:
         title, build = WHOLE_MODELS[args.model]
         torch.manual_seed(0)
-        net = randomize_batchnorm_(pattern_prune_model_(build())).eval()
+        net = pattern_prune_model_(build(), filter_group=args.filter_group)
+        net = randomize_batchnorm_(net).eval()
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
         wd = os.path.join(args.work_dir, args.model)
         r = compare(net, x, wd, args.model_trials, args.rounds, threads, args.quiet)

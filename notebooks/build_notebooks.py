@@ -471,7 +471,7 @@ def build_and_time(cfg, dense=False):
         packed.kernel_values.shape[1],
         Epilogue(),
         cfg,
-        kernels_per_filter=GEOM.in_channels if dense else 0,
+        filter_group=packed.filter_group,
     )
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     lib = tvm.compile(mod, target=TARGET).jit()
@@ -491,7 +491,9 @@ def build_and_time(cfg, dense=False):
 
 
 sparse_default = default_config(GEOM, **tile_defaults(GEOM, REGISTERS, LANES))
-dense_default = default_config(GEOM, shared_kernels=True, **tile_defaults(GEOM, REGISTERS, LANES))
+dense_default = default_config(
+    GEOM, filter_group=packings[True].filter_group, **tile_defaults(GEOM, REGISTERS, LANES)
+)
 useful = 2 * GEOM.out_height * GEOM.out_width * packings[False].num_taps
 print(f"sparse default: {sparse_default}")
 print(f"dense default:  {dense_default}")
@@ -594,20 +596,20 @@ print(
 )
 """),
     md(r"""
-## Where is the tuner?
+## Defaults and the tuner
 
-**MetaSchedule tuning does not exist in tvm-sparse yet.** `tvm_sparse.compile` uses exactly one
-point of this space per layer: `default_config(geom, shared_kernels, **tile_defaults(geom,
-registers, lanes))`, a rule rather than a search: the widest useful vector for the target,
-tall tiles two vectors wide on wide maps (else the whole row), then the largest tile
-(`filters x rows x cols / vector` accumulators) within the target's register budget, preferring
-a `rows` that divides the output height. The red stars above are that rule; the sweeps show how
-far it is from the best point of this small grid, on this machine, for this one layer.
+`tvm_sparse.compile` uses one point of this space per layer: `default_config(geom,
+filter_group, **tile_defaults(geom, registers, lanes))`, a rule rather than a search: the widest
+useful vector for the target, tall tiles two vectors wide on wide maps (else the whole row),
+then the largest tile (`filters x rows x cols / vector` accumulators) within the target's
+register budget, preferring a `rows` that divides the output height. The red stars above are
+that rule; the sweeps show how far it is from the best point of this small grid, on this
+machine, for this one layer.
 
-The space is small (a few dozen points per layer), so even the exhaustive sweep above would be
-affordable as a tuner. Hooking it to MetaSchedule would take a search space over
-`PatternConvConfig` (the kernel is written with IRBuilder, not as a schedulable compute
-definition) and a database keyed by layer geometry + pattern library; that work is not done.
+`tvm_sparse.tune(model, x, trials=..., work_dir=...)` searches the same knobs (and the loop
+order) with MetaSchedule: each kernel is a template whose rule samples the knobs, an XGBoost
+cost model picks candidates, the best few are re-timed against this default before one is kept,
+and `tvm_sparse.compile(..., tuning=work_dir)` applies the records (README, "Tune").
 """),
 ]
 

@@ -117,10 +117,12 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
             residual=match.residual is not None,
             activation=match.activation,
         )
-        shared = geom.in_channels if fmt == "dense" else 0  # every filter: all C kernels
+        group = packed.filter_group  # filters packed in groups with the same kernels
+        if group > 1 and fmt == "pattern":
+            reason += f"; filters share kernels in groups of {group} (one load feeds {group})"
         cfg = default_config(
             geom,
-            shared_kernels=shared > 0,
+            filter_group=group,
             shares=num_threads,
             **tile_defaults(geom, registers, lanes),
         )
@@ -130,10 +132,10 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         kernel = add_kernel(
             bb,
             kernels,
-            (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, shared, lanes),
+            (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, group, lanes),
             name,
             lambda: pattern_conv2d_template(
-                geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, shared, lanes
+                geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, group, lanes
             ),
         )
         nonempty = packed.num_kernels > 0

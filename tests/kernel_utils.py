@@ -40,7 +40,7 @@ def run_pattern_conv(
         max_taps,
         epilogue,
         config,
-        kernels_per_filter=c if keep_zeros else 0,
+        filter_group=packed.filter_group,
     )
     lib = tvm.compile(
         tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),

@@ -12,6 +12,7 @@ from schedules.pattern_conv2d import (
     pattern_conv2d_template,
     tile_defaults,
 )
+from schedules.tunable import knobs_of, tunable_block
 from tvm_sparse.formats import PatternWeight
 from tvm_sparse.testing import random_pattern_weight
 
@@ -49,16 +50,15 @@ def _expected(weight, fmt, bias=None, residual=False, relu=False, num_threads=2)
     geom = ConvGeometry(1, 8, 10, 10, weight.shape[0], (3, 3), (1, 1), (1, 1, 1, 1))
     epi = Epilogue(bias=bias is not None, residual=residual, activation="relu" if relu else "none")
     name = f"{fmt}_conv2d_{weight.shape[0]}x8x3x3"
-    shared = 8 if fmt == "dense" else 0  # a dense packing: every filter has all 8 kernels
     kernel = pattern_conv2d_template(
         geom,
         packed.patterns,
         packed.num_kernels,
         packed.kernel_values.shape[1],
         epi,
-        default_config(geom, shared_kernels=shared > 0, **tile_defaults(geom, 16, 8)),
+        default_config(geom, filter_group=packed.filter_group, **tile_defaults(geom, 16, 8)),
         name,
-        shared,
+        packed.filter_group,
         8,
     )
     bb = relax.BlockBuilder()
@@ -99,6 +99,17 @@ def test_pattern_conv_with_fused_bias_residual_relu():
     tvm.ir.assert_structural_equal(after, expected)
     assert [r.format for r in records] == ["pattern"]
     assert records[0].epilogue == "bias+residual+relu"
+
+
+def test_filter_grouped_pattern_conv_computes_groups_together():
+    """Connectivity and patterns shared by groups of 4 filters: packed with filter_group 4 and a
+    default tile of 4 filters; the record says so."""
+    w = random_pattern_weight(16, 8, kernel_keep=0.5, seed=7, filter_group=4)
+    after, records = _run(_before(w, relu=True))
+    tvm.ir.assert_structural_equal(after, _expected(w, "pattern", relu=True))
+    assert PatternWeight.from_dense(w, num_shares=2).filter_group == 4
+    assert knobs_of(tunable_block(after["pattern_conv2d_16x8x3x3"]))["filters"] == 4
+    assert "groups of 4" in records[0].reason
 
 
 def test_unpruned_conv_goes_to_the_dense_kernel_and_says_why():

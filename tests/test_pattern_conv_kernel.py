@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from kernel_utils import run_pattern_conv, torch_conv
 
 from schedules.pattern_conv2d import Epilogue, PatternConvConfig
+from tvm_sparse.formats import PatternWeight
 from tvm_sparse.testing import random_pattern_weight
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -38,6 +39,7 @@ def conv_layers(draw):
         rows=draw(st.sampled_from([None, 1, 3])),
         dense=draw(st.booleans()),
         filters=draw(st.sampled_from([1, 2, 4])),
+        filter_group=draw(st.sampled_from([1, 2, 4])),
         col_vectors=draw(st.sampled_from([0, 1, 2])),
         shifted=draw(st.booleans()),
         vector=draw(st.sampled_from([4, 8, 16])),
@@ -60,6 +62,7 @@ def test_generated_layers_match_torch(layer):
         layer["keep"],
         taps=min(layer["taps"], k * k),
         seed=layer["seed"],
+        filter_group=layer["filter_group"],
     )
     x = rng.standard_normal((layer["batch"], layer["in_ch"], layer["height"], layer["width"]))
     x = x.astype("float32")
@@ -70,7 +73,10 @@ def test_generated_layers_match_torch(layer):
     epi = Epilogue(
         bias=bias is not None, residual=residual is not None, activation=layer["activation"]
     )
-    filters = max(f for f in (1, 2, 4) if f <= layer["filters"] and layer["out_ch"] % f == 0)
+    # Filters computed together: a divisor of the packing's filter group (filters found to
+    # share their kernels: a dense packing, or the weight's groups of filters).
+    group = PatternWeight.from_dense(weight, keep_zeros=layer["dense"]).filter_group
+    filters = max(f for f in (1, 2, 4) if f <= layer["filters"] and group % f == 0)
     cfg = None
     if layer["rows"]:
         cfg = PatternConvConfig(
@@ -121,3 +127,31 @@ def test_asymmetric_padding_and_7x7_stem():
     for pad in [(3, 3, 3, 3), (0, 1, 2, 3)]:
         got = run_pattern_conv(x, weight, 2, pad, keep_zeros=True)
         np.testing.assert_allclose(got, torch_conv(x, weight, 2, pad), **TOL)
+
+
+@pytest.mark.parametrize("filters", [1, 2, 4])
+def test_filter_groups_share_loads_and_match_torch(filters):
+    """Connectivity and patterns drawn per group of 4 filters: the packing finds the groups and
+    the kernel computes ``filters`` of a group from one input load (stride 1 and 2, batch 2,
+    every epilogue term)."""
+    rng = np.random.default_rng(5)
+    weight = random_pattern_weight(16, 24, 3, num_patterns=5, kernel_keep=0.3, seed=5,
+                                   filter_group=4)  # fmt: skip
+    assert PatternWeight.from_dense(weight, num_shares=2).filter_group == 4
+    bias = rng.standard_normal(16).astype("float32")
+    epi = Epilogue(bias=True, residual=True, activation="relu6")
+    for stride in (1, 2):
+        x = rng.standard_normal((2, 24, 11, 13)).astype("float32")
+        residual = np.zeros_like(torch_conv(x, weight, stride, (1, 1, 1, 1)))
+        residual += rng.standard_normal(residual.shape).astype("float32")
+        cfg = PatternConvConfig(rows=3, vector=8, filters=filters)
+        got = run_pattern_conv(x, weight, stride, (1, 1, 1, 1), epi, bias, residual, cfg)
+        ref = torch_conv(x, weight, stride, (1, 1, 1, 1), bias, residual, "relu6")
+        np.testing.assert_allclose(got, ref, **TOL)
+
+
+def test_filters_together_must_divide_the_filter_group():
+    weight = random_pattern_weight(8, 6, 3, kernel_keep=0.5, seed=1, filter_group=2)
+    x = np.zeros((1, 6, 5, 5), "float32")
+    with pytest.raises(ValueError, match="not a divisor of the filter group 2"):
+        run_pattern_conv(x, weight, 1, (1, 1, 1, 1), config=PatternConvConfig(filters=4))

@@ -68,3 +68,33 @@ def test_joint_pattern_connectivity_projection(w: torch.Tensor, keep: float, k: 
     assert torch.equal(constraint.project(proj), proj)
     best = np.sort(_kernel_norms(pat))[::-1][:n].sum()
     assert _kernel_norms(proj).sum() == pytest.approx(best, rel=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_weights().filter(lambda w: w.shape[2] == 3), KEEP, st.sampled_from([2, 3, 4]))
+def test_filter_group_projection(w: torch.Tensor, keep: float, group: int) -> None:
+    """Per group of filters and channel: one pattern, kept or dropped together; the projection
+    is optimal among such weights (brute force over the patterns of each group-kernel)."""
+    lib = candidate_patterns()[::7]
+    constraint = PatternConstraint(tuple(lib), keep, filter_group=group)
+    proj = constraint.project(w)
+    o, c = w.shape[:2]
+    mask = (proj != 0).reshape(o, c, 9).numpy()
+    full = constraint.mask(w).reshape(o, c, 9).numpy()
+    masks = np.array([[t in p for t in range(9)] for p in lib])
+    groups = [range(g, min(g + group, o)) for g in range(0, o, group)]
+    for members in groups:
+        # Every member of a group has the same support: one library pattern or nothing.
+        assert (full[list(members)] == full[members[0]]).all()
+        for ch in range(c):
+            taps = full[members[0], ch]
+            assert not taps.any() or any((taps == m).all() for m in masks)
+    assert (mask <= full).all()
+    n = num_kept(len(groups) * c, keep)
+    kept = full.reshape(o, c, 9).any(-1)
+    assert sum(kept[g[0]].sum() for g in groups) <= n
+    # Optimal: each group-kernel's best pattern energy, the n best of those.
+    sq = w.numpy().astype(np.float64).reshape(o, c, 9) ** 2
+    best = [max((sq[list(g), ch] * m).sum() for m in masks) for g in groups for ch in range(c)]
+    assert _kernel_norms(proj).sum() == pytest.approx(np.sort(best)[::-1][:n].sum(), rel=1e-9)
+    assert torch.equal(constraint.project(proj), proj)

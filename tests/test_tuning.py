@@ -36,6 +36,7 @@ from tvm_sparse.rpc import RPCError
 from tvm_sparse.targets import resolve_target
 from tvm_sparse.tuning.records import RECORDS, CorruptRecordWarning, open_database
 from tvm_sparse.tuning.search import space_for
+from tvm_sparse.tuning.verify import open_verified
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = ATOL = 1e-4  # float32 both sides; only the summation order differs
@@ -66,7 +67,7 @@ CFG = PatternConvConfig(rows=3, vector=8)
 
 def _template():
     return pattern_conv2d_template(
-        GEOM, ((0, 1, 4, 5), (1, 4, 7, 8)), 40, 4, Epilogue(bias=True), CFG, "k", 0, 16
+        GEOM, ((0, 1, 4, 5), (1, 4, 7, 8)), 40, 4, Epilogue(bias=True), CFG, "k", 1, 16
     )
 
 
@@ -74,7 +75,7 @@ def _template():
 def test_template_default_is_the_hand_kernel() -> None:
     """Before: the template; Expected: the hand kernel at the default config (same TIR)."""
     expected = pattern_conv2d_primfunc(
-        GEOM, ((0, 1, 4, 5), (1, 4, 7, 8)), 40, 4, Epilogue(bias=True), CFG, "k", 0
+        GEOM, ((0, 1, 4, 5), (1, 4, 7, 8)), 40, 4, Epilogue(bias=True), CFG, "k", 1
     )
     tvm.ir.assert_structural_equal(realize(_template()).without_attr("tvm_sparse.params"), expected)
 
@@ -102,7 +103,7 @@ def test_rule_samples_every_knob_default_first() -> None:
     tuned = realize(replay.mod["main"])
     expected = pattern_conv2d_primfunc(
         GEOM, ((0, 1, 4, 5), (1, 4, 7, 8)), 40, 4, Epilogue(bias=True),
-        PatternConvConfig(**{**CFG.__dict__, "rows": 5}), "k", 0,
+        PatternConvConfig(**{**CFG.__dict__, "rows": 5}), "k", 1,
     )  # fmt: skip
     assert tunable_block(tuned) is None
     assert str(tuned.body) == str(expected.body)
@@ -120,6 +121,8 @@ def tuned_dir(tmp_path_factory) -> Path:
             # The default is measured first, so the best record can only equal or beat it.
             assert task.default_ms and task.best_ms and task.best_ms <= task.default_ms
             assert task.trials >= 2
+            # Its best records and the default were re-timed; one of them was kept.
+            assert task.verified in ("default", "tuned") and task.verified_ms > 0
     return work
 
 
@@ -128,6 +131,38 @@ def test_tuned_model_matches_pytorch(tuned_dir) -> None:
     _check(tvm_sparse.compile(net, (x,), tuning=str(tuned_dir)), net, x)
     curve = [json.loads(line) for line in (tuned_dir / "curve.jsonl").read_text().splitlines()]
     assert curve and all(e["best_ms"] is None or e["best_ms"] > 0 for e in curve)
+
+
+def test_a_lucky_measurement_is_re_timed_and_loses(tmp_path) -> None:
+    """A record claiming 1 ns for a slow candidate (1-row tiles, narrow vectors, 1 vector per
+    tile) tops MetaSchedule's database; the verification pass re-times it against the default
+    and the other best records and keeps a faster one, which compile then applies."""
+    net, x = _net()
+    work = str(tmp_path)
+    tvm_sparse.tune(net, (x,), trials=12, work_dir=work, progress=False, verify=0)
+    db = open_database(work)
+    rec = next(r for r in db.get_all_tuning_records() if tunable_block(_first(r.workload.mod)))
+    space = knob_space(_first(rec.workload.mod))
+    slow = {"rows": 1, "vector": min(space["vector"]), "col_vectors": 1, "shifted": 1}
+    trace = rec.trace
+    sampled = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
+    for inst, (name, values) in zip(sampled, space.items(), strict=True):
+        if name in slow:
+            trace = trace.with_decision(inst, values.index(slow[name]), True)
+    lucky = ms.database.TuningRecord(trace, rec.workload, [1e-9], rec.target, rec.args_info)
+    db.commit_tuning_record(lucky)
+    assert str(db.get_top_k(rec.workload, 1)[0].trace) == str(trace)  # it would be applied
+
+    result = tvm_sparse.tune(net, (x,), trials=12, work_dir=work, progress=False, verify=3)
+    assert all(t.verified for t in result.tasks if t.template)
+    verified = open_verified(work)
+    winner = verified.get_top_k(verified.commit_workload(rec.workload.mod), 1)[0]
+    assert str(winner.trace) != str(trace)
+    _check(tvm_sparse.compile(net, (x,), tuning=work), net, x)
+
+
+def _first(mod):
+    return next(iter(mod.functions.values()))
 
 
 def test_records_load_in_a_fresh_process(tuned_dir) -> None:

@@ -108,6 +108,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         rpc=args.rpc,
         key=args.key or "android",
         tvm_kernels=not args.sparse_only,
+        verify=args.verify,
     )
     print(result.table())
     print(f"records in {result.work_dir} ({result.seconds:.0f} s); use them with "
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc", help="measure on a device: tracker HOST:PORT (with --key)")
     p.add_argument("--key", help="device key registered with the tracker (default android)")
     p.add_argument("--sparse-only", action="store_true", help="skip TVM's own kernels")
+    p.add_argument("--verify", type=int, default=3,
+                   help="re-time each task's best N records and its default, keep the fastest "
+                        "(0: trust one measurement per candidate)")  # fmt: skip
     p.set_defaults(func=cmd_tune)
     for name, text in (("run", "run on a device over RPC and compare with the host"),
                        ("bench", "run, compare and time on a device over RPC")):  # fmt: skip

@@ -21,15 +21,22 @@ def random_pattern_weight(
     kernel_keep: float = 0.28,
     taps: int = 4,
     seed: int = 0,
+    filter_group: int = 1,
 ) -> np.ndarray:
-    """An OIHW weight: ``num_patterns`` random tap patterns, ``kernel_keep`` of kernels kept."""
+    """An OIHW weight: ``num_patterns`` random tap patterns, ``kernel_keep`` of kernels kept.
+
+    ``filter_group`` > 1: kept kernels and their patterns are drawn per group of that many
+    consecutive filters (the structure ``tvm_sparse.prune``'s filter groups give).
+    """
     rng = np.random.default_rng(seed)
     candidates = centre_patterns(kernel, min(taps, kernel * kernel))
     chosen = rng.choice(len(candidates), size=min(num_patterns, len(candidates)), replace=False)
     library = [candidates[i] for i in chosen]
     flat = np.zeros((out_channels, in_channels, kernel * kernel), dtype=np.float32)
-    keep = rng.random((out_channels, in_channels)) < kernel_keep
-    which = rng.integers(len(library), size=(out_channels, in_channels))
+    groups = -(-out_channels // filter_group)
+    keep = rng.random((groups, in_channels)) < kernel_keep
+    which = rng.integers(len(library), size=(groups, in_channels))
+    keep, which = (np.repeat(a, filter_group, axis=0)[:out_channels] for a in (keep, which))
     scale = np.sqrt(2.0 / max(1.0, in_channels * kernel_keep * taps))
     for o, c in zip(*np.nonzero(keep), strict=True):
         pat = list(library[which[o, c]])
@@ -37,14 +44,20 @@ def random_pattern_weight(
     return flat.reshape(out_channels, in_channels, kernel, kernel)
 
 
-def pattern_prune_model_(model, num_patterns: int = 8, kernel_keep: float = 0.28, seed: int = 0):
-    """Replace every 3x3 conv weight (groups 1) of a torch model by a random pattern-sparse one."""
+def pattern_prune_model_(
+    model, num_patterns: int = 8, kernel_keep: float = 0.28, seed: int = 0, filter_group: int = 1
+):
+    """Replace every 3x3 conv weight (groups 1) of a torch model by a random pattern-sparse one
+    (``filter_group``: kernels and patterns drawn per group of filters)."""
     import torch
 
     for i, module in enumerate(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
         out_ch, in_ch, kh, kw = module.weight.shape
         if (kh, kw) == (3, 3) and module.groups == 1:
-            w = random_pattern_weight(out_ch, in_ch, 3, num_patterns, kernel_keep, seed=seed + i)
+            w = random_pattern_weight(
+                out_ch, in_ch, 3, num_patterns, kernel_keep, seed=seed + i,
+                filter_group=filter_group,
+            )  # fmt: skip
             with torch.no_grad():
                 module.weight.copy_(torch.from_numpy(w))
     return model

@@ -11,6 +11,11 @@ Packed layout (``PatternWeight``):
 - ``filter_order[i]``: the original filter (output channel) stored at packed position ``i``.
   Filters are reordered so that filters with similar kernel counts / pattern mixes are adjacent and
   each contiguous share of the filters (one per core) carries about the same work.
+- ``filter_group``: packed filters ``[g * G, (g + 1) * G)`` have the same kernels (channels and
+  patterns; their values differ). Found from the weight: a dense conv, or one whose connectivity
+  and patterns were pruned per group of filters (``tvm_sparse.prune``'s ``filter_group``), packs
+  with G = 4 or 2, so the kernel can compute a group's filters from one input load. G = 1 when
+  filters cannot all be grouped.
 - ``kernel_ptr[i, p] : kernel_ptr[i, p + 1]``: the kernels of packed filter ``i`` with pattern ``p``
   (kernels are grouped by pattern inside each filter, so each pattern is one code path).
 - ``kernel_channel[k]``: input channel of kernel ``k``.
@@ -67,6 +72,22 @@ def balanced_filter_order(work: np.ndarray, signature: np.ndarray, num_shares: i
     return np.array([f for share in shares for f in share], dtype=np.int32)
 
 
+def filter_groups(kernel_pattern: np.ndarray, sizes: tuple[int, ...] = (4, 2)) -> list[list[int]]:
+    """Filters (rows of the (O, C) pattern-index map, -1 = pruned kernel) split into groups with
+    identical rows: the largest size in ``sizes`` that splits every set of identical filters
+    evenly, else singletons."""
+    _, inverse, counts = np.unique(kernel_pattern, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    for size in sizes:
+        if np.all(counts % size == 0):
+            groups = []
+            for sig in range(len(counts)):
+                members = np.flatnonzero(inverse == sig).tolist()
+                groups += [members[i : i + size] for i in range(0, len(members), size)]
+            return sorted(groups)
+    return [[o] for o in range(kernel_pattern.shape[0])]
+
+
 @dataclass(frozen=True)
 class PatternWeight:
     """An OIHW conv weight packed by pattern (see module docstring for the layout)."""
@@ -77,6 +98,7 @@ class PatternWeight:
     kernel_ptr: np.ndarray  # int32 (O, P + 1)
     kernel_channel: np.ndarray  # int32 (K,)
     kernel_values: np.ndarray  # float32 (K, max_taps)
+    filter_group: int = 1
 
     @classmethod
     def from_dense(
@@ -86,11 +108,13 @@ class PatternWeight:
         num_shares: int = 1,
         keep_zeros: bool = False,
         kernel_mask: np.ndarray | None = None,
+        group_filters: bool = True,
     ) -> PatternWeight:
         """Pack a dense OIHW weight; ``num_shares`` is the number of cores to balance over.
 
         ``keep_zeros=True`` packs kernels with the full tap set (zeros computed): every kernel,
         or those where the (O, C) boolean ``kernel_mask`` is set (a depthwise conv's diagonal).
+        ``group_filters=False`` packs every filter on its own (``filter_group`` 1).
         """
         weight = np.asarray(weight, dtype=np.float32)
         out_ch, in_ch, kh, kw = weight.shape
@@ -117,7 +141,10 @@ class PatternWeight:
         for p in range(num_p):
             per_pattern[:, p] = (kernel_pattern == p).sum(1)
         work = per_pattern @ np.array([len(p) for p in pats], dtype=np.int64)
-        order = balanced_filter_order(work, per_pattern, num_shares)
+        groups = filter_groups(kernel_pattern) if group_filters else [[o] for o in range(out_ch)]
+        leaders = [g[0] for g in groups]
+        group_order = balanced_filter_order(work[leaders], per_pattern[leaders], num_shares)
+        order = np.array([o for g in group_order for o in groups[g]], dtype=np.int32)
 
         # Kernels sorted by (packed filter, pattern, channel): one contiguous run per (i, p).
         rank = np.empty(out_ch, dtype=np.int64)
@@ -144,6 +171,7 @@ class PatternWeight:
             kernel_ptr=ptr,
             kernel_channel=c_idx.astype(np.int32),
             kernel_values=values,
+            filter_group=len(groups[0]),
         )
 
     def to_dense(self) -> np.ndarray:

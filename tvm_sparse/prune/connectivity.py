@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .patterns import expand_groups, group_sum
+
 
 def num_kept(total: int, keep: float) -> int:
     """How many of ``total`` items a keep rate in (0, 1] keeps: round(keep * total), at least 1."""
@@ -26,10 +28,15 @@ def kernel_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(torch.float64).square().sum(dim=(2, 3))
 
 
-def connectivity_mask(weight: torch.Tensor, keep: float) -> torch.Tensor:
-    """Boolean OIHW mask keeping the ``num_kept(O*C, keep)`` highest-norm kernels."""
-    norms = kernel_norms(weight)
+def connectivity_mask(weight: torch.Tensor, keep: float, filter_group: int = 1) -> torch.Tensor:
+    """Boolean OIHW mask keeping the ``num_kept(O*C, keep)`` highest-norm kernels.
+
+    ``filter_group`` > 1: kernels are kept or dropped per group of that many consecutive
+    filters and channel (by the group's norm), so a group's filters share their input channels.
+    """
+    norms = group_sum(kernel_norms(weight), filter_group)
     kept = top_mask(norms, num_kept(norms.numel(), keep))
+    kept = expand_groups(kept, filter_group, weight.shape[0])
     return kept[:, :, None, None].expand_as(weight)
 
 

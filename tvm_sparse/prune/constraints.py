@@ -39,16 +39,21 @@ class PatternConstraint(_Projecting):
 
     Exact joint projection: each kernel goes to its best pattern, then the kernels keeping the most
     energy after that survive (connectivity pruning on the pattern-projected weight).
+
+    ``filter_group`` > 1 makes the choice per group of that many consecutive filters and input
+    channel (one pattern, kept or dropped together): the filters of a group then share every
+    input load in the compiled kernel (about 2x faster per FLOP here) at some accuracy cost.
     """
 
     library: tuple[Pattern, ...]
     kernel_keep: float = 1.0
+    filter_group: int = 1
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
-        pat = pattern_mask(weight, self.library)
+        pat = pattern_mask(weight, self.library, self.filter_group)
         if self.kernel_keep >= 1.0:
             return pat
-        return pat & connectivity_mask(weight.detach() * pat, self.kernel_keep)
+        return pat & connectivity_mask(weight.detach() * pat, self.kernel_keep, self.filter_group)
 
 
 @dataclass(frozen=True)
@@ -98,11 +103,13 @@ def pattern_constraints(
     num_patterns: int = 8,
     kernel_keep: float | Mapping[str, float] = 1.0,
     library: Sequence[Pattern] | None = None,
+    filter_group: int = 1,
 ) -> dict[str, PatternConstraint]:
     """A :class:`PatternConstraint` for every dense 3x3 conv, sharing one pattern library.
 
     The library defaults to :func:`extract_pattern_library` over all those convs' current weights.
     ``kernel_keep`` is one rate for all, or a per-name mapping (missing names keep every kernel).
+    ``filter_group``: patterns and connectivity chosen per group of filters (see the class).
     """
     convs = pattern_convs(model)
     if library is None:
@@ -112,7 +119,7 @@ def pattern_constraints(
     def rate(name: str) -> float:
         return kernel_keep.get(name, 1.0) if isinstance(kernel_keep, Mapping) else kernel_keep
 
-    return {name: PatternConstraint(lib, rate(name)) for name in convs}
+    return {name: PatternConstraint(lib, rate(name), filter_group) for name in convs}
 
 
 def layer_weights(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:

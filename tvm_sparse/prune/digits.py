@@ -149,11 +149,15 @@ def train(
 
 
 def digits_constraints(
-    model: DigitsCNN, num_patterns: int = 8, kernel_keep: float = 0.27
+    model: DigitsCNN, num_patterns: int = 8, kernel_keep: float = 0.27, filter_group: int = 1
 ) -> dict[str, PatternConstraint]:
-    """8-pattern library from the model's weights; conv1 pattern-only, the rest ``kernel_keep``."""
+    """8-pattern library from the model's weights; conv1 pattern-only, the rest ``kernel_keep``;
+    ``filter_group``: choices per group of filters (see ``PatternConstraint``)."""
     return pattern_constraints(
-        model, num_patterns, {"conv1": 1.0, "conv2": kernel_keep, "conv3": kernel_keep}
+        model,
+        num_patterns,
+        {"conv1": 1.0, "conv2": kernel_keep, "conv3": kernel_keep},
+        filter_group=filter_group,
     )
 
 
@@ -192,6 +196,7 @@ def prune_digits(
     kernel_keep: float = 0.27,
     seed: int = 0,
     recipe: Recipe = Recipe(),
+    filter_group: int = 1,
 ) -> DigitsCNN:
     """A pruned copy of ``dense``: ``method`` "admm" (ADMM, hard prune, fine-tune) or "oneshot"
     (project the dense weights, fine-tune with the same budget)."""
@@ -200,7 +205,7 @@ def prune_digits(
     with _threads(1):
         torch.manual_seed(seed)
         model = copy.deepcopy(dense)
-        constraints = digits_constraints(model, num_patterns, kernel_keep)
+        constraints = digits_constraints(model, num_patterns, kernel_keep, filter_group)
         if method == "admm":
             steps_per_epoch = -(-len(data.y_train) // recipe.batch_size)
             admm = ADMMPruner(

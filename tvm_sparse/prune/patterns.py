@@ -41,12 +41,33 @@ def _kernels(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(-1, KERNEL_TAPS)
 
 
-def best_pattern_index(weight: torch.Tensor, patterns: Sequence[Pattern]) -> torch.Tensor:
+def group_sum(values: torch.Tensor, group: int) -> torch.Tensor:
+    """Sum ``values`` over consecutive groups of ``group`` along dim 0 (the last group may be
+    short): (O, ...) -> (ceil(O / group), ...)."""
+    if group <= 1:
+        return values
+    pad = -values.shape[0] % group
+    padded = torch.cat([values, values.new_zeros((pad, *values.shape[1:]))])
+    return padded.reshape(-1, group, *values.shape[1:]).sum(1)
+
+
+def expand_groups(values: torch.Tensor, group: int, rows: int) -> torch.Tensor:
+    """Inverse of :func:`group_sum`'s shape: each group's row repeated for its ``rows`` members."""
+    return values.repeat_interleave(max(1, group), dim=0)[:rows]
+
+
+def best_pattern_index(
+    weight: torch.Tensor, patterns: Sequence[Pattern], filter_group: int = 1
+) -> torch.Tensor:
     """(O, C) index into ``patterns`` of the pattern keeping the most energy of each kernel.
 
-    Ties go to the earliest pattern in ``patterns``.
+    ``filter_group`` > 1: one pattern per group of that many consecutive filters and channel,
+    the one keeping the most energy of the group's kernels together. Ties go to the earliest
+    pattern in ``patterns``.
     """
-    sq = _kernels(weight).to(torch.float64).square()
+    out_ch, in_ch = weight.shape[:2]
+    sq = _kernels(weight).to(torch.float64).square().reshape(out_ch, in_ch, KERNEL_TAPS)
+    sq = group_sum(sq, filter_group).reshape(-1, KERNEL_TAPS)
     masks = pattern_masks(patterns, torch.float64).to(sq.device)
     best = torch.empty(sq.shape[0], dtype=torch.int64, device=sq.device)
     # Elementwise products summed over the 9 taps (not a matmul): a kernel lying inside two
@@ -54,7 +75,7 @@ def best_pattern_index(weight: torch.Tensor, patterns: Sequence[Pattern]) -> tor
     for start in range(0, sq.shape[0], _CHUNK):
         part = sq[start : start + _CHUNK]
         best[start : start + _CHUNK] = (part[:, None, :] * masks[None]).sum(-1).argmax(dim=1)
-    return best.reshape(weight.shape[:2])
+    return expand_groups(best.reshape(-1, in_ch), filter_group, out_ch)
 
 
 def extract_pattern_library(
@@ -81,9 +102,12 @@ def extract_pattern_library(
     return [cands[i] for i in order[:num_patterns]]
 
 
-def pattern_mask(weight: torch.Tensor, library: Sequence[Pattern]) -> torch.Tensor:
-    """Boolean OIHW mask: each kernel keeps the taps of its best library pattern."""
-    best = best_pattern_index(weight, library)
+def pattern_mask(
+    weight: torch.Tensor, library: Sequence[Pattern], filter_group: int = 1
+) -> torch.Tensor:
+    """Boolean OIHW mask: each kernel keeps the taps of its best library pattern (chosen per
+    group of ``filter_group`` consecutive filters and channel)."""
+    best = best_pattern_index(weight, library, filter_group)
     masks = pattern_masks(library, torch.bool).to(weight.device)
     return masks[best].reshape(weight.shape)
 

@@ -8,7 +8,8 @@ are knob-sampled templates (``schedules/tunable.py``), TVM's own kernels get Met
 default rules. Tasks are tuned one after another (budget split by their share of the measured
 default time) with one XGBoost cost model. Records go to MetaSchedule's JSON database in
 ``work_dir`` as they are measured: a killed run keeps them, and a new run skips the trials a task
-already has.
+already has. Each task's best few records and its default are then re-timed in interleaved
+rounds and the winner kept in ``work_dir/verified`` (``verify.py``), which compile prefers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .measure import make_builder, make_runner, real_arguments
 from .progress import Progress, mean_ms
 from .records import open_database, trials_done
 from .search import KnobFeatures, space_for, strategy_for
+from .verify import has_verified, open_verified, verify_task
 
 __all__ = ["TaskResult", "TuningResult", "apply_records", "lower", "tune"]
 
@@ -43,7 +45,9 @@ class TaskResult:
     template: bool  # a tvm-sparse kernel (knob space) rather than a TVM kernel
     trials: int = 0  # measured records in the database
     default_ms: float | None = None
-    best_ms: float | None = None
+    best_ms: float | None = None  # MetaSchedule's best single measurement
+    verified_ms: float | None = None  # the kept candidate's median when re-timed
+    verified: str = ""  # which was kept: "default" / "tuned"
 
 
 @dataclass
@@ -53,17 +57,22 @@ class TuningResult:
     seconds: float = 0.0
 
     def table(self) -> str:
-        rows = ["task                                      calls trials  default ms   best ms"]
+        head = "task                                      calls trials  default ms   best ms"
+        rows = [head + "  re-timed ms (kept)"]
         for t in self.tasks:
             d = f"{t.default_ms:10.3f}" if t.default_ms else "         -"
             b = f"{t.best_ms:9.3f}" if t.best_ms else "        -"
-            rows.append(f"{t.name[:40]:40s} {t.weight:6d} {t.trials:6d} {d} {b}")
+            v = f"{t.verified_ms:9.3f} ({t.verified})" if t.verified_ms else ""
+            rows.append(f"{t.name[:40]:40s} {t.weight:6d} {t.trials:6d} {d} {b}  {v}")
         return "\n".join(rows)
 
 
 def apply_records(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -> tvm.IRModule:
-    """Lower ``mod``, replace each kernel by its best record in ``work_dir``, realize templates."""
+    """Lower ``mod``, replace each kernel by its best record in ``work_dir`` (the verified
+    winner where there is one), realize templates."""
     database = open_database(work_dir, create=False)
+    if has_verified(work_dir):
+        database = ms.database.OrderedUnionDatabase(open_verified(work_dir), database)
     mod = lower(mod, target)
     with target, database, tvm.transform.PassContext(opt_level=3):
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
@@ -82,6 +91,7 @@ def tune(
     sparse: bool = True,
     tvm_kernels: bool = True,
     min_task_trials: int = 8,
+    verify: int = 3,
     progress: bool = True,
     seed: int = 0,
 ) -> TuningResult:
@@ -90,6 +100,8 @@ def tune(
     ``rpc="host:port"`` measures on the devices a TVM RPC tracker registers under ``key`` (e.g.
     the Android RPC app); ``tvm_kernels=False`` tunes only tvm-sparse's kernels. Running again
     with the same ``work_dir`` resumes: finished records are kept, their trials not repeated.
+    ``verify``: re-time each task's best ``verify`` records and its default in 5 interleaved
+    rounds and keep the lowest median (0: trust MetaSchedule's one measurement per candidate).
     """
     from tvm_sparse.compiler import prepare
 
@@ -106,6 +118,7 @@ def tune(
     if rpc is not None:
         connect(tracker=rpc, key=key)  # fail fast, naming the device
     database = open_database(work_dir)
+    verified = open_verified(work_dir) if verify > 0 else None
     cores = num_cores(tgt)
     builder = make_builder(tgt, max_workers=cores)
     runner = make_runner(real_arguments(mod), tracker)
@@ -135,9 +148,11 @@ def tune(
     bar = Progress(
         result, trials, enabled=progress, curve_path=os.path.join(work_dir, "curve.jsonl")
     )
-    for ctx, info in zip(contexts, result.tasks, strict=True):
-        if info.template:
-            info.default_ms = _measure_default(ctx, builder, runner, database, info, bar)
+    defaults = [_default_trace(ctx) if info.template else None
+                for ctx, info in zip(contexts, result.tasks, strict=True)]  # fmt: skip
+    for ctx, info, default in zip(contexts, result.tasks, defaults, strict=True):
+        if default is not None:
+            info.default_ms = _measure_default(ctx, default, builder, runner, database, info, bar)
     budgets = _budgets(result.tasks, trials, min_task_trials)
     for i, (ctx, info, budget) in enumerate(zip(contexts, result.tasks, budgets, strict=True)):
         remaining = budget - info.trials
@@ -164,6 +179,17 @@ def tune(
         bar.check_device(tracker)
         info.trials = trials_done(database, ctx.mod)
         info.best_ms = _best_ms(database, ctx.mod)
+        if verified is not None and info.trials > 1:
+            kept = verify_task(ctx, database, verified, builder, runner, top_k=verify,
+                               default=defaults[i])  # fmt: skip
+            if kept is not None:
+                info.verified_ms, is_default = kept
+                info.verified = "default" if is_default else "tuned"
+                bar.note(
+                    f"task {i + 1}/{len(result.tasks)} {info.name[:36]}: best {verify} + "
+                    f"default re-timed: {info.verified} kept, {info.verified_ms:.3f} ms"
+                )
+            bar.check_device(tracker)
     result.seconds = time.perf_counter() - t0
     bar.finish()
     return result
@@ -193,19 +219,25 @@ def _best_ms(database: ms.database.Database, mod: tvm.IRModule) -> float | None:
     return mean_ms(top[0].run_secs) if top else None
 
 
-def _measure_default(ctx, builder, runner, database, info: TaskResult, bar) -> float | None:
-    """Measure the template's default point (the hand schedule) once, as a record: tuning
-    then starts from it and can only equal or beat it."""
-    space = ctx.generate_design_space()[0]
-    trace = space.trace
+def _default_trace(ctx: ms.TuneContext) -> s_tir.Trace:
+    """The trace of a template's default point (every knob at candidate 0: the hand schedule)."""
+    trace = ctx.generate_design_space()[0].trace
     for inst in list(trace.decisions):
         if inst.kind.name == "SampleCategorical":
             trace = trace.with_decision(inst, 0, remove_postproc=True)
     sch = s_tir.Schedule(ctx.mod)
     trace.apply_to_schedule(sch, remove_postproc=True)
+    return sch.trace
+
+
+def _measure_default(ctx, default, builder, runner, database, info, bar) -> float | None:
+    """Measure the template's default point (the hand schedule) once, as a record: tuning
+    then starts from it and can only equal or beat it."""
+    sch = s_tir.Schedule(ctx.mod)
+    default.apply_to_schedule(sch, remove_postproc=True)
     workload = database.commit_workload(ctx.mod)
     for rec in database.get_all_tuning_records():
-        if rec.workload.same_as(workload) and str(rec.trace) == str(sch.trace):
+        if rec.workload.same_as(workload) and str(rec.trace) == str(default):
             return mean_ms(rec.run_secs)
     args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, ctx.target)])

@@ -1,0 +1,116 @@
+"""Re-measure a task's best candidates before trusting them.
+
+MetaSchedule measures each candidate once (one ~50 ms sample). On a noisy machine (a shared VM,
+a phone heating up) the fastest record of a task is then partly luck: tuned layers here read
+0.5-1.4x of their default in later interleaved timings. After a task is tuned, its few best
+records and the hand default are rebuilt and timed again in interleaved rounds; the one with
+the lowest median goes to a second MetaSchedule database, ``work_dir/verified``, which
+``apply_records`` consults first (``OrderedUnionDatabase``: verified, then all records).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import tvm
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.utils import remove_build_dir
+
+from .records import open_database
+
+VERIFIED = "verified"
+
+
+def open_verified(work_dir: str) -> ms.database.JSONDatabase:
+    """The database of verified winners in ``work_dir`` (created when missing)."""
+    return open_database(os.path.join(work_dir, VERIFIED))
+
+
+def has_verified(work_dir: str) -> bool:
+    from .records import RECORDS
+
+    return os.path.exists(os.path.join(work_dir, VERIFIED, RECORDS))
+
+
+def _distinct_best(
+    database: ms.database.Database, mod: tvm.IRModule, count: int, default: s_tir.Trace | None
+) -> list[ms.database.TuningRecord]:
+    """The ``count`` fastest records of ``mod`` with distinct traces, plus the one whose trace
+    is ``default`` (the hand schedule) when it is not among them."""
+    workload = database.commit_workload(mod)
+    seen: dict[str, ms.database.TuningRecord] = {}
+    default_key = str(default) if default is not None else None
+    default_rec = None
+    for rec in database.get_top_k(workload, max(1, count) * 8):
+        key = str(rec.trace)
+        if key == default_key and default_rec is None:
+            default_rec = rec
+        if key not in seen and len(seen) < count:
+            seen[key] = rec
+    if default_rec is not None and default_key not in seen:
+        seen[default_key] = default_rec
+    return list(seen.values())
+
+
+def verify_task(
+    ctx: ms.TuneContext,
+    database: ms.database.Database,
+    verified: ms.database.Database,
+    builder: ms.builder.Builder,
+    runner: ms.runner.Runner,
+    *,
+    top_k: int = 3,
+    rounds: int = 5,
+    default: s_tir.Trace | None = None,
+) -> tuple[float, bool] | None:
+    """Re-time the task's ``top_k`` best records (and ``default``) in ``rounds`` interleaved
+    rounds; commit the lowest median to ``verified``. Returns (its median ms, whether it is the
+    default), or None when there was nothing to compare or nothing ran."""
+    records = _distinct_best(database, ctx.mod, top_k, default)
+    if not records:
+        return None
+    built = []
+    for rec in records:
+        sch = s_tir.Schedule(ctx.mod)
+        rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        built.append((rec, sch.mod))
+    results = builder.build([ms.builder.BuilderInput(mod, ctx.target) for _, mod in built])
+    ready = [(rec, res) for (rec, _), res in zip(built, results, strict=True) if not res.error_msg]
+    samples: list[list[float]] = [[] for _ in ready]
+    try:
+        if len(ready) > 1:
+            inputs = [
+                ms.runner.RunnerInput(res.artifact_path, "cpu", rec.args_info) for rec, res in ready
+            ]
+            # One batch, candidates in turn within each round: slow phases of the machine hit
+            # every candidate alike.
+            futures = runner.run(inputs * rounds)
+            for i, future in enumerate(futures):
+                out = future.result()
+                if not out.error_msg and out.run_secs:
+                    samples[i % len(ready)] += [float(s) for s in out.run_secs]
+    finally:
+        for _, res in ready:
+            if res.artifact_path:
+                remove_build_dir(res.artifact_path)
+    if len(ready) == 1:  # a single candidate: nothing to decide, its record stands
+        rec = ready[0][0]
+        samples[0] = [float(s) for s in rec.run_secs]
+    timed = [(statistics.median(s), i) for i, s in enumerate(samples) if s]
+    if not timed:
+        return None
+    median, best = min(timed)
+    rec = ready[best][0]
+    verified.commit_tuning_record(
+        ms.database.TuningRecord(
+            rec.trace,
+            verified.commit_workload(ctx.mod),
+            [median] * len(samples[best]),
+            ctx.target,
+            rec.args_info,
+        )
+    )
+    is_default = default is not None and str(rec.trace) == str(default)
+    return median * 1e3, is_default
