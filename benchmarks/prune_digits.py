@@ -6,6 +6,7 @@ projection of the dense weights + masked fine-tune with the same epoch budget. W
 benchmarks/results/prune_digits.{json,md,png}. Runs on one thread, ~4 minutes.
 
     python benchmarks/prune_digits.py [--seeds 0 1] [--keeps 0.5 0.27 0.12 0.05 0.02]
+        [--filter-group 4]   # patterns + connectivity per group of 4 filters: prune_digits_g4.*
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def machine() -> dict:
     }
 
 
-def run(seeds: list[int], keeps: list[float], recipe: Recipe) -> list[dict]:
+def run(seeds: list[int], keeps: list[float], recipe: Recipe, filter_group: int = 1) -> list[dict]:
     data = load_digits_data()
     rows = []
     for seed in seeds:
@@ -62,7 +63,7 @@ def run(seeds: list[int], keeps: list[float], recipe: Recipe) -> list[dict]:
         for keep in keeps:
             for method in METHODS:
                 t0 = time.perf_counter()
-                model = prune_digits(dense, data, method, 8, keep, seed, recipe)
+                model = prune_digits(dense, data, method, 8, keep, seed, recipe, filter_group)
                 report = sparsity_report(model, (data.x_test[:1],))
                 row = {
                     "seed": seed,
@@ -108,7 +109,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 def write_markdown(path: Path, info: dict, summary: list[dict], rows: list[dict]) -> None:
     m = info["machine"]
     lines = [
-        "# Digits: accuracy vs 3x3 conv sparsity (ADMM vs one-shot projection)",
+        "# Digits: accuracy vs 3x3 conv sparsity (ADMM vs one-shot projection)"
+        + (
+            f", choices per group of {info['filter_group']} filters"
+            if info.get("filter_group", 1) > 1
+            else ""
+        ),
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores (torch on {m['torch_threads']} thread), "
         f"Python {m['python']}, torch {m['torch']}. Total run time {info['seconds']:.0f} s.",
@@ -172,10 +178,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.27, 0.12, 0.05, 0.02])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--filter-group", type=int, default=1)
     args = parser.parse_args()
     recipe = Recipe()
     t0 = time.perf_counter()
-    rows = run(args.seeds, args.keeps, recipe)
+    rows = run(args.seeds, args.keeps, recipe, args.filter_group)
     summary = summarize(rows)
     info = {
         "machine": machine(),
@@ -183,14 +190,16 @@ def main() -> None:
         "width": list(WIDTH),
         "seeds": args.seeds,
         "recipe": asdict(recipe),
+        "filter_group": args.filter_group,
         "summary": summary,
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prune_digits.json").write_text(json.dumps(info, indent=1) + "\n")
-    write_markdown(args.out / "prune_digits.md", info, summary, rows)
-    plot(args.out / "prune_digits.png", summary, rows)
-    print(f"wrote {args.out}/prune_digits.{{json,md,png}}")
+    stem = "prune_digits" + (f"_g{args.filter_group}" if args.filter_group > 1 else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_markdown(args.out / f"{stem}.md", info, summary, rows)
+    plot(args.out / f"{stem}.png", summary, rows)
+    print(f"wrote {args.out}/{stem}.{{json,md,png}}")
 
 
 if __name__ == "__main__":

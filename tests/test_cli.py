@@ -71,3 +71,11 @@ def test_bad_file_is_one_clear_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("tvm-sparse: error: ")
     assert "missing.onnx: no such ONNX file" in res.stderr
+
+
+def test_builtin_filter_grouped_model_packs_groups_of_four():
+    res = _cli("inspect", "builtin:resnet18-pattern-g4")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("groups of 4") == 16  # every pattern-pruned 3x3 conv
+    res = _cli("inspect", "builtin:nope")
+    assert res.returncode == 2 and "unknown built-in model 'builtin:nope'" in res.stderr

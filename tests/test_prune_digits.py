@@ -17,6 +17,9 @@ from tvm_sparse.prune.digits import (
     train_dense,
 )
 
+# Measured (seed 0): dense 99.56 %, ADMM with groups of 4 filters 99.56 % (one-shot: 98.89 %).
+GROUPED_MAX_LOSS = 1.0  # points, as for per-filter choices
+
 
 @pytest.fixture(scope="module")
 def result() -> DigitsResult:
@@ -71,3 +74,27 @@ def test_pruned_model_compiles_and_matches_pytorch(result: DigitsResult) -> None
     assert [(r.format, r.density, r.reason) for r in records] == [
         (row.format, row.stats.density, row.reason) for row in result.report.convs
     ]
+
+
+def test_filter_group_pruning_costs_little_and_compiles_to_grouped_kernels(
+    result: DigitsResult,
+) -> None:
+    """Patterns and connectivity chosen per group of 4 filters (the same ADMM recipe and
+    sparsity): the accuracy it costs on this task is bounded, every 3x3 conv is packed with
+    filter groups of 4, and the compiled model matches PyTorch."""
+    compiler = pytest.importorskip("tvm_sparse.compiler", reason="tvm_sparse.compile not built")
+    data = load_digits_data()
+    grouped = prune_digits(result.dense_model, data, "admm", filter_group=4)
+    acc = accuracy(grouped, data.x_test, data.y_test)
+    assert result.dense_acc - acc <= GROUPED_MAX_LOSS
+    for name in ("conv2", "conv3"):
+        w = grouped.get_submodule(name).weight.detach().numpy()
+        kept = (w != 0).reshape(w.shape[0] // 4, 4, w.shape[1], 9)
+        assert (kept == kept[:, :1]).all(), name  # one choice per group of 4 filters
+    x = data.x_test[:32]
+    compiled = compiler.compile(grouped, (x,), target="x86")
+    with torch.no_grad():
+        expected = grouped.eval()(x).numpy()
+    np.testing.assert_allclose(compiled(x.numpy()), expected, rtol=1e-4, atol=1e-4)
+    convs = [r for r in compiled.layers if r.op == "conv2d"]
+    assert all(r.format == "pattern" and "groups of 4" in r.reason for r in convs)

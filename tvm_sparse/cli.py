@@ -23,9 +23,10 @@ def _load(args: argparse.Namespace):
     if model.startswith("builtin:"):
         from .demo import build_demo_model
 
-        if model != "builtin:resnet18-pattern":
-            raise TvmSparseError(f"unknown built-in model {model!r} (builtin:resnet18-pattern)")
-        model = build_demo_model()
+        groups = {"builtin:resnet18-pattern": 1, "builtin:resnet18-pattern-g4": 4}
+        if model not in groups:
+            raise TvmSparseError(f"unknown built-in model {model!r} ({', '.join(groups)})")
+        model = build_demo_model(filter_group=groups[model])
         inputs = inputs or (np.zeros((1, 3, 224, 224), dtype="float32"),)
     return model, inputs
 
@@ -130,7 +131,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(image=args.image, rounds=args.rounds)
+    run_demo(image=args.image, rounds=args.rounds, filter_group=args.filter_group)
     return 0
 
 
@@ -140,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "model", help="ONNX file, torch.export .pt2 file, or builtin:resnet18-pattern"
+            "model",
+            help="ONNX file, torch.export .pt2 file, or builtin:resnet18-pattern[-g4]",
         )
         p.add_argument("--input-shape", help="e.g. 1,3,224,224 (ONNX files carry their own)")
         p.add_argument("--target", default="x86", help="x86 (this host), arm64 or android")
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pruned ResNet-18: sparse vs dense vs PyTorch vs ONNX Runtime")
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument(
+        "--filter-group", type=int, default=1, help="patterns + connectivity per group of filters"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -25,8 +25,11 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build_demo_model(width: int = 64, num_classes: int = 1000, seed: int = 0) -> Any:
-    """ResNet-18 with every 3x3 conv pattern-pruned (8 patterns x 4 taps, 28% of kernels)."""
+def build_demo_model(
+    width: int = 64, num_classes: int = 1000, seed: int = 0, filter_group: int = 1
+) -> Any:
+    """ResNet-18 with every 3x3 conv pattern-pruned (8 patterns x 4 taps, 28% of kernels;
+    ``filter_group``: chosen per group of that many filters, which the kernel computes together)."""
     import torch
 
     from .models import resnet18
@@ -34,11 +37,16 @@ def build_demo_model(width: int = 64, num_classes: int = 1000, seed: int = 0) ->
 
     torch.manual_seed(seed)
     model = resnet18(num_classes=num_classes, width=width)
-    return randomize_batchnorm_(pattern_prune_model_(model, seed=seed), seed=seed).eval()
+    pruned = pattern_prune_model_(model, seed=seed, filter_group=filter_group)
+    return randomize_batchnorm_(pruned, seed=seed).eval()
 
 
 def run_demo(
-    image: int = 224, width: int = 64, rounds: int = 15, threads: int | None = None
+    image: int = 224,
+    width: int = 64,
+    rounds: int = 15,
+    threads: int | None = None,
+    filter_group: int = 1,
 ) -> dict:
     """Compile, check numerics against PyTorch, and print the latency table. Returns the numbers."""
     import torch
@@ -46,12 +54,13 @@ def run_demo(
     import tvm_sparse
 
     threads = threads or os.cpu_count() or 1
-    model = build_demo_model(width)
+    model = build_demo_model(width, filter_group=filter_group)
     x = np.random.default_rng(0).standard_normal((1, 3, image, image)).astype("float32")
     with torch.no_grad():
         reference = model(torch.from_numpy(x)).numpy()
 
-    _say(f"compiling pattern-pruned ResNet-18 ({image}x{image}) sparse ...")
+    grouped = f", choices per group of {filter_group} filters" if filter_group > 1 else ""
+    _say(f"compiling pattern-pruned ResNet-18 ({image}x{image}{grouped}) sparse ...")
     sparse = tvm_sparse.compile(model, (x,), verbose=True)
     _say("compiling the same weights dense ...")
     dense = tvm_sparse.compile(model, (x,), sparse=False, verbose=True)
