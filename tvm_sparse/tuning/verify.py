@@ -18,7 +18,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.utils import remove_build_dir
 
-from .records import open_database
+from .records import RECORDS, open_database
 
 VERIFIED = "verified"
 
@@ -29,8 +29,7 @@ def open_verified(work_dir: str) -> ms.database.JSONDatabase:
 
 
 def has_verified(work_dir: str) -> bool:
-    from .records import RECORDS
-
+    """Whether ``work_dir`` holds re-timed winners."""
     return os.path.exists(os.path.join(work_dir, VERIFIED, RECORDS))
 
 
