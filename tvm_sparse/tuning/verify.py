@@ -53,6 +53,35 @@ def _distinct_best(
     return list(seen.values())
 
 
+def _retime(ctx, records, builder, runner, rounds: int) -> list[list[float]]:
+    """Each record's run times (seconds) over ``rounds`` interleaved rounds; [] when it failed to
+    build or run."""
+    samples: list[list[float]] = [[] for _ in records]
+    mods = []
+    for rec in records:
+        sch = s_tir.Schedule(ctx.mod)
+        rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        mods.append(sch.mod)
+    results = builder.build([ms.builder.BuilderInput(mod, ctx.target) for mod in mods])
+    ready = [i for i, res in enumerate(results) if not res.error_msg]
+    try:
+        inputs = [
+            ms.runner.RunnerInput(results[i].artifact_path, "cpu", records[i].args_info)
+            for i in ready
+        ]
+        # One batch, candidates in turn within each round: slow phases of the machine hit
+        # every candidate alike.
+        for j, future in enumerate(runner.run(inputs * rounds)):
+            out = future.result()
+            if not out.error_msg and out.run_secs:
+                samples[ready[j % len(ready)]] += [float(s) for s in out.run_secs]
+    finally:
+        for i in ready:
+            if results[i].artifact_path:
+                remove_build_dir(results[i].artifact_path)
+    return samples
+
+
 def verify_task(
     ctx: ms.TuneContext,
     database: ms.database.Database,
@@ -68,40 +97,15 @@ def verify_task(
     rounds; commit the lowest median to ``verified``. Returns (its median ms, whether it is the
     default), or None when there was nothing to compare or nothing ran."""
     records = _distinct_best(database, ctx.mod, top_k, default)
-    if not records:
-        return None
-    built = []
-    for rec in records:
-        sch = s_tir.Schedule(ctx.mod)
-        rec.trace.apply_to_schedule(sch, remove_postproc=False)
-        built.append((rec, sch.mod))
-    results = builder.build([ms.builder.BuilderInput(mod, ctx.target) for _, mod in built])
-    ready = [(rec, res) for (rec, _), res in zip(built, results, strict=True) if not res.error_msg]
-    samples: list[list[float]] = [[] for _ in ready]
-    try:
-        if len(ready) > 1:
-            inputs = [
-                ms.runner.RunnerInput(res.artifact_path, "cpu", rec.args_info) for rec, res in ready
-            ]
-            # One batch, candidates in turn within each round: slow phases of the machine hit
-            # every candidate alike.
-            futures = runner.run(inputs * rounds)
-            for i, future in enumerate(futures):
-                out = future.result()
-                if not out.error_msg and out.run_secs:
-                    samples[i % len(ready)] += [float(s) for s in out.run_secs]
-    finally:
-        for _, res in ready:
-            if res.artifact_path:
-                remove_build_dir(res.artifact_path)
-    if len(ready) == 1:  # a single candidate: nothing to decide, its record stands
-        rec = ready[0][0]
-        samples[0] = [float(s) for s in rec.run_secs]
+    if len(records) > 1:
+        samples = _retime(ctx, records, builder, runner, rounds)
+    else:  # one candidate (or none): nothing to decide, its record stands
+        samples = [[float(s) for s in rec.run_secs] for rec in records]
     timed = [(statistics.median(s), i) for i, s in enumerate(samples) if s]
     if not timed:
         return None
     median, best = min(timed)
-    rec = ready[best][0]
+    rec = records[best]
     verified.commit_tuning_record(
         ms.database.TuningRecord(
             rec.trace,
