@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_utils import run_pattern_conv, torch_conv
 
-from schedules.pattern_conv2d import Epilogue, PatternConvConfig
+from schedules.pattern_conv2d import ConvGeometry, Epilogue, PatternConvConfig, folded_rows
 from tvm_sparse.formats import PatternWeight
 from tvm_sparse.testing import random_pattern_weight
 
@@ -45,6 +45,8 @@ def conv_layers(draw):
         vector=draw(st.sampled_from([4, 8, 16])),
         channel_block=draw(st.sampled_from([0, 0, 2, 5])),
         shares=draw(st.sampled_from([1, 2, 3])),
+        prefetch=draw(st.sampled_from([0, 1, 6])),
+        fold=draw(st.sampled_from([1, 2, 4])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -83,6 +85,7 @@ def test_generated_layers_match_torch(layer):
             rows=layer["rows"], vector=layer["vector"], filters=filters,
             cols=layer["col_vectors"] * layer["vector"], shifted=layer["shifted"],
             channel_block=layer["channel_block"], shares=layer["shares"],
+            prefetch=layer["prefetch"], fold=layer["fold"],
         )  # fmt: skip
     got = run_pattern_conv(
         x, weight, layer["stride"], pad, epi, bias, residual, cfg, keep_zeros=layer["dense"]
@@ -155,3 +158,35 @@ def test_filters_together_must_divide_the_filter_group():
     x = np.zeros((1, 6, 5, 5), "float32")
     with pytest.raises(ValueError, match="not a divisor of the filter group 2"):
         run_pattern_conv(x, weight, 1, (1, 1, 1, 1), config=PatternConvConfig(filters=4))
+
+
+@pytest.mark.parametrize(
+    ("size", "pad", "fold"),
+    [(7, (1, 1, 1, 1), 2), (3, (1, 1, 1, 1), 4), (5, (1, 1, 1, 1), 2), (6, (2, 1, 0, 1), 2)],
+)
+def test_folded_rows_match_torch(size, pad, fold):
+    """Several short output rows per vector (rows staged ``vector // fold`` wide, the right
+    padding read from the next row's left padding): 7x7, 3x3, 5x5 maps and uneven padding,
+    a partial last tile, every epilogue term, groups of 4 filters."""
+    rng = np.random.default_rng(size)
+    weight = random_pattern_weight(8, 12, 3, num_patterns=4, kernel_keep=0.5, seed=size,
+                                   filter_group=4)  # fmt: skip
+    x = rng.standard_normal((2, 12, size, size)).astype("float32")
+    out_shape = torch_conv(x, weight, 1, pad).shape
+    geom = ConvGeometry(2, 12, size, size, 8, (3, 3), (1, 1), pad)
+    cfg = PatternConvConfig(rows=2, vector=16, filters=4, fold=fold, prefetch=3)
+    assert folded_rows(geom, cfg) == fold
+    bias = rng.standard_normal(8).astype("float32")
+    residual = rng.standard_normal(out_shape).astype("float32")
+    epi = Epilogue(bias=True, residual=True, activation="relu")
+    got = run_pattern_conv(x, weight, 1, pad, epi, bias, residual, cfg)
+    ref = torch_conv(x, weight, 1, pad, bias, residual, "relu")
+    np.testing.assert_allclose(got, ref, **TOL)
+
+
+def test_fold_does_not_apply_where_rows_do_not_fit():
+    """Stride 2, rows wider than ``vector // fold``, or no left padding: fold 1."""
+    cfg = PatternConvConfig(vector=16, fold=2)
+    assert folded_rows(ConvGeometry(1, 4, 14, 14, 4, (3, 3), (2, 2), (1, 1, 1, 1)), cfg) == 1
+    assert folded_rows(ConvGeometry(1, 4, 8, 8, 4, (3, 3), (1, 1), (1, 1, 1, 1)), cfg) == 1
+    assert folded_rows(ConvGeometry(1, 4, 7, 7, 4, (3, 3), (1, 1), (0, 0, 0, 0)), cfg) == 1
