@@ -161,9 +161,11 @@ def default_config(
                 filters = f
                 break
     rows = max(1, min(out_rows, budget // (filters * vecs_per_row)))
-    # Prefer tiles that divide the output evenly (no wasted rows in the last tile).
+    # Prefer tiles that divide the output evenly (no wasted rows in the last tile); with stride
+    # 2 down to half the rows (each output row reads two input rows: 256x128 s2 on 28x28, 2
+    # rows of 14 instead of 4, 0.136 -> 0.117 ms).
     for r in range(rows, 0, -1):
-        if out_rows % r == 0 and r * 2 > rows:
+        if out_rows % r == 0 and (r * 2 > rows or (geom.stride[0] > 1 and r * 2 == rows)):
             rows = r
             break
     return PatternConvConfig(
