@@ -113,8 +113,8 @@ class PatternConvConfig:
     # Output rows per vector: the input is staged with rows of ``vector // fold`` columns (the
     # right border's zero column is the next row's left one), so one vector covers ``fold``
     # short output rows: a 7x7 map fills 16-lane vectors two rows at a time instead of 8-lane
-    # vectors one row at a time. Applies to stride-1 layers whose rows fit (``folded_rows``),
-    # whole rows per tile, the phase staging and the registers-only order; else 1.
+    # vectors one row at a time. Applies where the rows fit (``folded_rows``), with whole rows
+    # per tile, the phase staging and the registers-only order; else 1.
     fold: int = 1
 
 
@@ -184,21 +184,34 @@ def default_config(
 def folded_rows(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
     """The fold ``cfg`` gets on ``geom``: ``cfg.fold`` where it applies, else 1.
 
-    A staged row of ``S = vector // fold`` columns holds the left padding, the input row and
-    its right padding up to column S - 1; reads past it land in the next row's left padding,
-    which must stand for the right padding: ``S >= left + width`` and
-    ``S >= out_width + kw - 1 - left``.
+    Folded, the input is staged by row and column phase of the stride, in rows of ``S = vector
+    // fold`` columns, so output row y + 1 starts S lanes after row y. Each phase's row must
+    hold its input columns (``< S``), and the columns a valid output lane reads past S (in the
+    next staged row) must land in that row's left padding (zeros), standing for the right one.
     """
     fold = cfg.fold
-    if fold <= 1 or cfg.vector % fold or geom.stride != (1, 1) or cfg.shifted:
+    if fold <= 1 or cfg.vector % fold or cfg.shifted or cfg.channel_block > 0:
         return 1
-    if cfg.cols not in (0, cfg.vector) or cfg.channel_block > 0:
+    if cfg.cols not in (0, cfg.vector):
         return 1
-    left, kw = geom.padding[1], geom.kernel[1]
+    sw, kw, left = geom.stride[1], geom.kernel[1], geom.padding[1]
     row = cfg.vector // fold
-    if row < left + geom.width or row < geom.out_width + kw - 1 - left or left < 1:
+    if row < geom.out_width:
         return 1
+    for phase in range(sw):
+        first, last = _phase_columns(geom.width, left, phase, sw)
+        if last >= row:  # the phase's input columns do not fit in a row
+            return 1
+        reach = max((dx // sw for dx in range(phase, kw, sw)), default=-1)
+        if reach >= 0 and geom.out_width - 1 + reach - row >= first:
+            return 1  # a valid lane would read the next row's data, not its padding
     return fold
+
+
+def _phase_columns(width: int, left: int, phase: int, stride: int) -> tuple[int, int]:
+    """First and last column q of a stride phase's staged row that hold input data (padded
+    column q * stride + phase is input column q * stride + phase - left)."""
+    return max(0, -((phase - left) // stride)), (width - 1 + left - phase) // stride
 
 
 def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
@@ -265,7 +278,7 @@ def pattern_conv2d_primfunc(
     staged_h = pad_h
     if fold > 1:  # rows of vec // fold columns; the last vectors read a few rows past pad_h
         pad_q = vec // fold
-        staged_h = pad_h + math.ceil((vec + kw) / pad_q) + 1
+        staged_h = (math.ceil(pad_h / sh) + math.ceil((vec + kw) / pad_q) + 1) * sh
     num_p = len(patterns)
     taps = [[divmod(t, kw) for t in pat] for pat in patterns]
 
@@ -285,10 +298,12 @@ def pattern_conv2d_primfunc(
         if cfg.shifted:
             pad = _stage_shifted(data, geom, pad_h, wide)
         else:
-            pad = _stage_phases(data, geom, staged_h, pad_q)
+            pad = _stage_phases(data, geom, staged_h, pad_q, row_phases=fold > 1)
 
         zero = tvm.tirx.const(0.0, "float32")
-        rows_in = (rows * fold - 1) * sh + kh  # input rows one tile reads
+        # Staged rows one tile reads (folded: per row phase) and the first one's offset.
+        rows_in = rows * fold + (kh - 1) // sh if fold > 1 else (rows - 1) * sh + kh
+        tile_row = rows * fold if fold > 1 else rows * sh
 
         def prefetch_rows(pad, n, c, y, x0) -> None:
             """Prefetch the cache lines of channel c's input rows y .. y + rows_in of a tile."""
@@ -310,16 +325,22 @@ def pattern_conv2d_primfunc(
             c = T.Bind(kchan[k])
             if cfg.prefetch:
                 ahead = T.Bind(kchan[tvm.tirx.min(k + cfg.prefetch, max(num_kernels, 1) - 1)])
-                prefetch_rows(pad, n, ahead, tile * rows * fold * sh, x0)
+                prefetch_rows(pad, n, ahead, tile * tile_row, x0)
             w = [
                 [T.Bind(kval[k + f * span, t]) for t in range(len(taps[p]))]
                 for f in range(len(acc))
             ]
             for r in range(rows):
-                y0 = (tile * rows + r) * fold * sh
+                y0 = (tile * rows + r) * sh
                 with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
                     x = xo * vec + xi
-                    if cfg.shifted:
+                    if fold > 1:  # plane (row phase, column phase), row in phase rows
+                        y0 = (tile * rows + r) * fold
+                        src = [
+                            pad[n, c, dy % sh * sw + dx % sw, y0 + dy // sh, x + dx // sw]
+                            for dy, dx in taps[p]
+                        ]
+                    elif cfg.shifted:
                         src = [pad[n, c, dx, y0 + dy, x0 + x] for dy, dx in taps[p]]
                     else:
                         src = [pad[n, c, dx % sw, y0 + dy, x0 + x + dx // sw] for dy, dx in taps[p]]
@@ -464,35 +485,45 @@ def _channel_blocked(geom, cfg, num_p, tiling, index, emit) -> None:
                         store_tile(acc, n, tile, x0, i)
 
 
-def _stage_phases(data, geom: ConvGeometry, pad_h: int, pad_q: int):
+def _stage_phases(data, geom: ConvGeometry, pad_h: int, pad_q: int, row_phases: bool = False):
     """pad[n, c, phase, Y, q] = padded input at row Y, column q * stride + phase (0 outside).
 
-    Every element is written once: the border with zeros, the interior copied, each with
-    compile-time bounds (no per-element conditions, so LLVM vectorizes the loops).
+    ``row_phases``: rows split by the row stride's phase too: padded row Y is row Y // sh of
+    plane (Y % sh) * sw + phase (``pad_h`` a multiple of sh), so consecutive output rows read
+    consecutive staged rows (what a fold needs). Every element is written once: the border with
+    zeros, the interior copied, each with compile-time bounds (no per-element conditions, so
+    LLVM vectorizes the loops).
     """
     n_img, chans, height, width = geom.batch, geom.in_channels, geom.height, geom.width
-    (_, sw), (pt, pl, _, _) = geom.stride, geom.padding
-    pad = T.alloc_buffer((n_img, chans, sw, pad_h, pad_q), "float32")
+    (sh, sw), (pt, pl, _, _) = geom.stride, geom.padding
+    sh = sh if row_phases else 1
+    pad = T.alloc_buffer((n_img, chans, sh * sw, pad_h // sh, pad_q), "float32")
     zero = tvm.tirx.const(0.0, "float32")
     rows = max(0, min(height, pad_h - pt))  # input rows past the last tile are never read
+
+    def row_at(n, c, ph, y) -> tuple:
+        if sh == 1:
+            return (n, c, ph, y)
+        return (n, c, tvm.tirx.floormod(y, sh) * sw + ph, tvm.tirx.floordiv(y, sh))
+
     with T.parallel(0, n_img * chans) as nc:
         n, c = nc // chans, nc % chans
         for ph in range(sw):
-            lo = min(pad_q, max(0, -((ph - pl) // sw)))  # first q whose source column is >= 0
-            hi = max(lo, min(pad_q, (width - 1 + pl - ph) // sw + 1))
+            lo, last = _phase_columns(width, pl, ph, sw)  # columns holding input data
+            lo, hi = min(pad_q, lo), max(min(pad_q, lo), min(pad_q, last + 1))
             for y_lo, y_hi in ((0, min(pt, pad_h)), (pt + rows, pad_h)):  # rows above / below
                 if y_hi > y_lo:
                     with T.serial(y_lo, y_hi) as y, T.serial(0, pad_q) as q:
-                        T.buffer_store(pad, zero, [n, c, ph, y, q])
+                        T.buffer_store(pad, zero, [*row_at(n, c, ph, y), q])
             if rows == 0:
                 continue
             with T.serial(0, rows) as y:
                 for q_lo, q_hi in ((0, lo), (hi, pad_q)):  # columns left / right
                     if q_hi > q_lo:
                         with T.serial(q_lo, q_hi) as q:
-                            T.buffer_store(pad, zero, [n, c, ph, y + pt, q])
+                            T.buffer_store(pad, zero, [*row_at(n, c, ph, y + pt), q])
                 if hi > lo:
-                    _copy_row(pad, data, (n, c, ph, y + pt), (n, c, y), lo, hi, sw, ph - pl)
+                    _copy_row(pad, data, row_at(n, c, ph, y + pt), (n, c, y), lo, hi, sw, ph - pl)
     return pad
 
 

@@ -161,32 +161,44 @@ def test_filters_together_must_divide_the_filter_group():
 
 
 @pytest.mark.parametrize(
-    ("size", "pad", "fold"),
-    [(7, (1, 1, 1, 1), 2), (3, (1, 1, 1, 1), 4), (5, (1, 1, 1, 1), 2), (6, (2, 1, 0, 1), 2)],
+    ("size", "stride", "pad", "fold"),
+    [
+        (7, 1, (1, 1, 1, 1), 2),
+        (3, 1, (1, 1, 1, 1), 4),
+        (5, 1, (1, 1, 1, 1), 2),
+        (6, 1, (2, 1, 0, 1), 2),
+        (7, 1, (0, 0, 0, 0), 2),
+        (14, 2, (1, 1, 1, 1), 2),
+        (13, 2, (1, 1, 1, 1), 2),
+        (6, 2, (1, 1, 1, 1), 4),
+    ],
 )
-def test_folded_rows_match_torch(size, pad, fold):
-    """Several short output rows per vector (rows staged ``vector // fold`` wide, the right
-    padding read from the next row's left padding): 7x7, 3x3, 5x5 maps and uneven padding,
-    a partial last tile, every epilogue term, groups of 4 filters."""
+def test_folded_rows_match_torch(size, stride, pad, fold):
+    """Several short output rows per vector (rows staged ``vector // fold`` wide by row and
+    column phase of the stride, the right padding read from the next row's left padding):
+    stride 1 and 2, even and odd sizes, uneven and no padding, a partial last tile, every
+    epilogue term, groups of 4 filters."""
     rng = np.random.default_rng(size)
     weight = random_pattern_weight(8, 12, 3, num_patterns=4, kernel_keep=0.5, seed=size,
                                    filter_group=4)  # fmt: skip
     x = rng.standard_normal((2, 12, size, size)).astype("float32")
-    out_shape = torch_conv(x, weight, 1, pad).shape
-    geom = ConvGeometry(2, 12, size, size, 8, (3, 3), (1, 1), pad)
+    out_shape = torch_conv(x, weight, stride, pad).shape
+    geom = ConvGeometry(2, 12, size, size, 8, (3, 3), (stride, stride), pad)
     cfg = PatternConvConfig(rows=2, vector=16, filters=4, fold=fold, prefetch=3)
     assert folded_rows(geom, cfg) == fold
     bias = rng.standard_normal(8).astype("float32")
     residual = rng.standard_normal(out_shape).astype("float32")
     epi = Epilogue(bias=True, residual=True, activation="relu")
-    got = run_pattern_conv(x, weight, 1, pad, epi, bias, residual, cfg)
-    ref = torch_conv(x, weight, 1, pad, bias, residual, "relu")
+    got = run_pattern_conv(x, weight, stride, pad, epi, bias, residual, cfg)
+    ref = torch_conv(x, weight, stride, pad, bias, residual, "relu")
     np.testing.assert_allclose(got, ref, **TOL)
 
 
 def test_fold_does_not_apply_where_rows_do_not_fit():
-    """Stride 2, rows wider than ``vector // fold``, or no left padding: fold 1."""
+    """Rows wider than ``vector // fold`` (8x8 at stride 1: 10 staged columns; 16x16 at
+    stride 2: 9 columns in phase 0) or a tile of several vectors per row: fold 1."""
     cfg = PatternConvConfig(vector=16, fold=2)
-    assert folded_rows(ConvGeometry(1, 4, 14, 14, 4, (3, 3), (2, 2), (1, 1, 1, 1)), cfg) == 1
     assert folded_rows(ConvGeometry(1, 4, 8, 8, 4, (3, 3), (1, 1), (1, 1, 1, 1)), cfg) == 1
-    assert folded_rows(ConvGeometry(1, 4, 7, 7, 4, (3, 3), (1, 1), (0, 0, 0, 0)), cfg) == 1
+    assert folded_rows(ConvGeometry(1, 4, 16, 16, 4, (3, 3), (2, 2), (1, 1, 1, 1)), cfg) == 1
+    wide = PatternConvConfig(vector=16, fold=2, cols=32)
+    assert folded_rows(ConvGeometry(1, 4, 7, 7, 4, (3, 3), (1, 1), (1, 1, 1, 1)), wide) == 1
