@@ -22,13 +22,20 @@ or connectivity + patterns pruned per group of filters) are packed in aligned gr
 then computes ``filters`` of them together, so each input vector load feeds that many FMAs
 (PatDNN's load-redundancy elimination across filters).
 
+Memory: a tile's input rows over all channels outgrow L1 (64 KiB at 128 channels of 28x28), and
+a job reads its kernels' channels in an order no hardware prefetcher follows, so the kernel
+prefetches the rows of the kernel ``prefetch`` ahead. Narrow outputs (<= 7 columns at 16 lanes)
+``fold`` several output rows into one vector: rows are staged ``vector // fold`` wide, by phase
+of the stride, and the right padding is read from the next row's left padding.
+
 The schedule knobs (``PatternConvConfig``): rows and columns per tile, vector width, filters
-computed together (grouped packings), the input staging layout, and the loop order. The order above
-keeps a filter's whole reduction in registers; ``channel_block`` > 0 puts the reduction over
-input channels outside instead, in blocks of that many channels, so every filter of a parallel
-share reads the block's input rows while they are in L1 (partial sums kept in a buffer between
-blocks). Each (filter, pattern) run is sorted by channel, so a block's kernels are the next ones
-of the run: a per-run cursor walks them and the packed layout is the same for both orders.
+computed together (grouped packings), the input staging layout, the loop order, prefetch
+distance and fold. The order above keeps a filter's whole reduction in registers;
+``channel_block`` > 0 puts the reduction over input channels outside instead, in blocks of that
+many channels, so every filter of a parallel share reads the block's input rows while they are
+in L1 (partial sums kept in a buffer between blocks). Each (filter, pattern) run is sorted by
+channel, so a block's kernels are the next ones of the run: a per-run cursor walks them and the
+packed layout is the same for both orders.
 """
 
 from __future__ import annotations
@@ -174,11 +181,20 @@ def default_config(
         filters=filters,
         cols=cols,
         shares=max(1, shares),
-        # 6 kernels ahead (4-8 measured alike); none for large kernels (a stem's few channels
-        # stay in L1, and its tiles read 10+ rows: dozens of prefetches per kernel).
-        prefetch=6 if geom.kernel[0] * geom.kernel[1] <= 9 else 0,
+        # 6 kernels ahead (4-8 measured alike), unless a tile's rows span more than 24 cache
+        # lines: each kernel would issue that many prefetches beside its ~32 loads (a 7x7 stem;
+        # per-filter stride-2 tiles of 7 rows read 2 x 15 rows: 0.26 -> 0.31 ms prefetched).
+        prefetch=6 if _tile_lines(geom, rows, fold, vecs_per_row * vector) <= 24 else 0,
         fold=fold,
     )
+
+
+def _tile_lines(geom: ConvGeometry, rows: int, fold: int, cols: int) -> int:
+    """Cache lines of one channel's staged input rows that a tile of ``rows`` reads."""
+    (kh, kw), (sh, sw) = geom.kernel, geom.stride
+    if fold > 1:
+        return sh * sw * math.ceil((rows * fold + (kh - 1) // sh) * cols / fold / 16)
+    return sw * math.ceil(((rows - 1) * sh + kh) * (cols + (kw - 1) // sw) / 16)
 
 
 def folded_rows(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
