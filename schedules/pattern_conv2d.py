@@ -145,7 +145,7 @@ def default_config(
     if fold_vector and filter_group > 1:
         for f in (8, 4, 2):  # the largest fold that applies: fewest lanes wasted
             if folded_rows(geom, PatternConvConfig(vector=fold_vector, fold=f)) == f:
-                fold, vector, accumulators = f, fold_vector, max(accumulators, 16)
+                fold, vector = f, fold_vector
                 break
     vecs_per_row = 1 if fold > 1 else math.ceil(geom.out_width / vector)
     out_rows = math.ceil(geom.out_height / fold)  # accumulator rows the map needs
@@ -347,11 +347,11 @@ def pattern_conv2d_primfunc(
                 for f in range(len(acc))
             ]
             for r in range(rows):
-                y0 = (tile * rows + r) * sh
+                # First staged row of the tile's row r (folded: in rows of a row phase).
+                y0 = (tile * rows + r) * (fold if fold > 1 else sh)
                 with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
                     x = xo * vec + xi
-                    if fold > 1:  # plane (row phase, column phase), row in phase rows
-                        y0 = (tile * rows + r) * fold
+                    if fold > 1:  # plane (row phase, column phase)
                         src = [
                             pad[n, c, dy % sh * sw + dx % sw, y0 + dy // sh, x + dx // sw]
                             for dy, dx in taps[p]
@@ -657,7 +657,7 @@ def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
         "shifted": [0, 1],
         "channel_block": [0] + [b for b in (16, 32, 64) if b < in_channels and group == 1],
         "shares": [default["shares"]],
-        "prefetch": sorted({0, 3, 6, 12, default["prefetch"]}),
+        "prefetch": sorted({0, 3, 6, 12, default.get("prefetch", 0)}),
         "fold": sorted({1, default.get("fold", 1)} | set(_folds(_geom(params), lanes))),
     }
 
