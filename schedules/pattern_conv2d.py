@@ -22,6 +22,10 @@ or connectivity + patterns pruned per group of filters) are packed in aligned gr
 then computes ``filters`` of them together, so each input vector load feeds that many FMAs
 (PatDNN's load-redundancy elimination across filters).
 
+Staged rows are as wide as the columns valid outputs read, rounded up to a cache line, where
+that is less than the vectors' reach (whole-row tiles): the spare lanes of a row's last vector
+read the next row and are never stored (``staged_width``).
+
 Memory: a tile's input rows over all channels outgrow L1 (64 KiB at 128 channels of 28x28), and
 a job reads its kernels' channels in an order no hardware prefetcher follows, so the kernel
 prefetches the rows of the kernel ``prefetch`` ahead. Narrow outputs (<= 7 columns at 16 lanes)
@@ -194,7 +198,28 @@ def _tile_lines(geom: ConvGeometry, rows: int, fold: int, cols: int) -> int:
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
     if fold > 1:
         return sh * sw * math.ceil((rows * fold + (kh - 1) // sh) * cols / fold / 16)
-    return sw * math.ceil(((rows - 1) * sh + kh) * (cols + (kw - 1) // sw) / 16)
+    span = cols + (kw - 1) // sw
+    if cols >= geom.out_width:  # whole rows: staged compact
+        span = min(span, staged_width(geom, cols))
+    return sw * math.ceil(((rows - 1) * sh + kh) * span / 16)
+
+
+def staged_width(geom: ConvGeometry, wide: int) -> int:
+    """Columns of a staged input row (one stride phase) when tiles cover whole output rows of
+    ``wide`` columns (padded to vectors): ``wide`` plus the taps' reach, or, where fewer, the
+    columns valid outputs read rounded up to a cache line (16 floats). Then rows start on a
+    line and a tile's rows span fewer lines (28x28: 32 columns, not 34; 14x14 stride 2: 16,
+    not 17, one line per row instead of two); the spare lanes of a row's last vector read the
+    next row and are not stored. (Tiles of part of a row keep the full width: rows of a
+    multiple of 8 lines would put a tile's lines in a few cache sets, 16 % slower at 112x112.)
+    """
+    (_, kw), sw, left = geom.kernel, geom.stride[1], geom.padding[1]
+    need = 0
+    for phase in range(sw):
+        reach = max((dx // sw for dx in range(phase, kw, sw)), default=0)
+        last = _phase_columns(geom.width, left, phase, sw)[1]
+        need = max(need, geom.out_width + reach, last + 1)
+    return min(wide + (kw - 1) // sw, -(-need // 16) * 16)
 
 
 def folded_rows(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
@@ -292,6 +317,11 @@ def pattern_conv2d_primfunc(
     pad_h = (tiles * rows * fold - 1) * sh + kh
     pad_q = wide + (kw - 1) // sw
     staged_h = pad_h
+    compact = not cfg.shifted and fold == 1 and col_tiles == 1
+    if compact and staged_width(geom, wide) < pad_q:
+        # Compact rows: the last vectors' spare lanes read into the next row (one more row
+        # staged so the last plane's stay in bounds).
+        pad_q, staged_h = staged_width(geom, wide), pad_h + 1
     if fold > 1:  # rows of vec // fold columns; the last vectors read a few rows past pad_h
         pad_q = vec // fold
         staged_h = (math.ceil(pad_h / sh) + math.ceil((vec + kw) / pad_q) + 1) * sh

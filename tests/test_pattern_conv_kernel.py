@@ -9,7 +9,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_utils import run_pattern_conv, torch_conv
 
-from schedules.pattern_conv2d import ConvGeometry, Epilogue, PatternConvConfig, folded_rows
+from schedules.pattern_conv2d import (
+    ConvGeometry,
+    Epilogue,
+    PatternConvConfig,
+    folded_rows,
+    staged_width,
+)
 from tvm_sparse.formats import PatternWeight
 from tvm_sparse.testing import random_pattern_weight
 
@@ -191,6 +197,38 @@ def test_folded_rows_match_torch(size, stride, pad, fold):
     epi = Epilogue(bias=True, residual=True, activation="relu")
     got = run_pattern_conv(x, weight, stride, pad, epi, bias, residual, cfg)
     ref = torch_conv(x, weight, stride, pad, bias, residual, "relu")
+    np.testing.assert_allclose(got, ref, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("size", "stride", "pad", "width"),
+    [
+        (28, 1, (1, 1, 1, 1), 32),  # 34 columns -> 32: two whole lines per row
+        (14, 2, (1, 1, 1, 1), 16),  # stride 2: 17 -> 16 per phase, one line per row
+        (13, 2, (1, 1, 1, 1), 16),  # odd size
+        (12, 1, (0, 0, 2, 2), 16),  # padding only on the right: the last column's reach
+        (30, 2, (1, 0, 1, 2), 16),  # uneven padding, stride 2
+    ],
+)
+@pytest.mark.parametrize("group", [1, 4])
+def test_compact_rows_match_torch(size, stride, pad, width, group):
+    """Whole-row tiles stage rows of the columns valid outputs read, rounded up to a cache line
+    (spare lanes read the next row and are not stored): fewer columns than the vectors' reach,
+    a partial last tile of rows, every epilogue term."""
+    rng = np.random.default_rng(size + group)
+    weight = random_pattern_weight(8, 6, 3, num_patterns=4, kernel_keep=0.6, seed=size,
+                                   filter_group=group)  # fmt: skip
+    x = rng.standard_normal((2, 6, size, size)).astype("float32")
+    out_shape = torch_conv(x, weight, stride, pad).shape
+    geom = ConvGeometry(2, 6, size, size, 8, (3, 3), (stride, stride), pad)
+    wide = -(-geom.out_width // 16) * 16
+    assert staged_width(geom, wide) == width < wide + 2 // stride
+    cfg = PatternConvConfig(rows=3, vector=16, filters=group, prefetch=2)
+    bias = rng.standard_normal(8).astype("float32")
+    residual = rng.standard_normal(out_shape).astype("float32")
+    epi = Epilogue(bias=True, residual=True, activation="relu6")
+    got = run_pattern_conv(x, weight, stride, pad, epi, bias, residual, cfg)
+    ref = torch_conv(x, weight, stride, pad, bias, residual, "relu6")
     np.testing.assert_allclose(got, ref, **TOL)
 
 
