@@ -59,15 +59,20 @@ def time_interleaved(
     warm: int = 5,
     inner: int = 10,
     settle_s: float | None = None,
+    window_s: float = 0.03,
 ) -> dict[str, float]:
     """Median over interleaved rounds of each runner's mean milliseconds per call.
 
-    In every round each runner (in a rotating order) waits ``settle_s``, makes ``warm`` untimed
-    calls, then ``inner`` timed calls. The wait lets the previous runtime's idle workers stop
-    spinning: TVM's pool yields 300k times after a run (``TVM_THREAD_POOL_SPIN_COUNT``), ONNX
-    Runtime's and PyTorch's workers spin too, and a runtime timed inside that window shares the
-    cores with them (ONNX Runtime read 2x slower on a 0.6 ms layer here, TVM 1.7x, PyTorch up to
-    5x). The warm calls then wake the cores and the runtime's own pool. Default wait: 1 s
+    In every round each runner (in a rotating order) waits ``settle_s``, makes untimed calls
+    (at least ``warm``, for at least ``window_s``), then timed calls (at least ``inner``, for
+    at least ``window_s``): every runtime is timed over a similar stretch of wall time, not a
+    similar number of calls (10 calls of a 0.15 ms kernel right after the wait read 1.2-1.4x
+    slower and twice as noisy as a 30 ms window here; ONNX Runtime's 0.8 ms calls ~1.1x).
+    The wait lets the previous runtime's idle workers stop spinning: TVM's pool yields 300k
+    times after a run (``TVM_THREAD_POOL_SPIN_COUNT``), ONNX Runtime's and PyTorch's workers
+    spin too, and a runtime timed inside that window shares the cores with them (ONNX Runtime
+    read 2x slower on a 0.6 ms layer here, TVM 1.7x, PyTorch up to 5x). The untimed calls
+    then wake the cores and the runtime's own pool. Default wait: 1 s
     (``TVM_SPARSE_BENCH_SETTLE_S``); with it each runtime read as it does when run alone.
     """
     if settle_s is None:
@@ -78,12 +83,18 @@ def time_interleaved(
         rotated = names[r % len(names) :] + names[: r % len(names)]
         for name in rotated:
             time.sleep(settle_s)
-            for _ in range(warm):
-                runners[name]()
+            run = runners[name]
             t0 = time.perf_counter()
-            for _ in range(inner):
-                runners[name]()
-            samples[name].append((time.perf_counter() - t0) / inner * 1e3)
+            calls = 0
+            while calls < warm or time.perf_counter() - t0 < window_s:
+                run()
+                calls += 1
+            t0 = time.perf_counter()
+            calls = 0
+            while calls < inner or time.perf_counter() - t0 < window_s:
+                run()
+                calls += 1
+            samples[name].append((time.perf_counter() - t0) / calls * 1e3)
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
