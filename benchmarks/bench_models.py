@@ -116,7 +116,8 @@ def main() -> None:
     )  # fmt: skip
     summary = (
         f"Batch 1, 224x224, {threads} threads, medians of {args.rounds} interleaved rounds "
-        "(each: 2 untimed + 3 timed calls per runtime). GFLOP counts conv + FC multiply-adds x2."
+        "(each: untimed then timed calls per runtime, at least 2 + 3 and 30 ms each). GFLOP "
+        "counts conv + FC multiply-adds x2."
         " Every 3x3 conv keeps 8 patterns of 4 taps and 28 % of its kernels; `_bsr`, resnet50,"
         " mobilenet_v2: 1x1 / FC layers 90 % BSR-pruned too; `_g4`: kernels and patterns chosen"
         " per group of 4 filters."
