@@ -198,9 +198,8 @@ def _tile_lines(geom: ConvGeometry, rows: int, fold: int, cols: int) -> int:
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
     if fold > 1:
         return sh * sw * math.ceil((rows * fold + (kh - 1) // sh) * cols / fold / 16)
-    span = cols + (kw - 1) // sw
-    if cols >= geom.out_width:  # whole rows: staged compact
-        span = min(span, staged_width(geom, cols))
+    # Whole rows are staged compact (``staged_width``); part-row tiles read cols + the reach.
+    span = staged_width(geom, cols) if cols >= geom.out_width else cols + (kw - 1) // sw
     return sw * math.ceil(((rows - 1) * sh + kh) * span / 16)
 
 
@@ -216,9 +215,8 @@ def staged_width(geom: ConvGeometry, wide: int) -> int:
     (_, kw), sw, left = geom.kernel, geom.stride[1], geom.padding[1]
     need = 0
     for phase in range(sw):
-        reach = max((dx // sw for dx in range(phase, kw, sw)), default=0)
         last = _phase_columns(geom.width, left, phase, sw)[1]
-        need = max(need, geom.out_width + reach, last + 1)
+        need = max(need, geom.out_width + _phase_reach(kw, sw, phase), last + 1)
     return min(wide + (kw - 1) // sw, -(-need // 16) * 16)
 
 
@@ -243,10 +241,15 @@ def folded_rows(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
         first, last = _phase_columns(geom.width, left, phase, sw)
         if last >= row:  # the phase's input columns do not fit in a row
             return 1
-        reach = max((dx // sw for dx in range(phase, kw, sw)), default=-1)
+        reach = _phase_reach(kw, sw, phase)
         if reach >= 0 and geom.out_width - 1 + reach - row >= first:
             return 1  # a valid lane would read the next row's data, not its padding
     return fold
+
+
+def _phase_reach(kw: int, stride: int, phase: int) -> int:
+    """Furthest staged column offset (dx // stride) of a stride phase's taps; -1 if it has none."""
+    return max((dx // stride for dx in range(phase, kw, stride)), default=-1)
 
 
 def _phase_columns(width: int, left: int, phase: int, stride: int) -> tuple[int, int]:
@@ -319,8 +322,7 @@ def pattern_conv2d_primfunc(
     pad_h = (tiles * rows * fold - 1) * sh + kh
     pad_q = wide + (kw - 1) // sw
     staged_h = pad_h
-    compact = not cfg.shifted and fold == 1 and col_tiles == 1
-    if compact and staged_width(geom, wide) < pad_q:
+    if not cfg.shifted and fold == 1 and col_tiles == 1 and staged_width(geom, wide) < pad_q:
         # Compact rows: the last vectors' spare lanes read into the next row (one more row
         # staged so the last plane's stay in bounds).
         pad_q, staged_h = staged_width(geom, wide), pad_h + 1
