@@ -22,6 +22,17 @@ from tvm_sparse.testing import random_pattern_weight
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
+def assert_epilogue_matches_torch(x, weight, stride, pad, cfg, activation, rng) -> None:
+    """Run the kernel with a random bias and residual and ``activation`` fused (every epilogue
+    term) and compare it with PyTorch."""
+    bias = rng.standard_normal(weight.shape[0]).astype("float32")
+    residual = rng.standard_normal(torch_conv(x, weight, stride, pad).shape).astype("float32")
+    epi = Epilogue(bias=True, residual=True, activation=activation)
+    got = run_pattern_conv(x, weight, stride, pad, epi, bias, residual, cfg)
+    ref = torch_conv(x, weight, stride, pad, bias, residual, activation)
+    np.testing.assert_allclose(got, ref, **TOL)
+
+
 @st.composite
 def conv_layers(draw):
     kernel = draw(st.sampled_from([1, 3, 3, 3, 5]))
@@ -108,13 +119,8 @@ def test_channel_block_order_matches_torch(block):
     weight = random_pattern_weight(12, 40, 3, num_patterns=6, kernel_keep=0.3, seed=3)
     weight[5] = 0.0
     x = rng.standard_normal((2, 40, 9, 10)).astype("float32")
-    bias = rng.standard_normal(12).astype("float32")
-    residual = rng.standard_normal((2, 12, 9, 10)).astype("float32")
-    epi = Epilogue(bias=True, residual=True, activation="relu")
     cfg = PatternConvConfig(rows=4, vector=8, channel_block=block, shares=3)
-    got = run_pattern_conv(x, weight, 1, (1, 1, 1, 1), epi, bias, residual, cfg)
-    ref = torch_conv(x, weight, 1, (1, 1, 1, 1), bias, residual, "relu")
-    np.testing.assert_allclose(got, ref, **TOL)
+    assert_epilogue_matches_torch(x, weight, 1, (1, 1, 1, 1), cfg, "relu", rng)
 
 
 @pytest.mark.parametrize("keep_zeros", [False, True])
@@ -147,16 +153,10 @@ def test_filter_groups_share_loads_and_match_torch(filters):
     weight = random_pattern_weight(16, 24, 3, num_patterns=5, kernel_keep=0.3, seed=5,
                                    filter_group=4)  # fmt: skip
     assert PatternWeight.from_dense(weight, num_shares=2).filter_group == 4
-    bias = rng.standard_normal(16).astype("float32")
-    epi = Epilogue(bias=True, residual=True, activation="relu6")
     for stride in (1, 2):
         x = rng.standard_normal((2, 24, 11, 13)).astype("float32")
-        residual = np.zeros_like(torch_conv(x, weight, stride, (1, 1, 1, 1)))
-        residual += rng.standard_normal(residual.shape).astype("float32")
         cfg = PatternConvConfig(rows=3, vector=8, filters=filters)
-        got = run_pattern_conv(x, weight, stride, (1, 1, 1, 1), epi, bias, residual, cfg)
-        ref = torch_conv(x, weight, stride, (1, 1, 1, 1), bias, residual, "relu6")
-        np.testing.assert_allclose(got, ref, **TOL)
+        assert_epilogue_matches_torch(x, weight, stride, (1, 1, 1, 1), cfg, "relu6", rng)
 
 
 def test_filters_together_must_divide_the_filter_group():
@@ -188,16 +188,10 @@ def test_folded_rows_match_torch(size, stride, pad, fold):
     weight = random_pattern_weight(8, 12, 3, num_patterns=4, kernel_keep=0.5, seed=size,
                                    filter_group=4)  # fmt: skip
     x = rng.standard_normal((2, 12, size, size)).astype("float32")
-    out_shape = torch_conv(x, weight, stride, pad).shape
     geom = ConvGeometry(2, 12, size, size, 8, (3, 3), (stride, stride), pad)
     cfg = PatternConvConfig(rows=2, vector=16, filters=4, fold=fold, prefetch=3)
     assert folded_rows(geom, cfg) == fold
-    bias = rng.standard_normal(8).astype("float32")
-    residual = rng.standard_normal(out_shape).astype("float32")
-    epi = Epilogue(bias=True, residual=True, activation="relu")
-    got = run_pattern_conv(x, weight, stride, pad, epi, bias, residual, cfg)
-    ref = torch_conv(x, weight, stride, pad, bias, residual, "relu")
-    np.testing.assert_allclose(got, ref, **TOL)
+    assert_epilogue_matches_torch(x, weight, stride, pad, cfg, "relu", rng)
 
 
 @pytest.mark.parametrize(
@@ -219,17 +213,11 @@ def test_compact_rows_match_torch(size, stride, pad, width, group):
     weight = random_pattern_weight(8, 6, 3, num_patterns=4, kernel_keep=0.6, seed=size,
                                    filter_group=group)  # fmt: skip
     x = rng.standard_normal((2, 6, size, size)).astype("float32")
-    out_shape = torch_conv(x, weight, stride, pad).shape
     geom = ConvGeometry(2, 6, size, size, 8, (3, 3), (stride, stride), pad)
     wide = -(-geom.out_width // 16) * 16
     assert staged_width(geom, wide) == width < wide + 2 // stride
     cfg = PatternConvConfig(rows=3, vector=16, filters=group, prefetch=2)
-    bias = rng.standard_normal(8).astype("float32")
-    residual = rng.standard_normal(out_shape).astype("float32")
-    epi = Epilogue(bias=True, residual=True, activation="relu6")
-    got = run_pattern_conv(x, weight, stride, pad, epi, bias, residual, cfg)
-    ref = torch_conv(x, weight, stride, pad, bias, residual, "relu6")
-    np.testing.assert_allclose(got, ref, **TOL)
+    assert_epilogue_matches_torch(x, weight, stride, pad, cfg, "relu6", rng)
 
 
 def test_fold_does_not_apply_where_rows_do_not_fit():

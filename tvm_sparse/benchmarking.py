@@ -83,19 +83,19 @@ def time_interleaved(
         rotated = names[r % len(names) :] + names[: r % len(names)]
         for name in rotated:
             time.sleep(settle_s)
-            run = runners[name]
-            t0 = time.perf_counter()
-            calls = 0
-            while calls < warm or time.perf_counter() - t0 < window_s:
-                run()
-                calls += 1
-            t0 = time.perf_counter()
-            calls = 0
-            while calls < inner or time.perf_counter() - t0 < window_s:
-                run()
-                calls += 1
-            samples[name].append((time.perf_counter() - t0) / calls * 1e3)
+            _call_for(runners[name], warm, window_s)
+            samples[name].append(_call_for(runners[name], inner, window_s))
     return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def _call_for(run: Callable[[], Any], min_calls: int, min_s: float) -> float:
+    """Call ``run`` at least ``min_calls`` times and for at least ``min_s``; mean ms per call."""
+    t0 = time.perf_counter()
+    calls = 0
+    while calls < min_calls or time.perf_counter() - t0 < min_s:
+        run()
+        calls += 1
+    return (time.perf_counter() - t0) / max(calls, 1) * 1e3
 
 
 def torch_runner(model: Any, inputs: tuple, threads: int) -> Callable[[], Any]:
