@@ -96,3 +96,56 @@ def block_prune_model_(model, keep: float = 0.1, block: tuple[int, int] = (8, 1)
             with torch.no_grad():
                 module.weight.copy_(pruned)
     return model
+
+
+def pattern_conv_kernel(
+    geom, weight: np.ndarray, epilogue=None, config=None, keep_zeros: bool = False, target="x86"
+):
+    """Compile one layer's pattern conv kernel on its own (no Relax) for ``weight`` (OIHW).
+
+    Returns ``(run, packed)``: ``run(x, bias=None, residual=None, out=None)`` calls the kernel
+    (numpy or ``tvm.runtime.Tensor`` arguments; ``bias`` in the original filter order) and
+    returns ``out``, a new ``tvm.runtime.Tensor`` unless given.
+    """
+    import tvm
+
+    from schedules.pattern_conv2d import Epilogue, pattern_conv2d_primfunc
+    from tvm_sparse.formats import PatternWeight
+    from tvm_sparse.targets import resolve_target
+
+    epilogue = epilogue or Epilogue()
+    packed = PatternWeight.from_dense(weight, num_shares=2, keep_zeros=keep_zeros)
+    max_taps = packed.kernel_values.shape[1]
+    func = pattern_conv2d_primfunc(
+        geom, packed.patterns, packed.num_kernels, max_taps, epilogue, config,
+        filter_group=packed.filter_group,
+    )  # fmt: skip
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    kernel = tvm.compile(mod, target=resolve_target(target)).jit()["main"]
+    k = max(packed.num_kernels, 1)
+    nonempty = packed.num_kernels > 0
+    index = [
+        packed.kernel_ptr,
+        packed.kernel_channel if nonempty else np.zeros(k, "int32"),
+        packed.kernel_values if nonempty else np.zeros((k, max_taps), "float32"),
+        packed.filter_order,
+    ]
+    index = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in index]
+    out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
+
+    def as_tensor(a):
+        return (
+            a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a))
+        )
+
+    def run(x, bias=None, residual=None, out=None):
+        args = [as_tensor(x), *index]
+        if epilogue.bias:
+            args.append(as_tensor(np.asarray(bias)[packed.filter_order]))
+        if epilogue.residual:
+            args.append(as_tensor(residual))
+        out = out if out is not None else tvm.runtime.tensor(np.zeros(out_shape, "float32"))
+        kernel(*args, out)
+        return out
+
+    return run, packed

@@ -1,0 +1,133 @@
+"""A/B of pattern conv kernel variants: each layer's kernel built per variant, timed directly
+(no Relax VM) in one process, interleaved in tight loops, medians; numerics checked first.
+
+    python benchmarks/ab_kernel.py --layers 2,4 --filter-group 4 \
+        --variant default --variant prefetch=0 --variant rows=2,filters=2
+
+``--layers``: indices into ``bench_conv_layers.LAYERS`` (default: all). A variant is ``default``
+(the config ``tvm_sparse.compile`` picks on this host) or comma-separated overrides of its
+``PatternConvConfig`` fields; an UPPERCASE key sets that environment variable while the
+variant is built (for generator switches under experiment). For kernel decisions this is far
+steadier than the side-by-side tables: variants share the process, the inputs and the minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import sys
+
+import numpy as np
+import torch
+import tvm
+from bench_conv_layers import LAYERS
+
+from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
+from tvm_sparse.benchmarking import markdown_table, time_interleaved, write_results
+from tvm_sparse.formats import PatternWeight
+from tvm_sparse.targets import resolve_target, vector_lanes, vector_registers
+from tvm_sparse.testing import pattern_conv_kernel, random_pattern_weight
+
+
+def parse_variant(spec: str) -> dict[str, str]:
+    """``"rows=2,PREFETCH_X=1"`` -> {"rows": "2", "PREFETCH_X": "1"}; ``default`` -> {}."""
+    if spec == "default":
+        return {}
+    pairs = [item.split("=", 1) for item in spec.split(",") if item]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"variant {spec!r}: expected key=value[,key=value...] or 'default'")
+    return dict(pairs)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set environment variables for the duration of the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def variant_config(base, overrides: dict[str, str]):
+    """``base`` with the lowercase overrides applied (ints, or booleans for bool fields)."""
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    changes = {}
+    for key, value in overrides.items():
+        if key.isupper():
+            continue
+        if key not in fields:
+            raise SystemExit(f"unknown config field {key!r}: one of {sorted(fields)}")
+        current = getattr(base, key)
+        changes[key] = value.lower() in ("1", "true") if isinstance(current, bool) else int(value)
+    return dataclasses.replace(base, **changes)
+
+
+def layer_runners(index: int, variants: list[str], filter_group: int) -> dict[str, object]:
+    """One runner per variant for layer ``LAYERS[index]``, each checked against PyTorch."""
+    _, o, c, size, stride = LAYERS[index]
+    weight = random_pattern_weight(
+        o, c, 3, num_patterns=8, kernel_keep=0.28, seed=index, filter_group=filter_group
+    )
+    x = np.random.default_rng(index).standard_normal((1, c, size, size)).astype("float32")
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), None, stride, 1)
+    geom = ConvGeometry(1, c, size, size, o, (3, 3), (stride, stride), (1, 1, 1, 1))
+    group = PatternWeight.from_dense(weight, num_shares=2).filter_group
+    target = resolve_target("x86")
+    lanes, registers = vector_lanes(target), vector_registers(target)
+    runners = {}
+    for spec in variants:
+        overrides = parse_variant(spec)
+        with environment({k: v for k, v in overrides.items() if k.isupper()}):
+            base = default_config(
+                geom, filter_group=group, shares=2, **tile_defaults(geom, registers, lanes)
+            )
+            run, _ = pattern_conv_kernel(geom, weight, config=variant_config(base, overrides))
+        out = run(x)
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-3, atol=1e-3)
+        xt = tvm.runtime.tensor(x)
+        runners[spec] = lambda run=run, xt=xt, out=out: run(xt, out=out)
+    return runners
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default=",".join(str(i) for i in range(len(LAYERS))))
+    ap.add_argument("--filter-group", type=int, default=1)
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="", help="write OUT.json / OUT.md")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    variants = args.variant or ["default"]
+    rows, payload = [], {"filter_group": args.filter_group, "variants": variants, "layers": []}
+    for index in (int(i) for i in args.layers.split(",")):
+        model, o, c, size, stride = LAYERS[index]
+        runners = layer_runners(index, variants, args.filter_group)
+        ms = time_interleaved(runners, rounds=args.rounds, warm=20, settle_s=0.0, window_s=0.02)
+        name = f"{o}x{c}x3x3 s{stride} on {size}x{size}"
+        base = ms[variants[0]]
+        cells = [f"{ms[v]:.4f} ({base / ms[v]:.2f}x)" for v in variants]
+        rows.append([model, name, *cells])
+        payload["layers"].append({"model": model, "layer": name, "ms": ms})
+        print(" | ".join(rows[-1]), flush=True)
+    header = ["model", "layer", *(f"`{v}` ms (speed-up)" for v in variants)]
+    table = markdown_table(header, rows)
+    print(table)
+    if args.out:
+        note = f"Kernel variants, {args.threads} threads, filter group {args.filter_group}, "
+        note += f"medians of {args.rounds} interleaved rounds, kernel called directly.\n\n"
+        write_results(args.out, payload, note + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
