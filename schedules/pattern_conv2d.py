@@ -123,6 +123,8 @@ class PatternConvConfig:
     # Loop order: 0 keeps each filter's reduction in registers; > 0 runs the input channels
     # outermost in blocks of this many, over ``shares`` parallel shares of the filters.
     channel_block: int = 0
+    # Parallel shares (one per core). Registers-only order: contiguous runs of the jobs, each
+    # staging the input rows it reads; channel-blocked: shares of the filters.
     shares: int = 2
     # Software prefetch: while computing kernel k, fetch the input rows of kernel k + prefetch
     # into L1 (0: off). A tile's input rows over all channels outgrow L1 (128 channels x 4
@@ -193,12 +195,22 @@ def default_config(
         filters=filters,
         cols=cols,
         shares=max(1, shares),
-        # 6 kernels ahead (4-8 measured alike), unless a tile's rows span more than 24 cache
-        # lines: each kernel would issue that many prefetches beside its ~32 loads (a 7x7 stem;
-        # per-filter stride-2 tiles of 7 rows read 2 x 15 rows: 0.26 -> 0.31 ms prefetched).
-        prefetch=6 if _tile_lines(geom, rows, fold, vecs_per_row * vector) <= 24 else 0,
+        prefetch=_prefetch_distance(geom, rows, fold, vecs_per_row * vector),
         fold=fold,
     )
+
+
+def _prefetch_distance(geom: ConvGeometry, rows: int, fold: int, cols: int) -> int:
+    """Kernels ahead to prefetch (0: none). Measured here (each core staging its own rows,
+    A/B in one process): 3 ahead beats 6 by 0-8 % (filter groups), none is 4-25 % slower on
+    stride-1 layers; strided unfolded tiles read two planes of (rows - 1) * 2 + 3 rows, and
+    prefetching them costs more than it hides (7-10 % slower with filter groups). Also none
+    where a tile's rows span more than 24 cache lines: each kernel would issue that many
+    prefetches beside its ~32 loads (a 7x7 stem; per-filter stride-2 tiles of 7 rows: 0.26
+    -> 0.31 ms prefetched)."""
+    if geom.stride[1] > 1 and fold == 1:
+        return 0
+    return 3 if _tile_lines(geom, rows, fold, cols) <= 24 else 0
 
 
 def _tile_lines(geom: ConvGeometry, rows: int, fold: int, cols: int) -> int:
@@ -689,8 +701,8 @@ def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
     """Rows per tile 1-8, vector = the target's lanes or half, 0 (whole row) to 4 vectors per
     tile, 1/2/4 filters together (divisors of the packing's filter group), either staging
     layout, the loop order: reduction in registers, or input channels outermost in blocks
-    of 16 / 32 / 64 (ungrouped packings only; ``shares``, the filters' parallel split, stays at
-    its default), the prefetch distance (0 / 3 / 6 / 12 kernels), and the folds that apply
+    of 16 / 32 / 64 (ungrouped packings only; ``shares``, the parallel split, stays at its
+    default: one per core), the prefetch distance (0 / 3 / 6 / 12 kernels), and the folds that apply
     (output rows per vector on narrow maps)."""
     out_channels, out_h = params["geom"]["out_channels"], _geom(params).out_height
     in_channels = params["geom"]["in_channels"]
