@@ -394,9 +394,10 @@ print(
 ## The TIR of a small layer
 
 8 -> 8 channels on 8x8, 2 patterns, a fused bias + ReLU epilogue and a 2-row tile, so that the
-printout stays short. Read it top down: the first parallel loop stages the zero-padded input
-(one copy per stride phase); the second runs over (row tile, column tile, filter) jobs. Each job
-zeroes one small accumulator buffer per output row of its tile (small enough to stay on the
+printout stays short. Read it top down: one parallel loop over shares (one per core), each a
+contiguous run of the (row tile, column tile, filter) jobs. A share first stages the zero-padded
+input rows its own tiles read (one copy per stride phase, every channel), then runs its jobs.
+Each job zeroes one small accumulator buffer per output row of its tile (small enough to stay on the
 stack, where LLVM keeps it in registers), then runs one loop per pattern over that filter's run
 of kernels (`kernel_ptr[i, p] : kernel_ptr[i, p + 1]`), loading the kernel's channel and its 4
 weights once and applying them with the pattern's tap offsets `(dy, dx)` written in as
