@@ -22,13 +22,13 @@ import sys
 import numpy as np
 import torch
 import tvm
-from bench_conv_layers import LAYERS
+from bench_conv_layers import LAYERS, layer_case
 
 from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
 from tvm_sparse.benchmarking import markdown_table, time_interleaved, write_results
 from tvm_sparse.formats import PatternWeight
 from tvm_sparse.targets import resolve_target, vector_lanes, vector_registers
-from tvm_sparse.testing import pattern_conv_kernel, random_pattern_weight
+from tvm_sparse.testing import pattern_conv_kernel
 
 
 def parse_variant(spec: str) -> dict[str, str]:
@@ -71,15 +71,12 @@ def variant_config(base, overrides: dict[str, str]):
 
 
 def layer_runners(
-    index: int, variants: list[str], filter_group: int, check: bool = True
+    index: int, variants: list[str], filter_group: int, threads: int, check: bool = True
 ) -> dict[str, object]:
     """One runner per variant for layer ``LAYERS[index]``, each checked against PyTorch
     (unless ``check`` is off: diagnostic builds that skip part of the work)."""
     _, o, c, size, stride = LAYERS[index]
-    weight = random_pattern_weight(
-        o, c, 3, num_patterns=8, kernel_keep=0.28, seed=index, filter_group=filter_group
-    )
-    x = np.random.default_rng(index).standard_normal((1, c, size, size)).astype("float32")
+    weight, x = layer_case(index, filter_group)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), None, stride, 1)
     geom = ConvGeometry(1, c, size, size, o, (3, 3), (stride, stride), (1, 1, 1, 1))
     group = PatternWeight.from_dense(weight, num_shares=2).filter_group
@@ -90,7 +87,7 @@ def layer_runners(
         overrides = parse_variant(spec)
         with environment({k: v for k, v in overrides.items() if k.isupper()}):
             base = default_config(
-                geom, filter_group=group, shares=2, **tile_defaults(geom, registers, lanes)
+                geom, filter_group=group, shares=threads, **tile_defaults(geom, registers, lanes)
             )
             run, _ = pattern_conv_kernel(geom, weight, config=variant_config(base, overrides))
         out = run(x)
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, payload = [], {"filter_group": args.filter_group, "variants": variants, "layers": []}
     for index in (int(i) for i in args.layers.split(",")):
         model, o, c, size, stride = LAYERS[index]
-        runners = layer_runners(index, variants, args.filter_group, not args.no_check)
+        runners = layer_runners(index, variants, args.filter_group, args.threads, not args.no_check)
         ms = time_interleaved(runners, rounds=args.rounds, warm=20, settle_s=0.0, window_s=0.02)
         name = f"{o}x{c}x3x3 s{stride} on {size}x{size}"
         base = ms[variants[0]]

@@ -63,12 +63,20 @@ class Conv(torch.nn.Module):
         return self.conv(x)
 
 
-def bench_layer(model, o, c, size, stride, rounds, threads, seed, filter_group=1) -> dict:
+def layer_case(index: int, filter_group: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``LAYERS[index]``'s pruned weight (8 patterns, 28 % of kernels, drawn per group of
+    ``filter_group`` filters) and input, seeded by the index (every benchmark uses these)."""
+    _, o, c, size, _ = LAYERS[index]
     weight = random_pattern_weight(
-        o, c, 3, num_patterns=8, kernel_keep=0.28, seed=seed, filter_group=filter_group
+        o, c, 3, num_patterns=8, kernel_keep=0.28, seed=index, filter_group=filter_group
     )
+    x = np.random.default_rng(index).standard_normal((1, c, size, size)).astype("float32")
+    return weight, x
+
+
+def bench_layer(model, o, c, size, stride, rounds, threads, seed, filter_group=1) -> dict:
+    weight, x = layer_case(seed, filter_group)
     net = Conv(weight, stride).eval()
-    x = np.random.default_rng(seed).standard_normal((1, c, size, size)).astype("float32")
     sparse = tvm_sparse.compile(net, (x,))
     dense = tvm_sparse.compile(net, (x,), sparse=False)
     with torch.no_grad():

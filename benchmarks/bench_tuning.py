@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from bench_conv_layers import LAYERS, Conv
+from bench_conv_layers import LAYERS, Conv, layer_case
 
 import tvm_sparse
 from tvm_sparse.benchmarking import (
@@ -33,7 +33,7 @@ from tvm_sparse.benchmarking import (
     write_results,
 )
 from tvm_sparse.models import resnet18, vgg16_bn
-from tvm_sparse.testing import pattern_prune_model_, random_pattern_weight, randomize_batchnorm_
+from tvm_sparse.testing import pattern_prune_model_, randomize_batchnorm_
 
 # The VGG-16 layers on 224x224 / 112x112 maps take minutes per tuning run on 2 cores: skipped.
 TUNED_LAYERS = [row for row in LAYERS if row[3] <= 56]
@@ -195,11 +195,8 @@ def main() -> None:
     for i, (model, o, c, size, stride) in enumerate(LAYERS):
         if (model, o, c, size, stride) not in TUNED_LAYERS or model not in args.only:
             continue
-        weight = random_pattern_weight(
-            o, c, 3, num_patterns=8, kernel_keep=0.28, seed=i, filter_group=args.filter_group
-        )
+        weight, x = layer_case(i, args.filter_group)
         net = Conv(weight, stride).eval()
-        x = np.random.default_rng(i).standard_normal((1, c, size, size)).astype("float32")
         wd = os.path.join(args.work_dir, f"{model}_{o}x{c}_{size}_s{stride}")
         r = compare(net, x, wd, args.layer_trials, args.rounds, threads, args.quiet)
         r.update(model=model, shape=f"{o}x{c}x3x3 s{stride} on {size}x{size}")
