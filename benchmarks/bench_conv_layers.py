@@ -74,8 +74,10 @@ def layer_case(index: int, filter_group: int = 1) -> tuple[np.ndarray, np.ndarra
     return weight, x
 
 
-def bench_layer(model, o, c, size, stride, rounds, threads, seed, filter_group=1) -> dict:
-    weight, x = layer_case(seed, filter_group)
+def bench_layer(index: int, rounds: int, threads: int, filter_group: int = 1) -> dict:
+    """``LAYERS[index]`` timed sparse / TVM dense / PyTorch / ONNX Runtime, interleaved."""
+    model, o, c, size, stride = LAYERS[index]
+    weight, x = layer_case(index, filter_group)
     net = Conv(weight, stride).eval()
     sparse = tvm_sparse.compile(net, (x,))
     dense = tvm_sparse.compile(net, (x,), sparse=False)
@@ -113,10 +115,10 @@ def main() -> None:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     rows, results = [], []
-    for i, (model, o, c, size, stride) in enumerate(LAYERS):
+    for i, (model, *_) in enumerate(LAYERS):
         if args.only and model != args.only:
             continue
-        r = bench_layer(model, o, c, size, stride, args.rounds, threads, i, args.filter_group)
+        r = bench_layer(i, args.rounds, threads, args.filter_group)
         results.append(r)
         ms, g = r["ms"], r["useful_gflops"]
         rows.append([

@@ -204,10 +204,10 @@ def _prefetch_distance(geom: ConvGeometry, rows: int, fold: int, cols: int) -> i
     """Kernels ahead to prefetch (0: none). Measured here (each core staging its own rows,
     A/B in one process): 3 ahead beats 6 by 0-8 % (filter groups), none is 4-25 % slower on
     stride-1 layers; strided unfolded tiles read two planes of (rows - 1) * 2 + 3 rows, and
-    prefetching them costs more than it hides (7-10 % slower with filter groups). Also none
-    where a tile's rows span more than 24 cache lines: each kernel would issue that many
-    prefetches beside its ~32 loads (a 7x7 stem; per-filter stride-2 tiles of 7 rows: 0.26
-    -> 0.31 ms prefetched)."""
+    prefetching them costs more than it hides (7-10 % slower with filter groups; per-filter
+    stride-2 tiles of 7 rows: 0.26 -> 0.31 ms prefetched, a 7x7 stem likewise). Also none
+    where a tile's rows span more than 24 cache lines (each kernel would issue that many
+    prefetches beside its ~32 loads): no stride-1 layer of ResNet / VGG gets such tiles."""
     if geom.stride[1] > 1 and fold == 1:
         return 0
     return 3 if _tile_lines(geom, rows, fold, cols) <= 24 else 0
@@ -498,10 +498,11 @@ def pattern_conv2d_primfunc(
                 lo = T.Bind(tvm.tirx.min(share * per_share, total))
                 count = T.Bind(tvm.tirx.min(lo + per_share, total) - lo)
                 first = T.Bind(lo // per_tile * tile_row)  # the share's first staged row
-                last = T.Bind((lo + count - 1) // per_tile * tile_row + reach)
+                last_tile = (lo + count - 1) // per_tile
+                end = T.Bind(tvm.tirx.min(last_tile * tile_row + reach, plane_rows))
                 with T.If(count > 0), T.Then():
                     with T.serial(0, chans) as c:
-                        stage(pad, share, n, c, first, tvm.tirx.min(last, plane_rows) - first)
+                        stage(pad, share, n, c, first, end - first)
                     # (Loops holding the allocations start at 0: see ``_channel_blocked``.)
                     with T.serial(0, count) as j:
                         job = lo + j
