@@ -72,7 +72,16 @@ def compare(net, x, work_dir, trials, rounds, threads, quiet) -> dict:
         "default_vs_best_dense": best_dense / ms["default"],
         "useful_gflops": {k: kept / v / 1e6 for k, v in ms.items()},
         "tasks": [vars(t) for t in result.tasks],
+        "model_check": _check_summary(result.model_check),
     }
+
+
+def _check_summary(check) -> dict | None:
+    """The in-model check of a tuning run: its timings, the build kept, kernels reverted."""
+    if check is None:
+        return None
+    return {"ms": check.ms, "kept": check.kept, "note": check.note,
+            "tuned_kernels": len(check.workloads), "reverted": check.at_default()}  # fmt: skip
 
 
 def model_curve(curve_path: str, tasks: list[dict]) -> list[tuple[int, float]]:
@@ -159,6 +168,14 @@ def render(payload: dict, out: str) -> str:
               f"**{ms['onnxruntime'] / ms['tuned']:.2f}x**", f"{r['trials']}",
               f"{r['tune_seconds']:.0f}"]],
         )  # fmt: skip
+        check = r.get("model_check")
+        if check and check["ms"]:
+            timed = ", ".join(f"{b} {v:.2f} ms" for b, v in check["ms"].items())
+            text += (
+                f"\n\nIn-model check after tuning ({timed}): kept **{check['kept']}**; "
+                f"{len(check['reverted'])} of {check['tuned_kernels']} tuned kernels built at "
+                "their default schedule."
+            )
         curve = r.get("curve") or []
         if curve:
             text += (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,19 @@ from schedules.pattern_conv2d import (
     pattern_conv2d_primfunc,
     pattern_conv2d_template,
 )
-from schedules.tunable import knob_space, realize, template, tunable_block
+from schedules.tunable import RealizeTunableKernels, knob_space, realize, template, tunable_block
+from tvm_sparse import tuning
+from tvm_sparse.compiler import lower, prepare
 from tvm_sparse.rpc import RPCError
 from tvm_sparse.targets import resolve_target
+from tvm_sparse.tuning.model_check import (
+    BUILDS,
+    KernelChoice,
+    ModelCheck,
+    load_check,
+    store_check,
+    workload_key,
+)
 from tvm_sparse.tuning.records import RECORDS, CorruptRecordWarning, open_database
 from tvm_sparse.tuning.search import space_for
 from tvm_sparse.tuning.verify import open_verified
@@ -116,6 +127,12 @@ def tuned_dir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("tuned")
     result = tvm_sparse.tune(net, (x,), trials=12, work_dir=str(work), progress=False)
     assert [t.template for t in result.tasks].count(True) == 2
+    check = result.model_check  # the tuned kernels were then compared inside the model
+    assert check is not None and check.kept in BUILDS and sorted(check.ms) == sorted(BUILDS)
+    assert all(v > 0 for v in check.ms.values()) and check.workloads
+    assert {k.name for k in check.kernels} == set(check.workloads.values())
+    assert load_check(str(work), prepare(net, (x,), resolve_target("x86"), True)[0],
+                      resolve_target("x86")) is not None  # fmt: skip
     for task in result.tasks:
         if task.template:
             # The default is measured first, so the best record can only equal or beat it.
@@ -141,16 +158,10 @@ def test_a_lucky_measurement_is_re_timed_and_loses(tmp_path) -> None:
     work = str(tmp_path)
     tvm_sparse.tune(net, (x,), trials=12, work_dir=work, progress=False, verify=0)
     db = open_database(work)
-    rec = next(r for r in db.get_all_tuning_records() if tunable_block(_first(r.workload.mod)))
-    space = knob_space(_first(rec.workload.mod))
-    slow = {"rows": 1, "vector": min(space["vector"]), "col_vectors": 1, "shifted": 1}
-    trace = rec.trace
-    sampled = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
-    for inst, (name, values) in zip(sampled, space.items(), strict=True):
-        if name in slow:
-            trace = trace.with_decision(inst, values.index(slow[name]), True)
-    lucky = ms.database.TuningRecord(trace, rec.workload, [1e-9], rec.target, rec.args_info)
-    db.commit_tuning_record(lucky)
+    rec, trace = _slow_trace(db)
+    db.commit_tuning_record(
+        ms.database.TuningRecord(trace, rec.workload, [1e-9], rec.target, rec.args_info)
+    )
     assert str(db.get_top_k(rec.workload, 1)[0].trace) == str(trace)  # it would be applied
 
     result = tvm_sparse.tune(net, (x,), trials=12, work_dir=work, progress=False, verify=3)
@@ -163,6 +174,68 @@ def test_a_lucky_measurement_is_re_timed_and_loses(tmp_path) -> None:
 
 def _first(mod):
     return next(iter(mod.functions.values()))
+
+
+def _slow_trace(db) -> tuple[ms.database.TuningRecord, s_tir.Trace]:
+    """A template task's record, and its trace with slow knobs (1-row tiles, narrow vectors,
+    1 vector per tile): a schedule no verification would pick."""
+    rec = next(r for r in db.get_all_tuning_records() if tunable_block(_first(r.workload.mod)))
+    space = knob_space(_first(rec.workload.mod))
+    slow = {"rows": 1, "vector": min(space["vector"]), "col_vectors": 1, "shifted": 1}
+    trace = rec.trace
+    sampled = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
+    for inst, (name, values) in zip(sampled, space.items(), strict=True):
+        if name in slow:
+            trace = trace.with_decision(inst, values.index(slow[name]), True)
+    return rec, trace
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A copy of a tuning work directory (records, verified records, in-model check)."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_in_model_check_decides_which_kernels_compile_tunes(tuned_dir, tmp_path) -> None:
+    """A stored in-model check puts the kernels it found slower in the model back at their
+    default schedule; it is ignored once the records it was made from change."""
+    work = str(_copy(tuned_dir, tmp_path / "copy"))
+    net, x = _net()
+    tgt = resolve_target("x86")
+    prepared, _, _ = prepare(net, (x,), tgt, True)
+    verified = open_verified(work)
+    rec, slow = _slow_trace(open_database(work))
+    verified.commit_tuning_record(  # the slow schedule becomes this workload's winner
+        ms.database.TuningRecord(slow, verified.commit_workload(rec.workload.mod), [1e-9],
+                                 rec.target, rec.args_info)
+    )  # fmt: skip
+    default = lower(RealizeTunableKernels(prepared), tgt)
+    key = workload_key(_first(rec.workload.mod))
+    name = next(
+        gv.name_hint
+        for gv, f in lower(prepared, tgt).functions.items()
+        if isinstance(f, tvm.tirx.PrimFunc) and workload_key(f) == key
+    )
+
+    def kernel(check: ModelCheck | None) -> bool:
+        """Whether compile builds that kernel at its default schedule under ``check``."""
+        if check is not None:
+            store_check(work, prepared, tgt, check)
+        mod, loaded = tuning.apply_records(prepared, tgt, work)
+        assert (loaded is None) == (check is None)
+        return tvm_ffi.structural_equal(mod[name], default[name])
+
+    assert not kernel(None)  # no check for these records: the slow winner applies
+    wins = [KernelChoice(name, 1, default_ms=1.0, tuned_ms=2.0)]  # the default won in the model
+    assert kernel(ModelCheck("mixed", kernels=wins, workloads={key: name}))
+    assert not kernel(ModelCheck("tuned", kernels=wins, workloads={key: name}))
+    assert kernel(ModelCheck("default", workloads={key: name}))
+    _check(tvm_sparse.compile(net, (x,), tuning=work), net, x)
+
+    verified.commit_tuning_record(rec)  # the records change: the stored check is stale
+    assert load_check(work, prepared, tgt) is None
+    mod, loaded = tuning.apply_records(prepared, tgt, work)
+    assert loaded is None and not tvm_ffi.structural_equal(mod[name], default[name])
 
 
 def test_records_load_in_a_fresh_process(tuned_dir) -> None:

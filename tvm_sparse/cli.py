@@ -110,6 +110,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         key=args.key or "android",
         tvm_kernels=not args.sparse_only,
         verify=args.verify,
+        model_check=not args.no_model_check,
     )
     print(result.table())
     print(f"records in {result.work_dir} ({result.seconds:.0f} s); use them with "
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", type=int, default=3,
                    help="re-time each task's best N records and its default, keep the fastest "
                         "(0: trust one measurement per candidate)")  # fmt: skip
+    p.add_argument("--no-model-check", action="store_true",
+                   help="skip comparing tuned and default kernels inside the model")  # fmt: skip
     p.set_defaults(func=cmd_tune)
     for name, text in (("run", "run on a device over RPC and compare with the host"),
                        ("bench", "run, compare and time on a device over RPC")):  # fmt: skip

@@ -181,13 +181,12 @@ def compile(  # noqa: A001 (the public name users expect)
     if tuning is not None:
         from .tuning import apply_records
 
-        mod = apply_records(mod, tgt, tuning)
-        _progress(f"applied the tuning records of {tuning}", verbose)
+        mod, check = apply_records(mod, tgt, tuning)
+        kept = f" (in-model check: {check.kept} build kept)" if check else ""
+        _progress(f"applied the tuning records of {tuning}{kept}", verbose)
     else:
         mod = lower(RealizeTunableKernels(mod), tgt)
-    with tgt:
-        mod = DefaultCPUSchedules()(mod)  # TVM's own kernels without a record
-    executable = tvm.compile(mod, target=tgt)
+    executable = build_executable(mod, tgt)
     _progress(
         f"built for {tgt.attrs.get('mtriple') or tgt.kind.name} in {time.perf_counter() - t0:.1f}s",
         verbose,
@@ -199,6 +198,14 @@ def compile(  # noqa: A001 (the public name users expect)
         target=tgt,
         compile_seconds=time.perf_counter() - t0,
     )
+
+
+def build_executable(scheduled: tvm.IRModule, target: tvm.target.Target) -> Any:
+    """Build a lowered module whose tvm-sparse kernels are scheduled (TVM's own kernels without
+    a record get the default CPU schedules) into a Relax VM executable."""
+    with target:
+        scheduled = DefaultCPUSchedules()(scheduled)
+    return tvm.compile(scheduled, target=target)
 
 
 def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

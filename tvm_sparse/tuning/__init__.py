@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import tvm
-from tvm import relax, s_tir
+from tvm import relax, s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 
 from schedules.tunable import RealizeTunableKernels, tunable_block
@@ -30,12 +31,13 @@ from tvm_sparse.rpc import connect, split_addr
 from tvm_sparse.targets import num_cores, resolve_target
 
 from .measure import make_builder, make_runner, real_arguments
+from .model_check import ModelCheck, check_model, load_check, store_check, workload_key
 from .progress import Progress, mean_ms
 from .records import open_database, trials_done
 from .search import KnobFeatures, space_for, strategy_for
 from .verify import has_verified, open_verified, verify_task
 
-__all__ = ["TaskResult", "TuningResult", "apply_records", "lower", "tune"]
+__all__ = ["ModelCheck", "TaskResult", "TuningResult", "apply_records", "lower", "tune"]
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TuningResult:
     work_dir: str
     tasks: list[TaskResult] = field(default_factory=list)
     seconds: float = 0.0
+    model_check: ModelCheck | None = None
 
     def table(self) -> str:
         head = "task                                      calls trials  default ms   best ms"
@@ -64,19 +67,46 @@ class TuningResult:
             b = f"{t.best_ms:9.3f}" if t.best_ms else "        -"
             v = f"{t.verified_ms:9.3f} ({t.verified})" if t.verified_ms else ""
             rows.append(f"{t.name[:40]:40s} {t.weight:6d} {t.trials:6d} {d} {b}  {v}")
+        if self.model_check is not None:
+            rows.append(self.model_check.table())
         return "\n".join(rows)
 
 
-def apply_records(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -> tvm.IRModule:
-    """Lower ``mod``, replace each kernel by its best record in ``work_dir`` (the verified
-    winner where there is one), realize templates."""
-    database = open_database(work_dir, create=False)
+def lowered_with_records(
+    mod: tvm.IRModule, target: tvm.target.Target, work_dir: str
+) -> tuple[tvm.IRModule, tvm.IRModule, ms.database.Database]:
+    """``mod`` lowered; the same with each kernel replaced by its best record in ``work_dir``
+    (the verified winner where there is one; templates not yet realized); all the records."""
+    records = database = open_database(work_dir, create=False)
     if has_verified(work_dir):
-        database = ms.database.OrderedUnionDatabase(open_verified(work_dir), database)
-    mod = lower(mod, target)
+        database = ms.database.OrderedUnionDatabase(open_verified(work_dir), records)
+    lowered = lower(mod, target)
     with target, database, tvm.transform.PassContext(opt_level=3):
-        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
+    return lowered, applied, records
+
+
+def revert_to_default(
+    lowered: tvm.IRModule, applied: tvm.IRModule, workloads: set[str]
+) -> tvm.IRModule:
+    """``applied`` with the kernels of ``workloads`` (``workload_key``) back at their default
+    schedule, templates realized."""
+    mod = applied.clone()
+    for gv, func in lowered.functions.items():
+        if isinstance(func, tirx.PrimFunc) and workload_key(func) in workloads:
+            mod.update_func(gv, func)
     return RealizeTunableKernels(mod)
+
+
+def apply_records(
+    mod: tvm.IRModule, target: tvm.target.Target, work_dir: str
+) -> tuple[tvm.IRModule, ModelCheck | None]:
+    """Lower ``mod`` and schedule each kernel by its best record in ``work_dir``, except those
+    the in-model check of this model put back at their default; and that check (None when
+    there is none for these records)."""
+    lowered, applied, _ = lowered_with_records(mod, target, work_dir)
+    check = load_check(work_dir, mod, target)
+    return revert_to_default(lowered, applied, set(check.reverted()) if check else set()), check
 
 
 def tune(
@@ -92,6 +122,7 @@ def tune(
     tvm_kernels: bool = True,
     min_task_trials: int = 8,
     verify: int = 3,
+    model_check: bool = True,
     progress: bool = True,
     seed: int = 0,
 ) -> TuningResult:
@@ -102,13 +133,15 @@ def tune(
     with the same ``work_dir`` resumes: finished records are kept, their trials not repeated.
     ``verify``: re-time each task's best ``verify`` records and its default in 5 interleaved
     rounds and keep the lowest median (0: trust MetaSchedule's one measurement per candidate).
+    ``model_check``: then compare the tuned kernels with their defaults inside the model and keep
+    the faster per kernel (``model_check.py``; on this host only, not over RPC).
     """
     from tvm_sparse.compiler import prepare
 
     t0 = time.perf_counter()
     tgt = resolve_target(target)
-    mod, _records, _inputs = prepare(model, example_inputs, tgt, sparse)
-    mod = lower(mod, tgt)
+    prepared, _records, inputs = prepare(model, example_inputs, tgt, sparse)
+    mod = lower(prepared, tgt)
     extracted = [
         t
         for t in ms.relax_integration.extract_tasks(mod, tgt)
@@ -190,9 +223,27 @@ def tune(
                     f"default re-timed: {info.verified} kept, {info.verified_ms:.3f} ms"
                 )
             bar.check_device(tracker)
+    if model_check and rpc is None and any(t.trials for t in result.tasks):
+        bar.note("checking the tuned kernels inside the model")
+        check = check_model(prepared, tgt, _host_inputs(inputs, seed), work_dir, note=bar.note)
+        store_check(work_dir, prepared, tgt, check)
+        result.model_check = check
+        bar.note(check.table())
     result.seconds = time.perf_counter() - t0
     bar.finish()
     return result
+
+
+def _host_inputs(specs: list, seed: int) -> list[tvm.runtime.Tensor]:
+    """Random host tensors for the model's inputs (normal floats; zeros for other dtypes)."""
+    rng = np.random.default_rng(seed)
+    arrays = [
+        rng.standard_normal(s.shape).astype(s.dtype)
+        if np.dtype(s.dtype).kind == "f"
+        else np.zeros(s.shape, s.dtype)
+        for s in specs
+    ]
+    return [tvm.runtime.tensor(a) for a in arrays]
 
 
 def _main(mod: tvm.IRModule):

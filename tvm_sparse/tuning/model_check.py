@@ -1,0 +1,242 @@
+"""The in-model check of a tuning run: which tuned kernels are faster in the model, not alone.
+
+Tasks are tuned and verified with each kernel timed alone, its input and weights hot in cache.
+In a model the previous layer's output is in cache instead, and big maps and weights stream from
+memory: tuned VGG-16 read 0.95-0.98x of the default in three runs although every task's winner
+had beaten the default alone. So after tuning, the model is built twice (every kernel at its
+default, every kernel with its records), both outputs are compared (a tuned kernel computing
+something else is never kept), and both builds are profiled per kernel in interleaved rounds.
+Each tuned workload slower in the model than its default goes back to the default; the build
+made from those choices is timed against the two others, whole, and the fastest kept.
+
+The decision is stored in ``work_dir/model_check.json``, per model (a hash of the module after
+tvm-sparse's passes) with a fingerprint of the records it was made from: ``compile(...,
+tuning=work_dir)`` applies it while the records are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import tirx
+from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+from tvm_sparse.benchmarking import time_interleaved
+from tvm_sparse.profiling import profile_vm
+
+from .records import RECORDS
+from .verify import VERIFIED
+
+MODEL_CHECK = "model_check.json"
+BUILDS = ("default", "tuned", "mixed")
+
+
+@dataclass
+class KernelChoice:
+    """One tuned workload in the model: its kernels' time per run, default and tuned."""
+
+    name: str  # the first kernel of the workload
+    kernels: int  # kernels of the model sharing the workload
+    default_ms: float
+    tuned_ms: float
+
+    @property
+    def kept(self) -> str:
+        return "tuned" if self.tuned_ms < self.default_ms else "default"
+
+
+@dataclass
+class ModelCheck:
+    """The builds compared in the model (median ms per run) and the one kept."""
+
+    kept: str  # one of BUILDS
+    ms: dict[str, float] = field(default_factory=dict)
+    kernels: list[KernelChoice] = field(default_factory=list)
+    workloads: dict[str, str] = field(default_factory=dict)  # workload key -> kernel name
+    note: str = ""
+
+    def at_default(self) -> list[str]:
+        """The tuned workloads (their first kernel's name) that compile builds at default."""
+        if self.kept != "mixed":
+            return list(self.workloads.values()) if self.kept == "default" else []
+        return [k.name for k in self.kernels if k.kept == "default"]
+
+    def reverted(self) -> list[str]:
+        """The keys (``workload_key``) of those workloads."""
+        names = set(self.at_default())
+        return [key for key, name in self.workloads.items() if name in names]
+
+    def table(self) -> str:
+        lines = [f"in-model check: {self.note}"] if self.note else []
+        if self.ms:
+            timed = ", ".join(f"{b} {self.ms[b]:.3f} ms" for b in BUILDS if b in self.ms)
+            lines.append(f"in-model check: {timed} per run; kept {self.kept}")
+        for k in self.kernels:
+            lines.append(f"  {k.name[:40]:40s} x{k.kernels}  default {k.default_ms:8.3f} ms  "
+                         f"tuned {k.tuned_ms:8.3f} ms  -> {k.kept}")  # fmt: skip
+        return "\n".join(lines)
+
+
+def model_key(prepared: tvm.IRModule) -> str:
+    """The model a check belongs to: the module after tvm-sparse's passes (weights included)."""
+    return f"{tvm_ffi.structural_hash(prepared):x}"
+
+
+def workload_key(func: tirx.PrimFunc) -> str:
+    """A kernel's workload, as MetaSchedule's databases identify it."""
+    return f"{tvm_ffi.structural_hash(_normalize_mod(func)):x}"
+
+
+def records_fingerprint(work_dir: str) -> str:
+    """A digest of the records a check was made from (all records, then the verified ones)."""
+    digest = hashlib.sha256()
+    for path in (os.path.join(work_dir, RECORDS), os.path.join(work_dir, VERIFIED, RECORDS)):
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def load_check(
+    work_dir: str, prepared: tvm.IRModule, target: tvm.target.Target
+) -> ModelCheck | None:
+    """The stored check for this model and target, if made from the records now in work_dir."""
+    entry = _read(work_dir).get(model_key(prepared))
+    if entry is None or entry.get("target") != str(target):
+        return None
+    if entry.get("records") != records_fingerprint(work_dir):
+        return None  # records added since (an interrupted re-run): the check is stale
+    kernels = [KernelChoice(**k) for k in entry["kernels"]]
+    return ModelCheck(entry["kept"], entry["ms"], kernels, entry["workloads"], entry["note"])
+
+
+def _read(work_dir: str) -> dict:
+    path = os.path.join(work_dir, MODEL_CHECK)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # a torn write: no check, every record applies
+
+
+def store_check(
+    work_dir: str, prepared: tvm.IRModule, target: tvm.target.Target, check: ModelCheck
+) -> None:
+    """Write ``check`` for this model (atomically; other models' checks are kept)."""
+    entries = _read(work_dir)
+    entry = asdict(check)
+    entry.update(target=str(target), records=records_fingerprint(work_dir))
+    entries[model_key(prepared)] = entry
+    path = os.path.join(work_dir, MODEL_CHECK)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(entries, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def check_model(
+    prepared: tvm.IRModule,
+    target: tvm.target.Target,
+    inputs: list,
+    work_dir: str,
+    *,
+    rounds: int = 5,
+    note: Callable[[str], None] = lambda _msg: None,
+) -> ModelCheck:
+    """Build ``prepared`` at the default schedules and with the records of ``work_dir``; keep
+    per workload what is faster in the model, then the fastest whole build (see the module doc).
+    ``inputs``: host tensors of the model's inputs."""
+    from . import lowered_with_records, revert_to_default
+
+    lowered, applied, database = lowered_with_records(prepared, target, work_dir)
+    workloads: dict[str, list[str]] = defaultdict(list)
+    for gv, func in lowered.functions.items():
+        if isinstance(func, tirx.PrimFunc) and database.has_workload(_normalize_mod(func)):
+            workloads[workload_key(func)].append(gv.name_hint)
+    builds = {
+        "default": revert_to_default(lowered, applied, set(workloads)),
+        "tuned": revert_to_default(lowered, applied, set()),
+    }
+    executables = {name: _build(mod, target) for name, mod in builds.items()}
+    outputs = {name: _run(exe, inputs) for name, exe in executables.items()}
+    first_names = {key: names[0] for key, names in workloads.items()}
+    if not _same(outputs["default"], outputs["tuned"]):
+        return _differs("tuned", first_names)
+    note(f"profiling the default and tuned builds in the model ({rounds} rounds)")
+    per_run = _profile_interleaved(executables, inputs, rounds)
+    kernels = []
+    for names in workloads.values():
+        default = sum(per_run["default"].get(n, 0.0) for n in names)
+        tuned = sum(per_run["tuned"].get(n, 0.0) for n in names)
+        kernels.append(KernelChoice(names[0], len(names), default, tuned))
+    kernels.sort(key=lambda k: -k.default_ms)
+    check = ModelCheck("mixed", kernels=kernels, workloads=first_names)
+    mixed = revert_to_default(lowered, applied, set(check.reverted()))
+    executables["mixed"] = _build(mixed, target)
+    if not _same(outputs["default"], _run(executables["mixed"], inputs)):
+        return _differs("per-kernel", first_names)
+    note("timing the default, tuned and per-kernel builds whole, interleaved")
+    runners = {name: _runner(exe, inputs) for name, exe in executables.items()}
+    # One runtime (TVM's pool) throughout: no other runtime's spinning workers to wait out.
+    check.ms = time_interleaved(runners, rounds=2 * rounds + 1, warm=2, inner=3, settle_s=0.0,
+                                window_s=0.05)  # fmt: skip
+    check.kept = min(BUILDS, key=lambda b: check.ms[b])
+    return check
+
+
+def _differs(build: str, workloads: dict[str, str]) -> ModelCheck:
+    note = f"the {build} build's output differs from the default build's: default kept"
+    return ModelCheck("default", workloads=workloads, note=note)
+
+
+def _build(scheduled: tvm.IRModule, target: tvm.target.Target):
+    from tvm_sparse.compiler import build_executable
+
+    return build_executable(scheduled, target)
+
+
+def _run(executable, inputs: list) -> list[np.ndarray]:
+    from tvm_sparse.compiled_model import _to_numpy
+
+    out = tvm.relax.VirtualMachine(executable, tvm.cpu())["main"](*inputs)
+    out = _to_numpy(out)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    """Equal up to float32 summation order (relative to each output's largest value)."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape
+        and np.allclose(x, y, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(x).max(initial=0))))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _profile_interleaved(executables: dict, inputs: list, rounds: int) -> dict[str, dict]:
+    """Per build: kernel name -> median ms per run over ``rounds`` alternating profiles."""
+    samples: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in executables}
+    for r in range(rounds):
+        order = list(executables) if r % 2 == 0 else list(reversed(executables))
+        for name in order:
+            for k in profile_vm(executables[name], inputs, runs=3, warm=1).kernels:
+                samples[name][k.name].append(k.ms)
+    return {
+        name: {kernel: statistics.median(v) for kernel, v in per.items()}
+        for name, per in samples.items()
+    }
+
+
+def _runner(executable, inputs: list) -> Callable[[], object]:
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    return lambda: vm["main"](*inputs)
