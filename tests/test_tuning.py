@@ -360,6 +360,10 @@ def test_tuning_through_an_rpc_tracker(loopback_device, tmp_path) -> None:
                              key="loopback", tvm_kernels=False, min_task_trials=2,
                              progress=False)  # fmt: skip
     assert all(t.best_ms and t.trials >= 2 for t in result.tasks)
+    # The in-model check ran on the device: whole builds only (no per-kernel instrument there).
+    check = result.model_check
+    assert check is not None and sorted(check.ms) == ["default", "tuned"] and not check.kernels
+    assert check.kept in check.ms and all(v > 0 for v in check.ms.values())
     _check(tvm_sparse.compile(net, (x,), tuning=str(tmp_path)), net, x)
 
 

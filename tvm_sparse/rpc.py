@@ -31,7 +31,15 @@ from tvm.rpc import base as _base
 from tvm_sparse import toolchain
 from tvm_sparse.errors import InputError, TvmSparseError
 
-__all__ = ["RPCError", "RemoteDevice", "benchmark_remote", "connect", "run_remote"]
+__all__ = [
+    "RPCError",
+    "RemoteDevice",
+    "benchmark_remote",
+    "connect",
+    "load_vm",
+    "run_remote",
+    "to_numpy",
+]
 
 T = TypeVar("T")
 
@@ -194,7 +202,7 @@ def connect(
 Lib = str | os.PathLike | Any  # a path to a shared library, or an executable from tvm.compile
 
 
-def _load_vm(
+def load_vm(
     lib: Lib, remote: RemoteDevice, target: str | tvm.target.Target | None
 ) -> relax.VirtualMachine:
     """Upload `lib` (linking it first if it is an executable) and open a VM on the remote CPU."""
@@ -212,11 +220,12 @@ def _load_vm(
     )
 
 
-def _to_numpy(value: Any) -> list[np.ndarray]:
+def to_numpy(value: Any) -> list[np.ndarray]:
+    """A VM's output (a tensor or nested tuples of them, here or remote) as numpy arrays."""
     if isinstance(value, tvm.runtime.Tensor):
         return [value.numpy()]
     if isinstance(value, Sequence):  # tvm_ffi's Array is a Sequence
-        return [arr for item in value for arr in _to_numpy(item)]
+        return [arr for item in value for arr in to_numpy(item)]
     raise TypeError(f"unexpected VM output of type {type(value).__name__}")
 
 
@@ -232,12 +241,12 @@ def run_remote(
 
     `target` picks the linker for an executable (default: the target it was compiled for).
     """
-    vm = _load_vm(lib, remote, target)
+    vm = load_vm(lib, remote, target)
     dev = remote.cpu()
 
     def run() -> list[np.ndarray]:
         args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
-        return _to_numpy(vm[func](*args))
+        return to_numpy(vm[func](*args))
 
     return remote._call(f"running {func}", run)
 
@@ -255,7 +264,7 @@ def benchmark_remote(
 ) -> float:
     """Median over `repeat` measurements of the mean time of `number` runs, in ms, timed on
     the device by the VM's `time_evaluator` (one warm-up run is discarded)."""
-    vm = _load_vm(lib, remote, target)
+    vm = load_vm(lib, remote, target)
     dev = remote.cpu()
 
     def bench() -> float:

@@ -10,6 +10,8 @@ default time) with one XGBoost cost model. Records go to MetaSchedule's JSON dat
 ``work_dir`` as they are measured: a killed run keeps them, and a new run skips the trials a task
 already has. Each task's best few records and its default are then re-timed in interleaved
 rounds and the winner kept in ``work_dir/verified`` (``verify.py``), which compile prefers.
+Last, the tuned kernels are compared with their defaults inside the model, and those slower there
+go back to the default (``model_check.py``).
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def tune(
     ``verify``: re-time each task's best ``verify`` records and its default in 5 interleaved
     rounds and keep the lowest median (0: trust MetaSchedule's one measurement per candidate).
     ``model_check``: then compare the tuned kernels with their defaults inside the model and keep
-    the faster per kernel (``model_check.py``; on this host only, not over RPC).
+    the faster per kernel (``model_check.py``; over RPC: the faster of the whole builds).
     """
     from tvm_sparse.compiler import prepare
 
@@ -223,9 +225,11 @@ def tune(
                     f"default re-timed: {info.verified} kept, {info.verified_ms:.3f} ms"
                 )
             bar.check_device(tracker)
-    if model_check and rpc is None and any(t.trials for t in result.tasks):
+    if model_check and any(t.trials for t in result.tasks):
         bar.note("checking the tuned kernels inside the model")
-        check = check_model(prepared, tgt, _host_inputs(inputs, seed), work_dir, note=bar.note)
+        remote = connect(tracker=rpc, key=key) if rpc is not None else None
+        check = check_model(prepared, tgt, _example_arrays(inputs, seed), work_dir,
+                            remote=remote, note=bar.note)  # fmt: skip
         store_check(work_dir, prepared, tgt, check)
         result.model_check = check
         bar.note(check.table())
@@ -234,16 +238,15 @@ def tune(
     return result
 
 
-def _host_inputs(specs: list, seed: int) -> list[tvm.runtime.Tensor]:
-    """Random host tensors for the model's inputs (normal floats; zeros for other dtypes)."""
+def _example_arrays(specs: list, seed: int) -> list[np.ndarray]:
+    """Random arrays for the model's inputs (normal floats; zeros for other dtypes)."""
     rng = np.random.default_rng(seed)
-    arrays = [
+    return [
         rng.standard_normal(s.shape).astype(s.dtype)
         if np.dtype(s.dtype).kind == "f"
         else np.zeros(s.shape, s.dtype)
         for s in specs
     ]
-    return [tvm.runtime.tensor(a) for a in arrays]
 
 
 def _main(mod: tvm.IRModule):

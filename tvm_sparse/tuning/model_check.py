@@ -7,7 +7,8 @@ had beaten the default alone. So after tuning, the model is built twice (every k
 default, every kernel with its records), both outputs are compared (a tuned kernel computing
 something else is never kept), and both builds are profiled per kernel in interleaved rounds.
 Each tuned workload slower in the model than its default goes back to the default; the build
-made from those choices is timed against the two others, whole, and the fastest kept.
+made from those choices is timed against the two others, whole, and the fastest kept. On a
+device over RPC (no per-kernel instrument there) the default and tuned builds are timed whole.
 
 The decision is stored in ``work_dir/model_check.json``, per model (a hash of the module after
 tvm-sparse's passes) with a fingerprint of the records it was made from: ``compile(...,
@@ -30,7 +31,6 @@ import tvm_ffi
 from tvm import tirx
 from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-from tvm_sparse.benchmarking import time_interleaved
 from tvm_sparse.profiling import profile_vm
 
 from .records import RECORDS
@@ -145,53 +145,78 @@ def store_check(
     os.replace(path + ".tmp", path)
 
 
+class _Device:
+    """Where the builds run: this host, or a device over RPC (``tvm_sparse.rpc``)."""
+
+    def __init__(self, target: tvm.target.Target, remote=None) -> None:
+        self.target, self.remote = target, remote
+        self.dev = remote.cpu() if remote is not None else tvm.cpu()
+
+    def load(self, executable) -> tvm.relax.VirtualMachine:
+        if self.remote is None:
+            return tvm.relax.VirtualMachine(executable, self.dev)
+        from tvm_sparse.rpc import load_vm
+
+        return load_vm(executable, self.remote, self.target)
+
+    def tensors(self, arrays: list[np.ndarray]) -> list:
+        return [tvm.runtime.tensor(a, self.dev) for a in arrays]
+
+    def call(self, what: str, fn: Callable):
+        return fn() if self.remote is None else self.remote._call(what, fn)
+
+
 def check_model(
     prepared: tvm.IRModule,
     target: tvm.target.Target,
-    inputs: list,
+    inputs: list[np.ndarray],
     work_dir: str,
     *,
+    remote=None,
     rounds: int = 5,
     note: Callable[[str], None] = lambda _msg: None,
 ) -> ModelCheck:
     """Build ``prepared`` at the default schedules and with the records of ``work_dir``; keep
     per workload what is faster in the model, then the fastest whole build (see the module doc).
-    ``inputs``: host tensors of the model's inputs."""
+    ``inputs``: arrays for the model's inputs. On a ``remote`` device (``tvm_sparse.rpc``) the
+    VM's per-kernel instrument is not available: the default and tuned builds are timed whole
+    and the faster kept."""
     from . import lowered_with_records, revert_to_default
 
+    device = _Device(target, remote)
     lowered, applied, database = lowered_with_records(prepared, target, work_dir)
     workloads: dict[str, list[str]] = defaultdict(list)
     for gv, func in lowered.functions.items():
         if isinstance(func, tirx.PrimFunc) and database.has_workload(_normalize_mod(func)):
             workloads[workload_key(func)].append(gv.name_hint)
+    first_names = {key: names[0] for key, names in workloads.items()}
     builds = {
         "default": revert_to_default(lowered, applied, set(workloads)),
         "tuned": revert_to_default(lowered, applied, set()),
     }
     executables = {name: _build(mod, target) for name, mod in builds.items()}
-    outputs = {name: _run(exe, inputs) for name, exe in executables.items()}
-    first_names = {key: names[0] for key, names in workloads.items()}
+    vms = {name: device.load(exe) for name, exe in executables.items()}
+    args = device.tensors(inputs)
+    outputs = {name: _run(vm, args, device) for name, vm in vms.items()}
     if not _same(outputs["default"], outputs["tuned"]):
         return _differs("tuned", first_names)
-    note(f"profiling the default and tuned builds in the model ({rounds} rounds)")
-    per_run = _profile_interleaved(executables, inputs, rounds)
-    kernels = []
-    for names in workloads.values():
-        default = sum(per_run["default"].get(n, 0.0) for n in names)
-        tuned = sum(per_run["tuned"].get(n, 0.0) for n in names)
-        kernels.append(KernelChoice(names[0], len(names), default, tuned))
-    kernels.sort(key=lambda k: -k.default_ms)
-    check = ModelCheck("mixed", kernels=kernels, workloads=first_names)
-    mixed = revert_to_default(lowered, applied, set(check.reverted()))
-    executables["mixed"] = _build(mixed, target)
-    if not _same(outputs["default"], _run(executables["mixed"], inputs)):
-        return _differs("per-kernel", first_names)
-    note("timing the default, tuned and per-kernel builds whole, interleaved")
-    runners = {name: _runner(exe, inputs) for name, exe in executables.items()}
-    # One runtime (TVM's pool) throughout: no other runtime's spinning workers to wait out.
-    check.ms = time_interleaved(runners, rounds=2 * rounds + 1, warm=2, inner=3, settle_s=0.0,
-                                window_s=0.05)  # fmt: skip
-    check.kept = min(BUILDS, key=lambda b: check.ms[b])
+    check = ModelCheck("tuned", workloads=first_names)
+    if remote is None:
+        note(f"profiling the default and tuned builds in the model ({rounds} rounds)")
+        per_run = _profile_interleaved(executables, args, rounds)
+        for names in workloads.values():
+            default = sum(per_run["default"].get(n, 0.0) for n in names)
+            tuned = sum(per_run["tuned"].get(n, 0.0) for n in names)
+            check.kernels.append(KernelChoice(names[0], len(names), default, tuned))
+        check.kernels.sort(key=lambda k: -k.default_ms)
+        check.kept = "mixed"
+        mixed = revert_to_default(lowered, applied, set(check.reverted()))
+        vms["mixed"] = device.load(_build(mixed, target))
+        if not _same(outputs["default"], _run(vms["mixed"], args, device)):
+            return _differs("per-kernel", first_names)
+    note(f"timing the {', '.join(vms)} builds whole, interleaved")
+    check.ms = _time_interleaved(vms, args, device, 2 * rounds + 1)
+    check.kept = min(check.ms, key=check.ms.__getitem__)
     return check
 
 
@@ -206,12 +231,10 @@ def _build(scheduled: tvm.IRModule, target: tvm.target.Target):
     return build_executable(scheduled, target)
 
 
-def _run(executable, inputs: list) -> list[np.ndarray]:
-    from tvm_sparse.compiled_model import _to_numpy
+def _run(vm: tvm.relax.VirtualMachine, args: list, device: _Device) -> list[np.ndarray]:
+    from tvm_sparse.rpc import to_numpy
 
-    out = tvm.relax.VirtualMachine(executable, tvm.cpu())["main"](*inputs)
-    out = _to_numpy(out)
-    return list(out) if isinstance(out, tuple) else [out]
+    return device.call("running a build of the model", lambda: to_numpy(vm["main"](*args)))
 
 
 def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
@@ -223,13 +246,13 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     )
 
 
-def _profile_interleaved(executables: dict, inputs: list, rounds: int) -> dict[str, dict]:
+def _profile_interleaved(executables: dict, args: list, rounds: int) -> dict[str, dict]:
     """Per build: kernel name -> median ms per run over ``rounds`` alternating profiles."""
     samples: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in executables}
     for r in range(rounds):
         order = list(executables) if r % 2 == 0 else list(reversed(executables))
         for name in order:
-            for k in profile_vm(executables[name], inputs, runs=3, warm=1).kernels:
+            for k in profile_vm(executables[name], args, runs=3, warm=1).kernels:
                 samples[name][k.name].append(k.ms)
     return {
         name: {kernel: statistics.median(v) for kernel, v in per.items()}
@@ -237,6 +260,17 @@ def _profile_interleaved(executables: dict, inputs: list, rounds: int) -> dict[s
     }
 
 
-def _runner(executable, inputs: list) -> Callable[[], object]:
-    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
-    return lambda: vm["main"](*inputs)
+def _time_interleaved(vms: dict, args: list, device: _Device, rounds: int) -> dict[str, float]:
+    """Median ms per run of each build over ``rounds`` rounds, builds in a rotating order
+    (the VM's time evaluator: at least 50 ms of runs per sample, after one warm-up run)."""
+    timers = {
+        name: vm.time_evaluator("main", device.dev, number=1, repeat=1, min_repeat_ms=50)
+        for name, vm in vms.items()
+    }
+    names = list(timers)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            result = device.call(f"timing the {name} build", lambda n=name: timers[n](*args))
+            samples[name].append(result.mean * 1e3)
+    return {n: statistics.median(v) for n, v in samples.items()}
