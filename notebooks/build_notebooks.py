@@ -610,6 +610,7 @@ machine, for this one layer.
 `tvm_sparse.tune(model, x, trials=..., work_dir=...)` searches the same knobs (and the loop
 order) with MetaSchedule: each kernel is a template whose rule samples the knobs, an XGBoost
 cost model picks candidates, the best few are re-timed against this default before one is kept,
+the kept kernels are compared with their defaults inside the model (those slower there go back),
 and `tvm_sparse.compile(..., tuning=work_dir)` applies the records (README, "Tune").
 """),
 ]
