@@ -16,6 +16,7 @@ go back to the default (``model_check.py``).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -228,8 +229,14 @@ def tune(
     if model_check and any(t.trials for t in result.tasks):
         bar.note("checking the tuned kernels inside the model")
         remote = connect(tracker=rpc, key=key) if rpc is not None else None
-        check = check_model(prepared, tgt, _example_arrays(inputs, seed), work_dir,
-                            remote=remote, note=bar.note)  # fmt: skip
+        try:
+            check = check_model(prepared, tgt, _example_arrays(inputs, seed), work_dir,
+                                remote=remote, note=bar.note)  # fmt: skip
+        finally:
+            if remote is not None:  # hand the device back to the tracker now
+                remote.close()
+                del remote
+                gc.collect()
         store_check(work_dir, prepared, tgt, check)
         result.model_check = check
         bar.note(check.table())
