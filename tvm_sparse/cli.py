@@ -52,14 +52,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _random_inputs(specs) -> list:
-    """Seeded random arrays for a compiled model's inputs."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return [rng.standard_normal(s.shape).astype(s.dtype) for s in specs]
-
-
 def _remote(args: argparse.Namespace):
     from .rpc import connect
 
@@ -76,12 +68,13 @@ def cmd_remote(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .compiler import compile as compile_model
+    from .frontend import random_inputs
     from .rpc import benchmark_remote, run_remote
 
     model, inputs = _load(args)
     device = compile_model(model, inputs, target=args.target, tuning=args.tuning, verbose=True)
     host = compile_model(model, inputs, target="x86")
-    feed = _random_inputs(device.inputs)
+    feed = random_inputs(device.inputs)
     expected = host(*feed)
     expected = list(expected) if isinstance(expected, tuple) else [expected]
     with _remote(args) as remote:
@@ -121,10 +114,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """Compile for this host and print where a forward pass spends its time, per kernel."""
     from .compiler import compile as compile_model
+    from .frontend import random_inputs
 
     model, inputs = _load(args)
     cm = compile_model(model, inputs, sparse=not args.dense, tuning=args.tuning, verbose=True)
-    feed = _random_inputs(cm.inputs)
+    feed = random_inputs(cm.inputs)
     print(cm.profile(*feed, runs=args.runs).table(top=args.top))
     return 0
 

@@ -35,6 +35,18 @@ class TensorSpec:
         return cls(d["name"], tuple(d["shape"]), d["dtype"])
 
 
+def random_inputs(specs: list[TensorSpec], seed: int = 0) -> list[np.ndarray]:
+    """Seeded random arrays for a model's inputs (normal floats; zeros for other dtypes, which
+    are always in bounds as indices)."""
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal(s.shape).astype(s.dtype)
+        if np.dtype(s.dtype).kind == "f"
+        else np.zeros(s.shape, s.dtype)
+        for s in specs
+    ]
+
+
 @dataclass
 class ImportedModel:
     """A Relax module with constant weights, and what its inputs are."""

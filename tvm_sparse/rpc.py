@@ -13,6 +13,7 @@ device (unreachable tracker, unknown key, no free device, dead server, a remote 
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import struct
@@ -154,7 +155,8 @@ class RemoteDevice:
 
     def close(self) -> None:
         """End the session (the device goes back to the tracker's free pool)."""
-        self.session = None  # the session closes when its last reference goes
+        self.session = None  # the session closes when its last reference goes:
+        gc.collect()  # remote modules, VMs and tensors caught in reference cycles included
 
     def __enter__(self) -> RemoteDevice:
         return self

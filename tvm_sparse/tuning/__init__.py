@@ -16,20 +16,20 @@ go back to the default (``model_check.py``).
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 
 from schedules.tunable import RealizeTunableKernels, tunable_block
 from tvm_sparse.compiler import lower
+from tvm_sparse.frontend import random_inputs
 from tvm_sparse.rpc import connect, split_addr
 from tvm_sparse.targets import num_cores, resolve_target
 
@@ -228,32 +228,16 @@ def tune(
             bar.check_device(tracker)
     if model_check and any(t.trials for t in result.tasks):
         bar.note("checking the tuned kernels inside the model")
-        remote = connect(tracker=rpc, key=key) if rpc is not None else None
-        try:
-            check = check_model(prepared, tgt, _example_arrays(inputs, seed), work_dir,
+        # The session ends with the block: the device goes back to the tracker.
+        with connect(tracker=rpc, key=key) if rpc is not None else nullcontext() as remote:
+            check = check_model(prepared, tgt, random_inputs(inputs, seed), work_dir,
                                 remote=remote, note=bar.note)  # fmt: skip
-        finally:
-            if remote is not None:  # hand the device back to the tracker now
-                remote.close()
-                del remote
-                gc.collect()
         store_check(work_dir, prepared, tgt, check)
         result.model_check = check
         bar.note(check.table())
     result.seconds = time.perf_counter() - t0
     bar.finish()
     return result
-
-
-def _example_arrays(specs: list, seed: int) -> list[np.ndarray]:
-    """Random arrays for the model's inputs (normal floats; zeros for other dtypes)."""
-    rng = np.random.default_rng(seed)
-    return [
-        rng.standard_normal(s.shape).astype(s.dtype)
-        if np.dtype(s.dtype).kind == "f"
-        else np.zeros(s.shape, s.dtype)
-        for s in specs
-    ]
 
 
 def _main(mod: tvm.IRModule):
