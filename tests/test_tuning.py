@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -45,7 +46,12 @@ from tvm_sparse.tuning.model_check import (
     store_check,
     workload_key,
 )
-from tvm_sparse.tuning.records import RECORDS, CorruptRecordWarning, open_database
+from tvm_sparse.tuning.records import (
+    RECORDS,
+    CorruptRecordWarning,
+    UnmatchedRecordsWarning,
+    open_database,
+)
 from tvm_sparse.tuning.search import space_for
 from tvm_sparse.tuning.verify import open_verified
 
@@ -145,7 +151,9 @@ def tuned_dir(tmp_path_factory) -> Path:
 
 def test_tuned_model_matches_pytorch(tuned_dir) -> None:
     net, x = _net()
-    _check(tvm_sparse.compile(net, (x,), tuning=str(tuned_dir)), net, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmatchedRecordsWarning)  # every kernel has its records
+        _check(tvm_sparse.compile(net, (x,), tuning=str(tuned_dir)), net, x)
     curve = [json.loads(line) for line in (tuned_dir / "curve.jsonl").read_text().splitlines()]
     assert curve and all(e["best_ms"] is None or e["best_ms"] > 0 for e in curve)
 
@@ -265,6 +273,23 @@ def test_corrupt_record_line_is_skipped_with_a_warning(tuned_dir, tmp_path) -> N
     assert len(database) == len(lines)
     net, x = _net()
     _check(tvm_sparse.compile(net, (x,), tuning=str(work)), net, x)
+
+
+def test_records_of_another_model_are_named_not_silently_ignored(tuned_dir) -> None:
+    """A model whose first layer is the tuned one and whose second is new: compile applies the
+    first layer's records and warns that the second kernel has none."""
+    from tvm_sparse.testing import pattern_prune_model_
+
+    torch.manual_seed(0)  # the first conv's weights and pruning are _net()'s
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.ReLU(),
+    )  # fmt: skip
+    net = pattern_prune_model_(net, kernel_keep=0.5).eval()
+    x = _net()[1]
+    with pytest.warns(UnmatchedRecordsWarning, match=r"1 of 2 tvm-sparse kernels have no tuning"):
+        cm = tvm_sparse.compile(net, (x,), tuning=str(tuned_dir))
+    _check(cm, net, x)
 
 
 def test_missing_records_are_a_clear_error(tmp_path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
 from schedules.tunable import RealizeTunableKernels, tunable_block
 from tvm_sparse.compiler import lower
@@ -36,11 +38,19 @@ from tvm_sparse.targets import num_cores, resolve_target
 from .measure import make_builder, make_runner, real_arguments
 from .model_check import ModelCheck, check_model, load_check, store_check, workload_key
 from .progress import Progress, mean_ms
-from .records import open_database, trials_done
+from .records import UnmatchedRecordsWarning, open_database, trials_done
 from .search import KnobFeatures, space_for, strategy_for
 from .verify import has_verified, open_verified, verify_task
 
-__all__ = ["ModelCheck", "TaskResult", "TuningResult", "apply_records", "lower", "tune"]
+__all__ = [
+    "ModelCheck",
+    "TaskResult",
+    "TuningResult",
+    "UnmatchedRecordsWarning",
+    "apply_records",
+    "lower",
+    "tune",
+]
 
 
 @dataclass
@@ -89,6 +99,23 @@ def lowered_with_records(
     return lowered, applied, records
 
 
+def _warn_unmatched(lowered: tvm.IRModule, records: ms.database.Database, work_dir: str) -> None:
+    """Warn when tvm-sparse kernels of ``lowered`` have no record in ``work_dir``: MetaSchedule
+    keys records by the kernel's structure, so records of another model, or made before the
+    kernel generator changed, silently match nothing."""
+    kernels = [(gv.name_hint, f) for gv, f in lowered.functions.items() if tunable_block(f)]
+    missing = sorted(n for n, f in kernels if not records.has_workload(_normalize_mod(f)))
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        warnings.warn(
+            f"{work_dir}: {len(missing)} of {len(kernels)} tvm-sparse kernels have no tuning "
+            f"record ({shown}) and build at their default schedule: the records are of another "
+            "model or of an older kernel generator; tune() with this work_dir tunes them",
+            UnmatchedRecordsWarning,
+            stacklevel=4,  # compile()'s caller
+        )
+
+
 def revert_to_default(
     lowered: tvm.IRModule, applied: tvm.IRModule, workloads: set[str]
 ) -> tvm.IRModule:
@@ -107,7 +134,8 @@ def apply_records(
     """Lower ``mod`` and schedule each kernel by its best record in ``work_dir``, except those
     the in-model check of this model put back at their default; and that check (None when
     there is none for these records)."""
-    lowered, applied, _ = lowered_with_records(mod, target, work_dir)
+    lowered, applied, records = lowered_with_records(mod, target, work_dir)
+    _warn_unmatched(lowered, records, work_dir)
     check = load_check(work_dir, mod, target)
     return revert_to_default(lowered, applied, set(check.reverted()) if check else set()), check
 

@@ -24,6 +24,10 @@ class CorruptRecordWarning(UserWarning):
     """A tuning record file held lines that could not be read; they were skipped."""
 
 
+class UnmatchedRecordsWarning(UserWarning):
+    """A model's tvm-sparse kernels have no record in the tuning work directory."""
+
+
 def _valid_lines(path: str, check) -> tuple[list[str], list[int]]:
     kept, bad = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
