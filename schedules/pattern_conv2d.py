@@ -278,6 +278,74 @@ def _phase_columns(width: int, left: int, phase: int, stride: int) -> tuple[int,
     return max(0, -((phase - left) // stride)), (width - 1 + left - phase) // stride
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """How a config tiles a layer's output and stages its input (derived, not knobs)."""
+
+    fold: int  # output rows per accumulator row (``folded_rows``)
+    tiles: int  # row tiles
+    cols: int  # output columns per tile (a multiple of the vector)
+    col_tiles: int  # column tiles
+    row_phases: int  # row phases staged as separate planes (folded: the row stride)
+    planes: int  # staged planes: row phases x (column phases of the stride, or tap columns)
+    plane_rows: int  # staged rows per plane
+    row_w: int  # columns of a staged row
+    rows_in: int  # staged rows a tile reads (folded: per plane)
+    tile_row: int  # staged rows from a row tile's first to the next one's
+    row_step: int  # staged rows from an accumulator row's first to the next one's
+
+
+def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
+    """The tiling and staging layout ``cfg`` gets on ``geom``."""
+    (kh, kw), (sh, sw) = geom.kernel, geom.stride
+    out_h, out_w = geom.out_height, geom.out_width
+    rows, vec = cfg.rows, cfg.vector
+    fold = folded_rows(geom, cfg)
+    tiles = math.ceil(out_h / (rows * fold))
+    cols = vec if fold > 1 else cfg.cols or math.ceil(out_w / vec) * vec
+    if cols % vec:
+        raise ValueError(f"cols={cols} is not a multiple of vector={vec}")
+    col_tiles = math.ceil(out_w / cols)
+    wide = col_tiles * cols  # padded output width the vector loops cover
+    pad_h = (tiles * rows * fold - 1) * sh + kh
+    pad_q = wide + (kw - 1) // sw
+    staged_h = pad_h
+    if not cfg.shifted and fold == 1 and col_tiles == 1 and staged_width(geom, wide) < pad_q:
+        # Compact rows: the last vectors' spare lanes read into the next row (one more row
+        # staged so the last plane's stay in bounds).
+        pad_q, staged_h = staged_width(geom, wide), pad_h + 1
+    if fold > 1:  # rows of vec // fold columns; the last vectors read a few rows past pad_h
+        pad_q = vec // fold
+        staged_h = (math.ceil(pad_h / sh) + math.ceil((vec + kw) / pad_q) + 1) * sh
+    row_phases = sh if fold > 1 else 1
+    return Tiling(
+        fold=fold,
+        tiles=tiles,
+        cols=cols,
+        col_tiles=col_tiles,
+        row_phases=row_phases,
+        planes=row_phases * (kw if cfg.shifted else sw),
+        plane_rows=staged_h // row_phases,
+        row_w=wide if cfg.shifted else pad_q,
+        rows_in=rows * fold + (kh - 1) // sh if fold > 1 else (rows - 1) * sh + kh,
+        tile_row=rows * fold if fold > 1 else rows * sh,
+        row_step=fold if fold > 1 else sh,
+    )
+
+
+def tap_offset(
+    geom: ConvGeometry, tl: Tiling, shifted: bool, dy: int, dx: int
+) -> tuple[int, int, int]:
+    """Where tap (dy, dx) reads for an accumulator row: (staged plane, rows below the row's
+    first staged row, columns right of the output column)."""
+    sh, sw = geom.stride
+    if tl.fold > 1:  # plane (row phase, column phase)
+        return dy % sh * sw + dx % sw, dy // sh, dx // sw
+    if shifted:  # one pre-shifted copy per tap column
+        return dx, dy, 0
+    return dx % sw, dy, dx // sw
+
+
 def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
     """Apply the epilogue's activation to a TIR value."""
     if epilogue.activation in ("relu", "relu6"):
@@ -322,40 +390,21 @@ def pattern_conv2d_primfunc(
     """
     cfg = config or default_config(geom, filter_group=filter_group)
     n_img, chans, height, width = geom.batch, geom.in_channels, geom.height, geom.width
-    filters, (kh, kw) = geom.out_channels, geom.kernel
+    filters, kw = geom.out_channels, geom.kernel[1]
     group = cfg.filters
     if filter_group % group or filters % group:
         raise ValueError(
             f"{group} filters per job: not a divisor of the filter group {filter_group} "
             f"and of {filters} filters"
         )
-    sh, sw = geom.stride
+    tl = tiling(geom, cfg)
+    sw = geom.stride[1]
     out_h, out_w = geom.out_height, geom.out_width
-    rows, vec = cfg.rows, cfg.vector
-    fold = folded_rows(geom, cfg)  # output rows per accumulator row
-    tiles = math.ceil(out_h / (rows * fold))
-    cols = vec if fold > 1 else cfg.cols or math.ceil(out_w / vec) * vec  # columns per tile
-    if cols % vec:
-        raise ValueError(f"cols={cols} is not a multiple of vector={vec}")
-    col_tiles = math.ceil(out_w / cols)
-    wide = col_tiles * cols  # padded output width the vector loops cover
-    pad_h = (tiles * rows * fold - 1) * sh + kh
-    pad_q = wide + (kw - 1) // sw
-    staged_h = pad_h
-    if not cfg.shifted and fold == 1 and col_tiles == 1 and staged_width(geom, wide) < pad_q:
-        # Compact rows: the last vectors' spare lanes read into the next row (one more row
-        # staged so the last plane's stay in bounds).
-        pad_q, staged_h = staged_width(geom, wide), pad_h + 1
-    if fold > 1:  # rows of vec // fold columns; the last vectors read a few rows past pad_h
-        pad_q = vec // fold
-        staged_h = (math.ceil(pad_h / sh) + math.ceil((vec + kw) / pad_q) + 1) * sh
+    rows, vec, fold, cols = cfg.rows, cfg.vector, tl.fold, tl.cols
+    tiles, col_tiles, tile_row = tl.tiles, tl.col_tiles, tl.tile_row
     num_p = len(patterns)
-    taps = [[divmod(t, kw) for t in pat] for pat in patterns]
-    # Staged planes: one per stride phase (folded: row and column phase), or per tap column
-    # (shifted), each of ``plane_rows`` rows of ``row_w`` columns.
-    row_phases = sh if fold > 1 else 1
-    planes = row_phases * (kw if cfg.shifted else sw)
-    plane_rows, row_w = staged_h // row_phases, wide if cfg.shifted else pad_q
+    # Per pattern, where each tap reads: (plane, staged row offset, column offset).
+    taps = [[tap_offset(geom, tl, cfg.shifted, *divmod(t, kw)) for t in pat] for pat in patterns]
 
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
@@ -372,22 +421,19 @@ def pattern_conv2d_primfunc(
 
         def stage(pad, slot, n, c, first, count) -> None:
             """Stage rows first .. first + count of channel c's planes into pad[slot, c]."""
-            _stage_rows(pad, (slot, c), data, geom, n, (first, count), row_phases, cfg.shifted)
+            _stage_rows(pad, (slot, c), data, geom, n, (first, count), tl.row_phases, cfg.shifted)
 
         zero = tvm.tirx.const(0.0, "float32")
-        # Staged rows one tile reads (folded: per row phase) and the first one's offset.
-        rows_in = rows * fold + (kh - 1) // sh if fold > 1 else (rows - 1) * sh + kh
-        tile_row = rows * fold if fold > 1 else rows * sh
 
         def prefetch_rows(pad, n, c, y, x0) -> None:
             """Prefetch the cache lines of channel c's input rows y .. y + rows_in of a tile."""
             row = int(pad.shape[-1])
             span = cols + (0 if cfg.shifted else (kw - 1) // sw)  # columns a tile row reads
             if span >= row:  # whole rows: one contiguous range per plane
-                lines = [(0, j * 16) for j in range(math.ceil(rows_in * row / 16) + 1)]
+                lines = [(0, j * 16) for j in range(math.ceil(tl.rows_in * row / 16) + 1)]
             else:
                 per_row = math.ceil(span / 16) + 1
-                lines = [(r, x0 + j * 16) for r in range(rows_in) for j in range(per_row)]
+                lines = [(r, x0 + j * 16) for r in range(tl.rows_in) for j in range(per_row)]
             for plane in range(int(pad.shape[2])):
                 for r, x in lines:
                     addr = tvm.tirx.address_of(pad[n, c, plane, y + r, x])
@@ -406,19 +452,11 @@ def pattern_conv2d_primfunc(
                 for f in range(len(acc))
             ]
             for r in range(rows):
-                # First staged row of the tile's row r (folded: in rows of a row phase).
-                y0 = row0 + r * (fold if fold > 1 else sh)
+                y0 = row0 + r * tl.row_step  # the first staged row of the tile's row r
                 with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
                     x = xo * vec + xi
-                    if fold > 1:  # plane (row phase, column phase)
-                        src = [
-                            pad[n, c, dy % sh * sw + dx % sw, y0 + dy // sh, x + dx // sw]
-                            for dy, dx in taps[p]
-                        ]
-                    elif cfg.shifted:
-                        src = [pad[n, c, dx, y0 + dy, x0 + x] for dy, dx in taps[p]]
-                    else:
-                        src = [pad[n, c, dx % sw, y0 + dy, x0 + x + dx // sw] for dy, dx in taps[p]]
+                    col = x if fold > 1 else x0 + x  # (folded tiles are whole rows: x0 = 0)
+                    src = [pad[n, c, plane, y0 + dy, col + dx] for plane, dy, dx in taps[p]]
                     for f in range(len(acc)):
                         total = acc[f][r][x]
                         for t in range(len(src)):
@@ -458,7 +496,7 @@ def pattern_conv2d_primfunc(
                         for j in range(fold):
                             y = (tile * rows + r) * fold + j
                             with T.If(y < out_h), T.Then(), T.vectorized(0, out_w) as x:
-                                store(f, r, y, x, j * pad_q + x)
+                                store(f, r, y, x, j * tl.row_w + x)
                         continue
                     y = tile * rows + r
                     with T.If(y < out_h), T.Then(), T.serial(0, cols // vec) as xo:
@@ -472,9 +510,9 @@ def pattern_conv2d_primfunc(
 
         if cfg.channel_block > 0 and group == 1:
             # Every share reads every row: staged once, in parallel over channels.
-            pad = T.alloc_buffer((n_img, chans, planes, plane_rows, row_w), "float32")
+            pad = T.alloc_buffer((n_img, chans, tl.planes, tl.plane_rows, tl.row_w), "float32")
             with T.parallel(0, n_img * chans) as nc:
-                stage(pad, nc // chans, nc // chans, nc % chans, 0, plane_rows)
+                stage(pad, nc // chans, nc // chans, nc % chans, 0, tl.plane_rows)
 
             def add_tile_kernel(acc, n, tile, x0, k, p) -> None:
                 add_kernel(acc, pad, n, tile * tile_row, x0, k, p)
@@ -491,15 +529,15 @@ def pattern_conv2d_primfunc(
             per_share = math.ceil(total / shares)
             # Staged rows a tile reads (the last tile reads to the end), and a share's most:
             # its jobs span at most per_share // per_tile + 1 (started) row tiles.
-            reach = plane_rows - (tiles - 1) * tile_row
-            window = min(plane_rows, math.ceil(per_share / per_tile) * tile_row + reach)
-            pad = T.alloc_buffer((shares, chans, planes, window, row_w), "float32")
+            reach = tl.plane_rows - (tiles - 1) * tile_row
+            window = min(tl.plane_rows, math.ceil(per_share / per_tile) * tile_row + reach)
+            pad = T.alloc_buffer((shares, chans, tl.planes, window, tl.row_w), "float32")
             with T.serial(0, n_img) as n, T.parallel(0, shares) as share:
                 lo = T.Bind(tvm.tirx.min(share * per_share, total))
                 count = T.Bind(tvm.tirx.min(lo + per_share, total) - lo)
                 first = T.Bind(lo // per_tile * tile_row)  # the share's first staged row
                 last_tile = (lo + count - 1) // per_tile
-                end = T.Bind(tvm.tirx.min(last_tile * tile_row + reach, plane_rows))
+                end = T.Bind(tvm.tirx.min(last_tile * tile_row + reach, tl.plane_rows))
                 with T.If(count > 0), T.Then():
                     with T.serial(0, chans) as c:
                         stage(pad, share, n, c, first, end - first)

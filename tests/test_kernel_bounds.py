@@ -1,0 +1,79 @@
+"""The kernel-bound model (``tvm_sparse.kernel_bounds``) against counts made by hand, and the
+configs it is fed: those ``compile`` builds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from schedules.pattern_conv2d import (
+    ConvGeometry,
+    PatternConvConfig,
+    default_config,
+    tile_defaults,
+)
+from tvm_sparse.formats.pattern import PatternWeight
+from tvm_sparse.kernel_bounds import applied_configs, kernel_bounds
+from tvm_sparse.targets import num_cores, resolve_target, vector_lanes, vector_registers
+from tvm_sparse.testing import pattern_prune_model_
+
+
+def _weight(out_ch: int, in_ch: int, taps: tuple[int, ...], kept: np.ndarray) -> np.ndarray:
+    """OIHW 3x3 weight: kernel (o, c) holds ``taps`` (flat indices) where ``kept[o, c]``."""
+    w = np.zeros((out_ch, in_ch, 9), "float32")
+    for t in taps:
+        w[:, :, t] = kept
+    return w.reshape(out_ch, in_ch, 3, 3)
+
+
+GEOM = ConvGeometry(1, 1, 16, 16, 1, (3, 3), (1, 1), (1, 1, 1, 1))
+
+
+def test_one_centre_tap_is_latency_bound_and_every_load_split() -> None:
+    """16x16 output, 2 rows x 1 vector of 16 lanes per tile (8 tiles), staged rows of 18
+    columns (16 + the taps' reach). Per kernel: 2 FMAs, 2 loads (rows r + 1, column + 1: never
+    on a 16-float line, so both split), 1 broadcast, 1 channel index: 6 load-port slots. The
+    tap's 4-cycle FMA latency (4 cycles) beats the load ports (3) and the FMAs (1)."""
+    w = _weight(1, 1, (4,), np.ones((1, 1), bool))
+    b = kernel_bounds(GEOM, PatternConvConfig(rows=2, vector=16), PatternWeight.from_dense(w))
+    assert b["fma_per_kernel"] == 2 and b["accumulators"] == 2
+    assert b["loads_per_fma"] == 1.0 and b["split_share"] == 1.0
+    assert b["load_slots_per_fma"] == pytest.approx(3.0)
+    assert b["lanes_used"] == 1.0 and b["imbalance"] == 1.0
+    assert b["bound"] == "FMA latency" and b["ceiling"] == pytest.approx(0.25)
+
+
+def test_taps_in_one_column_share_loads_across_rows() -> None:
+    """Taps (0, 1) and (1, 1) over 2 output rows read staged rows 0, 1, 1, 2 of one column:
+    3 loads for 4 FMAs. 8-lane vectors compute at half the widest vector's rate."""
+    w = _weight(1, 1, (1, 4), np.ones((1, 1), bool))
+    b = kernel_bounds(GEOM, PatternConvConfig(rows=2, vector=8), PatternWeight.from_dense(w))
+    assert b["fma_per_kernel"] == 8  # 2 taps x 2 rows x 2 vectors
+    assert b["loads_per_fma"] == pytest.approx(6 / 8)
+    assert b["lanes_used"] == pytest.approx(0.5)
+
+
+def test_unequal_filters_on_two_cores_are_imbalanced() -> None:
+    """Two filters, 3 kernels and 1 kernel, one per core (one row tile): the busier core has
+    3 of 4 kernels' cycles, 1.5x the mean."""
+    kept = np.array([[True, True, True], [True, False, False]])
+    w = _weight(2, 3, (0, 4, 5, 8), kept)
+    geom = ConvGeometry(1, 3, 16, 16, 2, (3, 3), (1, 1), (1, 1, 1, 1))
+    cfg = PatternConvConfig(rows=16, vector=16, shares=2)
+    b = kernel_bounds(geom, cfg, PatternWeight.from_dense(w, num_shares=2))
+    assert b["imbalance"] == pytest.approx(1.5)
+
+
+def test_applied_configs_are_the_ones_compile_builds() -> None:
+    """Without records: the pass's default config (this machine's x86 tile defaults)."""
+    torch.manual_seed(0)
+    net = pattern_prune_model_(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1)))
+    x = np.zeros((1, 16, 28, 28), "float32")
+    (cfg,) = applied_configs(net.eval(), x, None).values()
+    tgt = resolve_target("x86")
+    cores = num_cores(tgt)
+    geom = ConvGeometry(1, 16, 28, 28, 32, (3, 3), (1, 1), (1, 1, 1, 1))
+    packed = PatternWeight.from_dense(net[0].weight.detach().numpy(), num_shares=cores)
+    tiles = tile_defaults(geom, vector_registers(tgt), vector_lanes(tgt))
+    assert cfg == default_config(geom, filter_group=packed.filter_group, shares=cores, **tiles)
