@@ -154,11 +154,11 @@ def render_bounds(layers: list[dict]) -> str:
         b, c = r["bounds"], r["bounds"]["config"]
         tile = f"{c['rows']} x {b['vectors']} x {c['vector']}"
         tile += f", {c['filters']} filters" if c["filters"] > 1 else ""
-        tile += f", fold {c['fold']}" if c["fold"] > 1 else ""
+        tile += f", fold {b['fold']}" if b["fold"] > 1 else ""
         ort_gflops = r["flops_dense"] / r["ms"]["onnxruntime"] / 1e6
         rows.append([
             r["model"], r["shape"], tile, f"{b['fma_per_kernel']:.0f}",
-            f"{b['load_slots_per_fma']:.2f}", f"{b['split_share']:.0%}", f"{b['lanes_used']:.0%}",
+            f"{b['load_vs_fma']:.2f}", f"{b['split_share']:.0%}", f"{b['lanes_used']:.0%}",
             f"{b['imbalance']:.2f}", b["bound"], f"**{b['ceiling']:.0%}**",
             f"{r['useful_gflops']['tuned']:.0f}", f"{ort_gflops:.0f}",
         ])  # fmt: skip
@@ -167,8 +167,9 @@ def render_bounds(layers: list[dict]) -> str:
         "records (`tvm_sparse/kernel_bounds.py`): per kernel (one input channel's taps) and tile, "
         "its vector FMAs against the load-port work they need (input vectors, those split "
         "across two cache lines counted twice, weight broadcasts, the channel index, "
-        "prefetches), at 2 FMAs and 2 loads per core and cycle; a 4-cycle FMA latency per "
-        "accumulator; the share of the widest vector's lanes that compute outputs (row ends, "
+        "prefetches), at 2 vector FMAs and 3 load slots per core and cycle (a 64-byte load "
+        "takes 1.5); a 4-cycle FMA latency per accumulator; the share of the widest "
+        "vector's lanes that compute outputs (row ends, "
         "the last row tile, 8-lane vectors); the busiest core's share over the mean. The "
         "in-core ceiling is the fraction of the FMA peak the layer's useful FLOPs can reach "
         "with every load hitting L1; L1 misses, staging and output stores come on top. ONNX "
@@ -181,7 +182,7 @@ def render_bounds(layers: list[dict]) -> str:
                 "layer",
                 "tile (rows x vectors x lanes)",
                 "FMAs / kernel",
-                "load slots / FMA",
+                "load / FMA port time",
                 "split loads",
                 "lanes used",
                 "imbalance",

@@ -524,6 +524,36 @@ for cfg, ms in sorted(sparse_ms.items(), key=lambda kv: kv[1]):
     )
 """),
     md(r"""
+## What bounds each point: the static model
+
+`tvm_sparse.kernel_bounds` counts, from the generator's own tiling and the packed weight, each
+kernel's vector FMAs against the load-port slots they need (input vectors, those split across
+two cache lines counted twice, weight broadcasts, the channel index, prefetches), the FMA
+latency per accumulator, the lanes that compute outputs and the cores' imbalance, and gives the
+in-core ceiling: the fraction of the FMA peak the useful FLOPs can reach with every load in L1.
+Per-filter pattern kernels are load-port bound (the taps of one kernel share few loads, and
+most 16-lane loads at a tap's column shift split across two cache lines); the dense kernel with
+filters computed together is FMA bound. The ceiling is an upper bound, not a ranking: the
+measured GFLOP/s sit below `ceiling x peak` (~380 GFLOP/s on 2 cores here) by what memory
+costs on top: the `shifted` layout has no split loads and the higher ceiling, but stages three
+copies of the input and measures slower.
+"""),
+    code(r"""
+from tvm_sparse.kernel_bounds import kernel_bounds
+
+print(f"{'rows':>4} {'vector':>6} {'shifted':>7} {'load/FMA':>9} {'split':>6} "
+      f"{'bound':>11} {'ceiling':>7} {'GFLOP/s':>8}")
+for cfg, ms in sorted(sparse_ms.items(), key=lambda kv: kv[1]):
+    b = kernel_bounds(GEOM, cfg, packings[False])
+    mark = f"  <- default (prefetch {cfg.prefetch})" if cfg == sparse_default else ""
+    print(f"{cfg.rows:>4} {cfg.vector:>6} {cfg.shifted!s:>7} {b['load_vs_fma']:9.2f} "
+          f"{b['split_share']:6.0%} {b['bound']:>11} {b['ceiling']:7.0%} "
+          f"{useful / ms / 1e6:8.1f}{mark}")
+b = kernel_bounds(GEOM, dense_default, packings[True])
+print(f"dense default (filters {dense_default.filters}): load / FMA port time "
+      f"{b['load_vs_fma']:.2f}, {b['bound']} bound, ceiling {b['ceiling']:.0%}")
+"""),
+    md(r"""
 ## Sweep: dense kernel, `rows` x `filters`
 
 The dense kernel (every kernel packed with all 9 taps) with the default vector width: `filters`

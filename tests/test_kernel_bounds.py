@@ -32,14 +32,14 @@ GEOM = ConvGeometry(1, 1, 16, 16, 1, (3, 3), (1, 1), (1, 1, 1, 1))
 
 def test_one_centre_tap_is_latency_bound_and_every_load_split() -> None:
     """16x16 output, 2 rows x 1 vector of 16 lanes per tile (8 tiles), staged rows of 18
-    columns (16 + the taps' reach). Per kernel: 2 FMAs, 2 loads (rows r + 1, column + 1: never
-    on a 16-float line, so both split), 1 broadcast, 1 channel index: 6 load-port slots. The
-    tap's 4-cycle FMA latency (4 cycles) beats the load ports (3) and the FMAs (1)."""
+    columns (16 + the taps' reach). Per kernel: 2 FMAs (1 cycle), 2 loads of 64 bytes (rows
+    r + 1, column + 1: never on a 16-float line, so both split: 2 x 1.5 x 2 slots), 1
+    broadcast, 1 channel index: 8 slots, 8/3 cycles. The tap's FMA latency (4 cycles) wins."""
     w = _weight(1, 1, (4,), np.ones((1, 1), bool))
     b = kernel_bounds(GEOM, PatternConvConfig(rows=2, vector=16), PatternWeight.from_dense(w))
     assert b["fma_per_kernel"] == 2 and b["accumulators"] == 2
     assert b["loads_per_fma"] == 1.0 and b["split_share"] == 1.0
-    assert b["load_slots_per_fma"] == pytest.approx(3.0)
+    assert b["load_vs_fma"] == pytest.approx(8 / 3)
     assert b["lanes_used"] == 1.0 and b["imbalance"] == 1.0
     assert b["bound"] == "FMA latency" and b["ceiling"] == pytest.approx(0.25)
 
@@ -52,6 +52,17 @@ def test_taps_in_one_column_share_loads_across_rows() -> None:
     assert b["fma_per_kernel"] == 8  # 2 taps x 2 rows x 2 vectors
     assert b["loads_per_fma"] == pytest.approx(6 / 8)
     assert b["lanes_used"] == pytest.approx(0.5)
+
+
+def test_vectors_past_the_last_column_are_not_counted() -> None:
+    """A 7-wide output in tiles of 2 x 8-lane vectors: the second vector is never stored."""
+    w = _weight(1, 1, (4,), np.ones((1, 1), bool))
+    geom = ConvGeometry(1, 1, 7, 7, 1, (3, 3), (1, 1), (1, 1, 1, 1))
+    b = kernel_bounds(
+        geom, PatternConvConfig(rows=7, vector=8, cols=16), PatternWeight.from_dense(w)
+    )
+    assert b["vectors"] == 1 and b["fma_per_kernel"] == 7
+    assert b["lanes_used"] == pytest.approx(49 / 56 / 2)
 
 
 def test_unequal_filters_on_two_cores_are_imbalanced() -> None:

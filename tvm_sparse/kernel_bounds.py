@@ -8,9 +8,12 @@ own tiling (``schedules.pattern_conv2d.tiling`` / ``tap_offset``) and the packed
 - the vector lanes computed past the output's edges (row ends, the last row tile);
 - the imbalance of the per-core shares (each a contiguous run of jobs).
 
-Model (an x86 core with AVX-512, as the benchmarks' machine): per cycle 2 vector FMAs and 2
-loads, a split load costing two; an accumulator takes one FMA per 4 cycles (latency), so a
-kernel's taps, added in turn, take at least 4 cycles each. The in-core ceiling is the FMA share
+Model (an x86 core with two 512-bit FMA units, as the benchmarks' machine, a Sapphire Rapids
+class Xeon): per cycle 2 vector FMAs (8-lane ones at half the lanes) and 3 load slots (a 64-byte
+load takes 1.5, a smaller one or a broadcast 1, a load split across cache lines twice its
+cost); an accumulator takes one FMA per 4 cycles (latency), so a kernel's taps, added in turn,
+take at least 4 cycles each. Vectors past the output's last column of a one-column-tile layout
+are not counted (never stored, LLVM drops them). The in-core ceiling is the FMA share
 of the busiest of those limits, times the lanes used, over the imbalance: the fraction of the
 FMA peak the layer's useful FLOPs can reach with every load hitting L1. The rest (L1 misses,
 staging the input, storing the output) comes on top. ``applied_configs`` gives the configs
@@ -41,6 +44,9 @@ from tvm_sparse.tuning.model_check import load_check, workload_key
 
 LINE = 16  # floats per cache line
 LANES = 16  # fp32 lanes of the widest vector (AVX-512): 8-lane FMAs run at half the peak
+FMA_PER_CYCLE = 2  # vector FMAs per core and cycle
+LOAD_SLOTS_PER_CYCLE = 3  # load ports: 3 loads of <= 32 bytes per cycle, or 2 of 64 bytes
+WIDE_LOAD = 1.5  # slots a 64-byte load takes; a load split across two lines takes twice its own
 FMA_LATENCY = 4  # cycles: an accumulator takes one FMA per 4 cycles (a kernel's taps in turn)
 
 
@@ -50,6 +56,10 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
     tl = tiling(geom, cfg)
     vec, group, kw = cfg.vector, cfg.filters, geom.kernel[1]
     vectors = tl.cols // vec
+    if tl.col_tiles == 1 and tl.fold == 1:
+        # One column tile: the vectors past the output's last column are never stored, and
+        # LLVM drops their loads and FMAs.
+        vectors = min(vectors, math.ceil(geom.out_width / vec))
     accumulators = cfg.rows * vectors * group
     # Weight broadcasts, the channel index, and (prefetching) the prefetched kernel's channel
     # and its rows' lines: per kernel, beside the input vectors.
@@ -65,27 +75,30 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
         }
         fma = len(pattern) * accumulators
         split = len(loads) * _split_share(loads, tl, vec)
-        slots = len(loads) + split + len(pattern) * group + 1 + prefetch
-        cycles = max(fma / 2, slots / 2, len(pattern) * FMA_LATENCY)
+        load_cost = WIDE_LOAD if vec * 4 > 32 else 1.0
+        slots = (len(loads) + split) * load_cost + len(pattern) * group + 1 + prefetch
+        cycles = max(fma / FMA_PER_CYCLE, slots / LOAD_SLOTS_PER_CYCLE, len(pattern) * FMA_LATENCY)
         per_pattern.append((fma, len(loads), split, slots, cycles))
     counts = np.diff(packed.kernel_ptr, axis=1)[::group]  # kernels per job and pattern
     fma, loads, split, slots, cycles = (counts @ np.array(per_pattern)).T  # per job
     total_fma = float(fma.sum())
-    computed = tl.tiles * cfg.rows * tl.col_tiles * tl.cols
+    computed = tl.tiles * cfg.rows * tl.col_tiles * vectors * vec
     lanes_used = geom.out_height * geom.out_width / computed * vec / LANES
     # Jobs run tile by tile, column tile, then filter job (``pattern_conv2d_primfunc``).
     imbalance = _imbalance(np.tile(cycles, tl.tiles * tl.col_tiles), cfg.shares)
-    in_core = total_fma / 2 / float(cycles.sum())
+    fma_cycles, load_cycles = total_fma / FMA_PER_CYCLE, float(slots.sum()) / LOAD_SLOTS_PER_CYCLE
+    in_core = fma_cycles / float(cycles.sum())
     return {
         "fma_per_kernel": total_fma / float(counts.sum()),
         "loads_per_fma": float(loads.sum()) / total_fma,
-        "load_slots_per_fma": float(slots.sum()) / total_fma,
+        "load_vs_fma": load_cycles / fma_cycles,  # load-port time over FMA-port time
         "split_share": float(split.sum() / loads.sum()),
         "lanes_used": lanes_used,
         "imbalance": imbalance,
         "vectors": vectors,  # per tile row
+        "fold": tl.fold,
         "accumulators": accumulators,
-        "bound": _bound(total_fma / 2, float(slots.sum()) / 2, float(cycles.sum())),
+        "bound": _bound(fma_cycles, load_cycles, float(cycles.sum())),
         "ceiling": in_core * lanes_used / imbalance,
     }
 
