@@ -541,17 +541,23 @@ copies of the input and measures slower.
     code(r"""
 from tvm_sparse.kernel_bounds import kernel_bounds
 
-print(f"{'rows':>4} {'vector':>6} {'shifted':>7} {'load/FMA':>9} {'split':>6} "
-      f"{'bound':>11} {'ceiling':>7} {'GFLOP/s':>8}")
+print(
+    f"{'rows':>4} {'vector':>6} {'shifted':>7} {'load/FMA':>9} {'split':>6} "
+    f"{'bound':>11} {'ceiling':>7} {'GFLOP/s':>8}"
+)
 for cfg, ms in sorted(sparse_ms.items(), key=lambda kv: kv[1]):
     b = kernel_bounds(GEOM, cfg, packings[False])
     mark = f"  <- default (prefetch {cfg.prefetch})" if cfg == sparse_default else ""
-    print(f"{cfg.rows:>4} {cfg.vector:>6} {cfg.shifted!s:>7} {b['load_vs_fma']:9.2f} "
-          f"{b['split_share']:6.0%} {b['bound']:>11} {b['ceiling']:7.0%} "
-          f"{useful / ms / 1e6:8.1f}{mark}")
+    print(
+        f"{cfg.rows:>4} {cfg.vector:>6} {cfg.shifted!s:>7} {b['load_vs_fma']:9.2f} "
+        f"{b['split_share']:6.0%} {b['bound']:>11} {b['ceiling']:7.0%} "
+        f"{useful / ms / 1e6:8.1f}{mark}"
+    )
 b = kernel_bounds(GEOM, dense_default, packings[True])
-print(f"dense default (filters {dense_default.filters}): load / FMA port time "
-      f"{b['load_vs_fma']:.2f}, {b['bound']} bound, ceiling {b['ceiling']:.0%}")
+print(
+    f"dense default (filters {dense_default.filters}): load / FMA port time "
+    f"{b['load_vs_fma']:.2f}, {b['bound']} bound, ceiling {b['ceiling']:.0%}"
+)
 """),
     md(r"""
 ## Sweep: dense kernel, `rows` x `filters`
