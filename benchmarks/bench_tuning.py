@@ -52,11 +52,7 @@ def compare(net, x, work_dir, trials, rounds, threads, quiet) -> dict:
     tune_s = time.perf_counter() - t0
     tuned = tvm_sparse.compile(net, (x,), tuning=work_dir)
     default = tvm_sparse.compile(net, (x,))
-    with torch.no_grad():
-        ref = net(torch.from_numpy(x)).numpy()
-    scale = max(1.0, float(np.abs(ref).max()))
-    for cm in (tuned, default):
-        np.testing.assert_allclose(cm(x), ref, rtol=1e-3, atol=1e-3 * scale)
+    assert_matches_torch(net, x, (tuned, default))
     runners = {
         "tuned": tvm_runner(tuned, (x,)),
         "default": tvm_runner(default, (x,)),
@@ -79,6 +75,15 @@ def compare(net, x, work_dir, trials, rounds, threads, quiet) -> dict:
         "tasks": [vars(t) for t in result.tasks],
         "model_check": _check_summary(result.model_check),
     }
+
+
+def assert_matches_torch(net, x: np.ndarray, builds) -> None:
+    """Every compiled build computes what PyTorch does (rtol 1e-3, atol 1e-3 of the scale)."""
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    scale = max(1.0, float(np.abs(ref).max()))
+    for cm in builds:
+        np.testing.assert_allclose(cm(x), ref, rtol=1e-3, atol=1e-3 * scale)
 
 
 def layer_bounds(index: int, filter_group: int, work_dir: str, threads: int) -> dict:

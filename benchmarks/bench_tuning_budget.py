@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import torch
-from bench_tuning import model_curve, plot_curve
+from bench_tuning import assert_matches_torch, model_curve, plot_curve
 
 import tvm_sparse
 from tvm_sparse.benchmarking import (
@@ -97,11 +97,7 @@ def main() -> None:
         "tuned_budget": tvm_sparse.compile(net, (x,), tuning=snapshot),
         "tuned_more": tvm_sparse.compile(net, (x,), tuning=work),
     }
-    with torch.no_grad():
-        ref = net(torch.from_numpy(x)).numpy()
-    scale = max(1.0, float(np.abs(ref).max()))
-    for cm in builds.values():
-        np.testing.assert_allclose(cm(x), ref, rtol=1e-3, atol=1e-3 * scale)
+    assert_matches_torch(net, x, builds.values())
     runners = {name: tvm_runner(cm, (x,)) for name, cm in builds.items()}
     runners["onnxruntime"] = ort_runner(onnx_bytes(net, (x,)), (x,), threads)
     ms = time_interleaved(runners, rounds=args.rounds, warm=3, inner=5)

@@ -333,6 +333,19 @@ def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
     )
 
 
+def prefetch_lines(
+    geom: ConvGeometry, cfg: PatternConvConfig, tl: Tiling
+) -> tuple[list[tuple[int, int]], bool]:
+    """The cache lines of one staged plane that prefetching a tile's rows touches: (row, column)
+    offsets from the tile's first staged row; and whether the columns count from the tile's
+    first column (part-row tiles) rather than the row's start (whole rows: one range)."""
+    span = tl.cols + (0 if cfg.shifted else (geom.kernel[1] - 1) // geom.stride[1])
+    if span >= tl.row_w:
+        return [(0, j * 16) for j in range(math.ceil(tl.rows_in * tl.row_w / 16) + 1)], False
+    per_row = math.ceil(span / 16) + 1
+    return [(r, j * 16) for r in range(tl.rows_in) for j in range(per_row)], True
+
+
 def tap_offset(
     geom: ConvGeometry, tl: Tiling, shifted: bool, dy: int, dx: int
 ) -> tuple[int, int, int]:
@@ -398,7 +411,6 @@ def pattern_conv2d_primfunc(
             f"and of {filters} filters"
         )
     tl = tiling(geom, cfg)
-    sw = geom.stride[1]
     out_h, out_w = geom.out_height, geom.out_width
     rows, vec, fold, cols = cfg.rows, cfg.vector, tl.fold, tl.cols
     tiles, col_tiles, tile_row = tl.tiles, tl.col_tiles, tl.tile_row
@@ -425,18 +437,14 @@ def pattern_conv2d_primfunc(
 
         zero = tvm.tirx.const(0.0, "float32")
 
+        lines, from_tile_column = prefetch_lines(geom, cfg, tl)
+
         def prefetch_rows(pad, n, c, y, x0) -> None:
             """Prefetch the cache lines of channel c's input rows y .. y + rows_in of a tile."""
-            row = int(pad.shape[-1])
-            span = cols + (0 if cfg.shifted else (kw - 1) // sw)  # columns a tile row reads
-            if span >= row:  # whole rows: one contiguous range per plane
-                lines = [(0, j * 16) for j in range(math.ceil(tl.rows_in * row / 16) + 1)]
-            else:
-                per_row = math.ceil(span / 16) + 1
-                lines = [(r, x0 + j * 16) for r in range(tl.rows_in) for j in range(per_row)]
-            for plane in range(int(pad.shape[2])):
+            for plane in range(tl.planes):
                 for r, x in lines:
-                    addr = tvm.tirx.address_of(pad[n, c, plane, y + r, x])
+                    col = x0 + x if from_tile_column else x
+                    addr = tvm.tirx.address_of(pad[n, c, plane, y + r, col])
                     T.evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", addr, 0, 3, 1))
 
         def add_kernel(acc, pad, n, row0, x0, k, p: int, span=0) -> None:

@@ -32,6 +32,7 @@ from schedules.pattern_conv2d import (
     PatternConvConfig,
     Tiling,
     knobs_config,
+    prefetch_lines,
     tap_offset,
     tiling,
 )
@@ -63,7 +64,7 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
     accumulators = cfg.rows * vectors * group
     # Weight broadcasts, the channel index, and (prefetching) the prefetched kernel's channel
     # and its rows' lines: per kernel, beside the input vectors.
-    prefetch = 1 + _prefetch_lines(geom, cfg, tl) if cfg.prefetch else 0
+    prefetch = 1 + tl.planes * len(prefetch_lines(geom, cfg, tl)[0]) if cfg.prefetch else 0
     per_pattern = []  # (FMAs, loads, split loads, load-port slots, cycles) per kernel, one tile
     for pattern in packed.patterns:
         taps = [tap_offset(geom, tl, cfg.shifted, *divmod(t, kw)) for t in pattern]
@@ -121,16 +122,6 @@ def _split_share(loads: set, tl: Tiling, vec: int) -> float:
                 split += offset % LINE + vec > LINE
                 total += 1
     return split / max(total, 1)
-
-
-def _prefetch_lines(geom: ConvGeometry, cfg: PatternConvConfig, tl: Tiling) -> int:
-    """Prefetches issued per kernel (``prefetch_rows``)."""
-    span = tl.cols + (0 if cfg.shifted else (geom.kernel[1] - 1) // geom.stride[1])
-    if span >= tl.row_w:
-        per_plane = math.ceil(tl.rows_in * tl.row_w / LINE) + 1
-    else:
-        per_plane = tl.rows_in * (math.ceil(span / LINE) + 1)
-    return tl.planes * per_plane
 
 
 def _imbalance(job_cost: Sequence[float], shares: int) -> float:
