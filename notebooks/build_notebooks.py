@@ -354,6 +354,7 @@ schedule knobs are `PatternConvConfig`:
 | `vector` | fp32 lanes along the output width (8: AVX2 / half AVX-512, 16: AVX-512, 4: NEON) |
 | `filters` | filters computed together, sharing each input vector load (dense convs only) |
 | `shifted` | stage the input pre-shifted per tap column (aligned loads, `kw` x staging memory) |
+| `segmented` | lane l computes column `S * l + j` (S vectors per row), input staged to match |
 
 This notebook prints the TIR of a small layer, then compiles and times one layer over a grid of
 knobs, and shows where the configuration the compiler picks (`default_config` +
@@ -501,26 +502,36 @@ print(f"dense default:  {dense_default}")
 print(f"useful work: {useful / 1e6:.1f} MFLOP (dense: {2 * 28 * 28 * 64 * 64 * 9 / 1e6:.1f} MFLOP)")
 """),
     md(r"""
-## Sweep: sparse kernel, `rows` x `vector` x `shifted`
+## Sweep: sparse kernel, `rows` x `vector` x staging layout
 
 `cols` stays 0 (the whole 28-wide row), which is also what the default picks at this width.
+The layouts: `phase` (one staged copy per stride phase, loads at a tap's column shift
+unaligned), `shifted`, `segmented` (S = 2 vectors per row at 16 lanes, 4 at 8; the default
+picks it from 4 up).
 """),
     code(r"""
 ROWS = [1, 4, 14] if QUICK else [1, 2, 4, 7, 14]
+LAYOUTS = {"phase": {}, "shifted": {"shifted": True}, "segmented": {"segmented": True}}
+
+
+def layout(cfg):
+    return "shifted" if cfg.shifted else "segmented" if cfg.segmented else "phase"
+
+
 sparse_ms = {}
 for vector in (8, 16):
-    for shifted in (False, True):
+    for knobs in LAYOUTS.values():
         for rows in ROWS:
-            cfg = PatternConvConfig(rows=rows, vector=vector, shifted=shifted)
+            cfg = PatternConvConfig(rows=rows, vector=vector, **knobs)
             sparse_ms[cfg] = build_and_time(cfg)
 if sparse_default not in sparse_ms:
     sparse_ms[sparse_default] = build_and_time(sparse_default)
 best = min(sparse_ms, key=sparse_ms.get)
-print(f"{'rows':>4} {'vector':>6} {'shifted':>7} {'ms':>8} {'GFLOP/s':>8}")
+print(f"{'rows':>4} {'vector':>6} {'layout':>9} {'ms':>8} {'GFLOP/s':>8}")
 for cfg, ms in sorted(sparse_ms.items(), key=lambda kv: kv[1]):
     mark = "  <- default" if cfg == sparse_default else ""
     print(
-        f"{cfg.rows:>4} {cfg.vector:>6} {cfg.shifted!s:>7} {ms:8.4f} {useful / ms / 1e6:8.1f}{mark}"
+        f"{cfg.rows:>4} {cfg.vector:>6} {layout(cfg):>9} {ms:8.4f} {useful / ms / 1e6:8.1f}{mark}"
     )
 """),
     md(r"""
@@ -536,20 +547,21 @@ most 16-lane loads at a tap's column shift split across two cache lines); the de
 filters computed together is FMA bound. The ceiling is an upper bound, not a ranking: the
 measured GFLOP/s sit below `ceiling x peak` (~380 GFLOP/s on 2 cores here) by what memory
 costs on top: the `shifted` layout has no split loads and the higher ceiling, but stages three
-copies of the input and measures slower.
+copies of the input and measures slower; the `segmented` one also has none, and shares each
+load among the vectors and taps that read it, at (S + 2) / S x the staging.
 """),
     code(r"""
 from tvm_sparse.kernel_bounds import kernel_bounds
 
 print(
-    f"{'rows':>4} {'vector':>6} {'shifted':>7} {'load/FMA':>9} {'split':>6} "
+    f"{'rows':>4} {'vector':>6} {'layout':>9} {'load/FMA':>9} {'split':>6} "
     f"{'bound':>11} {'ceiling':>7} {'GFLOP/s':>8}"
 )
 for cfg, ms in sorted(sparse_ms.items(), key=lambda kv: kv[1]):
     b = kernel_bounds(GEOM, cfg, packings[False])
     mark = f"  <- default (prefetch {cfg.prefetch})" if cfg == sparse_default else ""
     print(
-        f"{cfg.rows:>4} {cfg.vector:>6} {cfg.shifted!s:>7} {b['load_vs_fma']:9.2f} "
+        f"{cfg.rows:>4} {cfg.vector:>6} {layout(cfg):>9} {b['load_vs_fma']:9.2f} "
         f"{b['split_share']:6.0%} {b['bound']:>11} {b['ceiling']:7.0%} "
         f"{useful / ms / 1e6:8.1f}{mark}"
     )
@@ -581,18 +593,13 @@ for cfg, ms in sorted(dense_ms.items(), key=lambda kv: kv[1]):
     code(r"""
 fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
 for j, vector in enumerate((8, 16)):
-    for shifted, style in ((False, "o-"), (True, "s--")):
+    for name, style in zip(LAYOUTS, ("o-", "s--", "^:"), strict=True):
         pts = sorted(
             (c.rows, ms)
             for c, ms in sparse_ms.items()
-            if c.vector == vector and c.shifted == shifted and c.rows in ROWS
+            if c.vector == vector and layout(c) == name and c.rows in ROWS
         )
-        left.plot(
-            *zip(*pts, strict=True),
-            style,
-            color=f"C{j}",
-            label=f"vector {vector}" + (", shifted" if shifted else ""),
-        )
+        left.plot(*zip(*pts, strict=True), style, color=f"C{j}", label=f"vector {vector}, {name}")
 left.plot(
     sparse_default.rows,
     sparse_ms[sparse_default],

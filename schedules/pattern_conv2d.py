@@ -34,6 +34,15 @@ Staged rows are as wide as the columns valid outputs read, rounded up to a cache
 that is less than the vectors' reach (whole-row tiles): the spare lanes of a row's last vector
 read the next row and are never stored (``staged_width``).
 
+Rows of ``SEGMENT_MIN_VECTORS`` or more vectors are staged lane-segmented (``segmented``; the
+dimension-lifted transposition of Henretty et al., PACT 2011, for stencils): lane l of vector j
+computes output column ``S * l + j`` (S vectors per row), and lane l of staged row q holds input
+column ``S * l + q``, so tap dx of vector j reads staged row ``j + dx``: one aligned load,
+shared by every vector and tap with the same ``j + dx`` (a 3-wide kernel: S + 2 loads per input
+row, not 3 S of which 2 S split across cache lines). Each row is staged plain into a scratch
+row, then transposed by vector shuffles; the accumulators are transposed back likewise before
+the epilogue.
+
 Memory: a tile's input rows over all channels outgrow L1 (64 KiB at 128 channels of 28x28), and
 a job reads its kernels' channels in an order no hardware prefetcher follows, so the kernel
 prefetches the rows of the kernel ``prefetch`` ahead. Narrow outputs (<= 7 columns at 16 lanes)
@@ -63,6 +72,12 @@ from tvm.script.ir_builder import tirx as T
 from .tunable import Knobs, TunableKernel, register, template
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
+# Output rows of at least this many vectors default to the lane-segmented layout (no split
+# loads; ``PatternConvConfig.segmented``). Measured here (AVX-512, A/B in one process, against
+# the phase layout's defaults): 56-wide maps (4 vectors) 1.14-1.24x per filter and 1.07x in
+# groups of 4, 112-wide 1.52-1.55x, 224-wide 1.15x; 28-wide (2 vectors) 0.93-1.07x, 14-wide
+# (1 vector: three staged copies) 0.70x.
+SEGMENT_MIN_VECTORS = 4
 # TVM keeps a CPU allocation inside a parallel loop on the stack (not the workspace heap, where
 # LLVM cannot prove it unaliased and keep it in registers) only when it is below this size.
 STACK_BYTES = 1024
@@ -120,6 +135,13 @@ class PatternConvConfig:
     # Input staged as one copy per tap column dx, pre-shifted so every vector load is aligned
     # (costs kw x the staging memory); otherwise one copy per stride phase, loads unaligned.
     shifted: bool = False
+    # Lane-segmented staging (whole-row tiles, not folded; ``segment_vectors``): vector lane l
+    # computes output column ``S * l + j`` (S vectors per row, j the vector), and the input is
+    # staged transposed to match, row q of a plane holding column ``S * l + q`` in lane l.
+    # Every tap's load is then one aligned staged row, shared by the vectors and taps that
+    # read it (S + 2 loads per input row of a 3-wide kernel, not 3 S of which 2 S split), at
+    # (S + 2) / S x the staging memory; the output is transposed back in registers.
+    segmented: bool = False
     # Loop order: 0 keeps each filter's reduction in registers; > 0 runs the input channels
     # outermost in blocks of this many, over ``shares`` parallel shares of the filters.
     channel_block: int = 0
@@ -163,12 +185,19 @@ def default_config(
                 break
     vecs_per_row = 1 if fold > 1 else math.ceil(geom.out_width / vector)
     out_rows = math.ceil(geom.out_height / fold)  # accumulator rows the map needs
+    budget = max(1, accumulators)
     cols = 0
-    if (vecs_per_row >= 4 and geom.out_width >= 64) or vecs_per_row * vector * 4 > STACK_BYTES:
+    # Rows of >= SEGMENT_MIN_VECTORS vectors: the lane-segmented layout, whole rows per tile.
+    # (Not where it would take filters computed together: they share each load.)
+    together = math.gcd(filter_group, 4) if budget >= 14 else 1
+    segmented = SEGMENT_MIN_VECTORS <= vecs_per_row <= budget // together and fold == 1
+    segmented = segmented and vecs_per_row * vector * 4 <= STACK_BYTES
+    if not segmented and (
+        (vecs_per_row >= 4 and geom.out_width >= 64) or vecs_per_row * vector * 4 > STACK_BYTES
+    ):
         # Wide maps: tall, narrow tiles (2 vectors wide) reuse each input row across more
         # output rows and keep the rows a tile reads in L1 (measured 74 -> 106 GFLOP/s at 224^2).
         vecs_per_row, cols = 2, 2 * vector
-    budget = max(1, accumulators)
     filters = 1
     if filter_group > 1:
         # Measured here (AVX-512, 4 filters of 4 taps): 16 accumulators beat 8, 12 and 24.
@@ -195,8 +224,10 @@ def default_config(
         filters=filters,
         cols=cols,
         shares=max(1, shares),
-        prefetch=_prefetch_distance(geom, rows, fold, vecs_per_row * vector),
+        # Segmented rows are (S + 2) / S x wider: prefetching them cost more than it hid.
+        prefetch=0 if segmented else _prefetch_distance(geom, rows, fold, vecs_per_row * vector),
         fold=fold,
+        segmented=segmented,
     )
 
 
@@ -249,7 +280,7 @@ def folded_rows(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
     next staged row) must land in that row's left padding (zeros), standing for the right one.
     """
     fold = cfg.fold
-    if fold <= 1 or cfg.vector % fold or cfg.shifted or cfg.channel_block > 0:
+    if fold <= 1 or cfg.vector % fold or cfg.shifted or cfg.segmented or cfg.channel_block > 0:
         return 1
     if cfg.cols not in (0, cfg.vector):
         return 1
@@ -265,6 +296,15 @@ def folded_rows(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
         if reach >= 0 and geom.out_width - 1 + reach - row >= first:
             return 1  # a valid lane would read the next row's data, not its padding
     return fold
+
+
+def segment_vectors(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
+    """Vectors per row S of the lane-segmented layout ``cfg`` gets on ``geom``; 0 where it
+    does not apply (not asked for, the shifted layout, or tiles of part of a row)."""
+    if not cfg.segmented or cfg.shifted:
+        return 0
+    cols = cfg.cols or math.ceil(geom.out_width / cfg.vector) * cfg.vector
+    return cols // cfg.vector if cols >= geom.out_width else 0
 
 
 def _phase_reach(kw: int, stride: int, phase: int) -> int:
@@ -293,6 +333,7 @@ class Tiling:
     rows_in: int  # staged rows a tile reads (folded: per plane)
     tile_row: int  # staged rows from a row tile's first to the next one's
     row_step: int  # staged rows from an accumulator row's first to the next one's
+    segment: int = 0  # vectors per row of the lane-segmented layout (0: another layout)
 
 
 def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
@@ -310,7 +351,10 @@ def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
     pad_h = (tiles * rows * fold - 1) * sh + kh
     pad_q = wide + (kw - 1) // sw
     staged_h = pad_h
-    if not cfg.shifted and fold == 1 and col_tiles == 1 and staged_width(geom, wide) < pad_q:
+    segment = segment_vectors(geom, cfg)
+    if segment:  # per stride phase, S + reach transposed rows of ``vec`` lanes
+        pad_q = (segment + (kw - 1) // sw) * vec
+    elif not cfg.shifted and fold == 1 and col_tiles == 1 and staged_width(geom, wide) < pad_q:
         # Compact rows: the last vectors' spare lanes read into the next row (one more row
         # staged so the last plane's stay in bounds).
         pad_q, staged_h = staged_width(geom, wide), pad_h + 1
@@ -330,6 +374,7 @@ def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
         rows_in=rows * fold + (kh - 1) // sh if fold > 1 else (rows - 1) * sh + kh,
         tile_row=rows * fold if fold > 1 else rows * sh,
         row_step=fold if fold > 1 else sh,
+        segment=segment,
     )
 
 
@@ -340,7 +385,7 @@ def prefetch_lines(
     offsets from the tile's first staged row; and whether the columns count from the tile's
     first column (part-row tiles) rather than the row's start (whole rows: one range)."""
     span = tl.cols + (0 if cfg.shifted else (geom.kernel[1] - 1) // geom.stride[1])
-    if span >= tl.row_w:
+    if span >= tl.row_w or tl.segment:
         return [(0, j * 16) for j in range(math.ceil(tl.rows_in * tl.row_w / 16) + 1)], False
     per_row = math.ceil(span / 16) + 1
     return [(r, j * 16) for r in range(tl.rows_in) for j in range(per_row)], True
@@ -356,6 +401,8 @@ def tap_offset(
         return dy % sh * sw + dx % sw, dy // sh, dx // sw
     if shifted:  # one pre-shifted copy per tap column
         return dx, dy, 0
+    if tl.segment:  # a whole staged row (vector) further per staged column of reach
+        return dx % sw, dy, dx // sw * (tl.cols // tl.segment)
     return dx % sw, dy, dx // sw
 
 
@@ -433,7 +480,11 @@ def pattern_conv2d_primfunc(
 
         def stage(pad, slot, n, c, first, count) -> None:
             """Stage rows first .. first + count of channel c's planes into pad[slot, c]."""
-            _stage_rows(pad, (slot, c), data, geom, n, (first, count), tl.row_phases, cfg.shifted)
+            if tl.segment:
+                _stage_rows_segmented(pad, (slot, c), data, geom, n, (first, count), vec)
+            else:
+                rows_ = (first, count)
+                _stage_rows(pad, (slot, c), data, geom, n, rows_, tl.row_phases, cfg.shifted)
 
         zero = tvm.tirx.const(0.0, "float32")
 
@@ -486,9 +537,10 @@ def pattern_conv2d_primfunc(
         def store_tile(acc, n, tile, x0, i0) -> None:
             """out[filter_order[i0 + f], tile rows, x0 + ...] = epilogue(acc[f]), in bounds."""
 
-            def store(f, r, y, x, lane):
+            def store(f, y, x, value):
+                """out[n, filter f's, y, x] = epilogue(value) (``x`` a column, or a Ramp and
+                ``value`` a vector)."""
                 i, o = i0 + f, order[i0 + f]
-                value = acc[f][r][lane]
                 if bias is not None:
                     value = value + bias[i]
                 if resid is not None:
@@ -500,21 +552,34 @@ def pattern_conv2d_primfunc(
             tail = out_w % vec
             for f in range(len(acc)):
                 for r in range(rows):
+                    if tl.segment:  # lane l of vector j holds column S * l + j: transpose
+                        y = tile * rows + r
+                        seg = tl.segment
+                        vectors = [acc[f][r][tirx.Ramp(j * vec, 1, vec)] for j in range(seg)]
+                        with T.If(y < out_h), T.Then():
+                            for u in range(math.ceil(out_w / vec)):
+                                lanes = range(u * vec, min(out_w, u * vec + vec))
+                                index = [x % seg * vec + x // seg for x in lanes]
+                                x = u * vec
+                                if len(lanes) > 1:
+                                    x = tirx.Ramp(x, 1, len(lanes))
+                                store(f, y, x, tirx.Shuffle(vectors, index))
+                        continue
                     if fold > 1:  # output row j of the fold: lanes j * pad_q ..
                         for j in range(fold):
                             y = (tile * rows + r) * fold + j
                             with T.If(y < out_h), T.Then(), T.vectorized(0, out_w) as x:
-                                store(f, r, y, x, j * tl.row_w + x)
+                                store(f, y, x, acc[f][r][j * tl.row_w + x])
                         continue
                     y = tile * rows + r
                     with T.If(y < out_h), T.Then(), T.serial(0, cols // vec) as xo:
                         with T.If(x0 + xo * vec + vec <= out_w):
                             with T.Then(), T.vectorized(0, vec) as xi:
-                                store(f, r, y, x0 + xo * vec + xi, xo * vec + xi)
+                                store(f, y, x0 + xo * vec + xi, acc[f][r][xo * vec + xi])
                             if tail:
                                 with T.Else(), T.If(x0 + xo * vec < out_w), T.Then():
                                     with T.vectorized(0, tail) as xi:
-                                        store(f, r, y, x0 + xo * vec + xi, xo * vec + xi)
+                                        store(f, y, x0 + xo * vec + xi, acc[f][r][xo * vec + xi])
 
         if cfg.channel_block > 0 and group == 1:
             # Every share reads every row: staged once, in parallel over channels.
@@ -633,11 +698,14 @@ def _channel_blocked(geom, cfg, num_p, tiling, index, emit) -> None:
                         store_tile(acc, n, tile, x0, i)
 
 
-def _stage_rows(pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, shifted: bool):
+def _stage_rows(
+    pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, shifted: bool, channel=None
+):
     """Stage ``rows`` = (first, count) rows of image n's channel c into ``pad[slot]`` (slot =
     (lead, c)): row j of plane ``a * P + ph`` is padded input row ``(first + j) * row_phases +
     a``, column ``q * sw + ph`` (P = sw stride phases; ``shifted``: P = kw tap columns, each
-    copy pre-shifted by its tap column ph = dx), 0 outside the image.
+    copy pre-shifted by its tap column ph = dx), 0 outside the image. ``channel``: the input
+    channel, where it is not ``slot[1]``.
 
     Rows are copied or zeroed whole (one condition per row); within a row the border columns
     and the copy have compile-time bounds, so LLVM vectorizes them. ``row_phases`` > 1 splits
@@ -667,7 +735,30 @@ def _stage_rows(pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, s
                                 with T.serial(q_lo, q_hi) as q:
                                     T.buffer_store(pad, zero, [*dst, q])
                         if hi > lo:
-                            _copy_row(pad, data, dst, (n, slot[1], y), lo, hi, sw, ph - pl)
+                            src = (n, slot[1] if channel is None else channel, y)
+                            _copy_row(pad, data, dst, src, lo, hi, sw, ph - pl)
+
+
+def _stage_rows_segmented(pad, slot, data, geom: ConvGeometry, n, rows, vec: int) -> None:
+    """Stage ``rows`` = (first, count) rows of image n's channel c into ``pad[slot]`` in the
+    lane-segmented layout (``PatternConvConfig.segmented``): lane l of row q of plane ph holds
+    the phase's staged column ``S * l + q`` (padded input column ``(S * l + q) * sw + ph``), S
+    = vectors per output row, q < S + reach. Each input row is first staged as plain phase
+    rows (``_stage_rows``' layout) into a scratch row, then transposed by vector shuffles."""
+    (_, kw), sw = geom.kernel, geom.stride[1]
+    first, count = rows
+    row_w = int(pad.shape[-1])
+    seg = row_w // vec - (kw - 1) // sw
+    need = seg * vec + (kw - 1) // sw  # scratch columns the last lane of the last row reads
+    sources = math.ceil(need / vec)
+    scratch = T.alloc_buffer((1, 1, sw, 1, sources * vec), "float32")
+    with T.serial(0, count) as j:
+        _stage_rows(scratch, (0, 0), data, geom, n, (first + j, 1), 1, False, slot[1])
+        for ph in range(sw):
+            vectors = [scratch[0, 0, ph, 0, tirx.Ramp(u * vec, 1, vec)] for u in range(sources)]
+            for q in range(row_w // vec):
+                value = tirx.Shuffle(vectors, [seg * lane + q for lane in range(vec)])
+                T.buffer_store(pad, value, [*slot, ph, j, tirx.Ramp(q * vec, 1, vec)])
 
 
 def _copy_row(dst, src, dst_row: tuple, src_row: tuple, lo: int, hi: int, step: int, shift: int):
@@ -696,6 +787,7 @@ def config_knobs(cfg: PatternConvConfig) -> Knobs:
         "filters": cfg.filters,
         "col_vectors": cfg.cols // cfg.vector,
         "shifted": int(cfg.shifted),
+        "segmented": int(cfg.segmented),
         "channel_block": cfg.channel_block,
         "shares": cfg.shares,
         "prefetch": cfg.prefetch,
@@ -710,6 +802,7 @@ def knobs_config(knobs: Knobs) -> PatternConvConfig:
         filters=knobs["filters"],
         cols=knobs["col_vectors"] * knobs["vector"],
         shifted=bool(knobs["shifted"]),
+        segmented=bool(knobs.get("segmented", 0)),
         # Records written before the loop-order knob existed hold neither key.
         channel_block=knobs.get("channel_block", 0),
         shares=knobs.get("shares", 2),
@@ -761,6 +854,7 @@ def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
         "filters": [f for f in (1, 2, 4) if group % f == 0 and out_channels % f == 0],
         "col_vectors": [0, 1, 2, 3, 4],
         "shifted": [0, 1],
+        "segmented": [0, 1],
         "channel_block": [0] + [b for b in (16, 32, 64) if b < in_channels and group == 1],
         "shares": [default["shares"]],
         "prefetch": sorted({0, 3, 6, 12, default.get("prefetch", 0)}),

@@ -59,6 +59,7 @@ def conv_layers(draw):
         filter_group=draw(st.sampled_from([1, 2, 4])),
         col_vectors=draw(st.sampled_from([0, 1, 2])),
         shifted=draw(st.booleans()),
+        segmented=draw(st.booleans()),
         vector=draw(st.sampled_from([4, 8, 16])),
         channel_block=draw(st.sampled_from([0, 0, 2, 5])),
         shares=draw(st.sampled_from([1, 2, 3])),
@@ -101,6 +102,7 @@ def test_generated_layers_match_torch(layer):
         cfg = PatternConvConfig(
             rows=layer["rows"], vector=layer["vector"], filters=filters,
             cols=layer["col_vectors"] * layer["vector"], shifted=layer["shifted"],
+            segmented=layer["segmented"],
             channel_block=layer["channel_block"], shares=layer["shares"],
             prefetch=layer["prefetch"], fold=layer["fold"],
         )  # fmt: skip
