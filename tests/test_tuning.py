@@ -36,6 +36,7 @@ from schedules.pattern_conv2d import (
 from schedules.tunable import RealizeTunableKernels, knob_space, realize, template, tunable_block
 from tvm_sparse import tuning
 from tvm_sparse.compiler import lower, prepare
+from tvm_sparse.kernel_bounds import applied_configs
 from tvm_sparse.rpc import RPCError
 from tvm_sparse.targets import resolve_target
 from tvm_sparse.tuning.model_check import (
@@ -68,7 +69,9 @@ def _net() -> tuple[torch.nn.Module, np.ndarray]:
         torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
     )  # fmt: skip
     net = pattern_prune_model_(net, kernel_keep=0.5).eval()
-    x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype("float32")
+    # 64-wide rows: the first conv's kernel takes the lane-segmented layout, the second's
+    # (32 wide) the phase layout, so both are tuned and applied.
+    x = np.random.default_rng(0).standard_normal((1, 8, 12, 64)).astype("float32")
     return net, x
 
 
@@ -131,6 +134,7 @@ def test_rule_samples_every_knob_default_first() -> None:
 def tuned_dir(tmp_path_factory) -> Path:
     net, x = _net()
     work = tmp_path_factory.mktemp("tuned")
+    assert sorted(c.segmented for c in applied_configs(net, x, None).values()) == [False, True]
     result = tvm_sparse.tune(net, (x,), trials=12, work_dir=str(work), progress=False)
     assert [t.template for t in result.tasks].count(True) == 2
     check = result.model_check  # the tuned kernels were then compared inside the model
