@@ -160,6 +160,7 @@ def render_bounds(layers: list[dict]) -> str:
         tile = f"{c['rows']} x {b['vectors']} x {c['vector']}"
         tile += f", {c['filters']} filters" if c["filters"] > 1 else ""
         tile += f", fold {b['fold']}" if b["fold"] > 1 else ""
+        tile += ", segmented" if c.get("segmented") else ""
         ort_gflops = r["flops_dense"] / r["ms"]["onnxruntime"] / 1e6
         rows.append([
             r["model"], r["shape"], tile, f"{b['fma_per_kernel']:.0f}",
@@ -177,7 +178,9 @@ def render_bounds(layers: list[dict]) -> str:
         "vector's lanes that compute outputs (row ends, "
         "the last row tile, 8-lane vectors); the busiest core's share over the mean. The "
         "in-core ceiling is the fraction of the FMA peak the layer's useful FLOPs can reach "
-        "with every load hitting L1; L1 misses, staging and output stores come on top. ONNX "
+        "with every load hitting L1; L1 misses, staging and output stores come on top "
+        "(segmented tiles, whose lanes compute every S-th column, load each staged row once "
+        "and never split a load, but stage (S + 2) / S x the input). ONNX "
         "Runtime's dense conv runs near the FMA peak here, so 6.4x at 8x fewer FLOPs (useful "
         "GFLOP/s >= 0.8x ORT's dense GFLOP/s) is out of reach wherever the ceiling is below "
         "~0.8x ORT's share of the peak.\n\n"
