@@ -135,7 +135,7 @@ class PatternConvConfig:
     # Input staged as one copy per tap column dx, pre-shifted so every vector load is aligned
     # (costs kw x the staging memory); otherwise one copy per stride phase, loads unaligned.
     shifted: bool = False
-    # Lane-segmented staging (whole-row tiles, not folded; ``segment_vectors``): vector lane l
+    # Lane-segmented staging (whole-row tiles, not folded; ``Tiling.segment``): vector lane l
     # computes output column ``S * l + j`` (S vectors per row, j the vector), and the input is
     # staged transposed to match, row q of a plane holding column ``S * l + q`` in lane l.
     # Every tap's load is then one aligned staged row, shared by the vectors and taps that
@@ -298,15 +298,6 @@ def folded_rows(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
     return fold
 
 
-def segment_vectors(geom: ConvGeometry, cfg: PatternConvConfig) -> int:
-    """Vectors per row S of the lane-segmented layout ``cfg`` gets on ``geom``; 0 where it
-    does not apply (not asked for, the shifted layout, or tiles of part of a row)."""
-    if not cfg.segmented or cfg.shifted:
-        return 0
-    cols = cfg.cols or math.ceil(geom.out_width / cfg.vector) * cfg.vector
-    return cols // cfg.vector if cols >= geom.out_width else 0
-
-
 def _phase_reach(kw: int, stride: int, phase: int) -> int:
     """Furthest staged column offset (dx // stride) of a stride phase's taps; -1 if it has none."""
     return max((dx // stride for dx in range(phase, kw, stride)), default=-1)
@@ -351,7 +342,8 @@ def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
     pad_h = (tiles * rows * fold - 1) * sh + kh
     pad_q = wide + (kw - 1) // sw
     staged_h = pad_h
-    segment = segment_vectors(geom, cfg)
+    # Lane-segmented: whole-row tiles only (segmented configs never fold), not shifted.
+    segment = cols // vec if cfg.segmented and not cfg.shifted and col_tiles == 1 else 0
     if segment:  # per stride phase, S + reach transposed rows of ``vec`` lanes
         pad_q = (segment + (kw - 1) // sw) * vec
     elif not cfg.shifted and fold == 1 and col_tiles == 1 and staged_width(geom, wide) < pad_q:
@@ -480,11 +472,11 @@ def pattern_conv2d_primfunc(
 
         def stage(pad, slot, n, c, first, count) -> None:
             """Stage rows first .. first + count of channel c's planes into pad[slot, c]."""
+            span = (first, count)
             if tl.segment:
-                _stage_rows_segmented(pad, (slot, c), data, geom, n, (first, count), vec)
+                _stage_rows_segmented(pad, (slot, c), data, geom, n, span, vec)
             else:
-                rows_ = (first, count)
-                _stage_rows(pad, (slot, c), data, geom, n, rows_, tl.row_phases, cfg.shifted)
+                _stage_rows(pad, (slot, c), data, geom, n, span, tl.row_phases, cfg.shifted)
 
         zero = tvm.tirx.const(0.0, "float32")
 
