@@ -9,6 +9,11 @@
 ``PatternConvConfig`` fields; an UPPERCASE key sets that environment variable while the
 variant is built (for generator switches under experiment). For kernel decisions this is far
 steadier than the side-by-side tables: variants share the process, the inputs and the minute.
+
+``--diagnose`` also times each variant's kernel on altered index data (results not checked):
+``[input in L1]``, every kernel reading input channel 0 (the same FMAs, every input load an L1
+hit: the gap to the real run is memory), and ``[no kernels]``, every kernel list empty (what
+is left: staging, zeroing and storing the tiles, the loops and the parallel region).
 """
 
 from __future__ import annotations
@@ -71,10 +76,16 @@ def variant_config(base, overrides: dict[str, str]):
 
 
 def layer_runners(
-    index: int, variants: list[str], filter_group: int, threads: int, check: bool = True
+    index: int,
+    variants: list[str],
+    filter_group: int,
+    threads: int,
+    check: bool = True,
+    diagnose: bool = False,
 ) -> dict[str, object]:
     """One runner per variant for layer ``LAYERS[index]``, each checked against PyTorch
-    (unless ``check`` is off: diagnostic builds that skip part of the work)."""
+    (unless ``check`` is off: diagnostic builds that skip part of the work); ``diagnose``:
+    two more per variant on altered index data (see the module docstring)."""
     _, o, c, size, stride = LAYERS[index]
     weight, x = layer_case(index, filter_group)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), None, stride, 1)
@@ -89,12 +100,28 @@ def layer_runners(
             base = default_config(
                 geom, filter_group=group, shares=threads, **tile_defaults(geom, registers, lanes)
             )
-            run, _ = pattern_conv_kernel(geom, weight, config=variant_config(base, overrides))
+            run, packed = pattern_conv_kernel(geom, weight, config=variant_config(base, overrides))
         out = run(x)
         if check:
             np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-3, atol=1e-3)
         xt = tvm.runtime.tensor(x)
         runners[spec] = lambda run=run, xt=xt, out=out: run(xt, out=out)
+        if diagnose:
+            real = [packed.kernel_ptr, packed.kernel_channel, packed.kernel_values]
+            real = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in real]
+            order = tvm.runtime.tensor(packed.filter_order)
+            one_channel = tvm.runtime.tensor(np.zeros_like(packed.kernel_channel))
+            no_kernels = tvm.runtime.tensor(np.zeros_like(packed.kernel_ptr))
+            altered = {
+                "input in L1": [real[0], one_channel, real[2], order],
+                "no kernels": [no_kernels, real[1], real[2], order],
+            }
+            for label, index_data in altered.items():
+                runners[f"{spec} [{label}]"] = (
+                    lambda run=run, xt=xt, out=out, index_data=index_data: run(
+                        xt, out=out, index=index_data
+                    )
+                )
     return runners
 
 
@@ -108,22 +135,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-check", action="store_true", help="skip the numerics check (diagnostic variants)"
     )
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also time each variant with every input load an L1 hit, and with no kernels",
+    )
     ap.add_argument("--out", default="", help="write OUT.json / OUT.md")
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     variants = args.variant or ["default"]
     rows, payload = [], {"filter_group": args.filter_group, "variants": variants, "layers": []}
+    columns = variants
     for index in (int(i) for i in args.layers.split(",")):
         model, o, c, size, stride = LAYERS[index]
-        runners = layer_runners(index, variants, args.filter_group, args.threads, not args.no_check)
+        runners = layer_runners(
+            index, variants, args.filter_group, args.threads, not args.no_check, args.diagnose
+        )
         ms = time_interleaved(runners, rounds=args.rounds, warm=20, settle_s=0.0, window_s=0.02)
         name = f"{o}x{c}x3x3 s{stride} on {size}x{size}"
-        base = ms[variants[0]]
-        cells = [f"{ms[v]:.4f} ({base / ms[v]:.2f}x)" for v in variants]
+        columns = list(runners)
+        base = ms[columns[0]]
+        cells = [f"{ms[v]:.4f} ({base / ms[v]:.2f}x)" for v in columns]
         rows.append([model, name, *cells])
         payload["layers"].append({"model": model, "layer": name, "ms": ms})
         print(" | ".join(rows[-1]), flush=True)
-    header = ["model", "layer", *(f"`{v}` ms (speed-up)" for v in variants)]
+    header = ["model", "layer", *(f"`{v}` ms (speed-up)" for v in columns)]
     table = markdown_table(header, rows)
     print(table)
     if args.out:

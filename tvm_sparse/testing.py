@@ -103,9 +103,11 @@ def pattern_conv_kernel(
 ):
     """Compile one layer's pattern conv kernel on its own (no Relax) for ``weight`` (OIHW).
 
-    Returns ``(run, packed)``: ``run(x, bias=None, residual=None, out=None)`` calls the kernel
-    (numpy or ``tvm.runtime.Tensor`` arguments; ``bias`` in the original filter order) and
-    returns ``out``, a new ``tvm.runtime.Tensor`` unless given.
+    Returns ``(run, packed)``: ``run(x, bias=None, residual=None, out=None, index=None)`` calls
+    the kernel (numpy or ``tvm.runtime.Tensor`` arguments; ``bias`` in the original filter
+    order) and returns ``out``, a new ``tvm.runtime.Tensor`` unless given. ``index``: other
+    (kernel_ptr, kernel_channel, kernel_values, filter_order) of the packed shapes, for
+    diagnostic timings (``benchmarks/ab_kernel.py --diagnose``).
     """
     import tvm
 
@@ -138,8 +140,8 @@ def pattern_conv_kernel(
             a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a))
         )
 
-    def run(x, bias=None, residual=None, out=None):
-        args = [as_tensor(x), *index]
+    def run(x, bias=None, residual=None, out=None, index=index):
+        args = [as_tensor(x), *(as_tensor(a) for a in index)]
         if epilogue.bias:
             args.append(as_tensor(np.asarray(bias)[packed.filter_order]))
         if epilogue.residual:
