@@ -103,11 +103,11 @@ def pattern_conv_kernel(
 ):
     """Compile one layer's pattern conv kernel on its own (no Relax) for ``weight`` (OIHW).
 
-    Returns ``(run, packed)``: ``run(x, bias=None, residual=None, out=None, index=None)`` calls
+    Returns ``(run, packed)``: ``run(x, bias=None, residual=None, out=None, index=...)`` calls
     the kernel (numpy or ``tvm.runtime.Tensor`` arguments; ``bias`` in the original filter
-    order) and returns ``out``, a new ``tvm.runtime.Tensor`` unless given. ``index``: other
-    (kernel_ptr, kernel_channel, kernel_values, filter_order) of the packed shapes, for
-    diagnostic timings (``benchmarks/ab_kernel.py --diagnose``).
+    order) and returns ``out``, a new ``tvm.runtime.Tensor`` unless given. ``index`` (default:
+    the packed weight's): other (kernel_ptr, kernel_channel, kernel_values, filter_order) of
+    the packed shapes, for diagnostic timings (``benchmarks/ab_kernel.py --diagnose``).
     """
     import tvm
 
