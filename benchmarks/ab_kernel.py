@@ -107,16 +107,14 @@ def layer_runners(
         xt = tvm.runtime.tensor(x)
         runners[spec] = lambda run=run, xt=xt, out=out: run(xt, out=out)
         if diagnose:
-            real = [packed.kernel_ptr, packed.kernel_channel, packed.kernel_values]
-            real = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in real]
-            order = tvm.runtime.tensor(packed.filter_order)
-            one_channel = tvm.runtime.tensor(np.zeros_like(packed.kernel_channel))
-            no_kernels = tvm.runtime.tensor(np.zeros_like(packed.kernel_ptr))
+            ptr, chan = packed.kernel_ptr, packed.kernel_channel
+            rest = (packed.kernel_values, packed.filter_order)
             altered = {
-                "input in L1": [real[0], one_channel, real[2], order],
-                "no kernels": [no_kernels, real[1], real[2], order],
+                "input in L1": (ptr, np.zeros_like(chan), *rest),
+                "no kernels": (np.zeros_like(ptr), chan, *rest),
             }
-            for label, index_data in altered.items():
+            for label, arrays in altered.items():
+                index_data = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
                 runners[f"{spec} [{label}]"] = (
                     lambda run=run, xt=xt, out=out, index_data=index_data: run(
                         xt, out=out, index=index_data

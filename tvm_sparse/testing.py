@@ -106,8 +106,9 @@ def pattern_conv_kernel(
     Returns ``(run, packed)``: ``run(x, bias=None, residual=None, out=None, index=...)`` calls
     the kernel (numpy or ``tvm.runtime.Tensor`` arguments; ``bias`` in the original filter
     order) and returns ``out``, a new ``tvm.runtime.Tensor`` unless given. ``index`` (default:
-    the packed weight's): other (kernel_ptr, kernel_channel, kernel_values, filter_order) of
-    the packed shapes, for diagnostic timings (``benchmarks/ab_kernel.py --diagnose``).
+    the packed weight's): other (kernel_ptr, kernel_channel, kernel_values, filter_order)
+    ``tvm.runtime.Tensor`` of the packed shapes, for diagnostic timings
+    (``benchmarks/ab_kernel.py --diagnose``).
     """
     import tvm
 
@@ -141,7 +142,7 @@ def pattern_conv_kernel(
         )
 
     def run(x, bias=None, residual=None, out=None, index=index):
-        args = [as_tensor(x), *(as_tensor(a) for a in index)]
+        args = [as_tensor(x), *index]
         if epilogue.bias:
             args.append(as_tensor(np.asarray(bias)[packed.filter_order]))
         if epilogue.residual:
