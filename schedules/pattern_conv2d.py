@@ -34,7 +34,8 @@ Staged rows are as wide as the columns valid outputs read, rounded up to a cache
 that is less than the vectors' reach (whole-row tiles): the spare lanes of a row's last vector
 read the next row and are never stored (``staged_width``).
 
-Rows of ``SEGMENT_MIN_VECTORS`` or more vectors are staged lane-segmented (``segmented``; the
+Rows of ``SEGMENT_MIN_VECTORS`` or more vectors (computed one filter at a time at 16 lanes:
+``SEGMENT_MIN_VECTORS_PER_FILTER``) are staged lane-segmented (``segmented``; the
 dimension-lifted transposition of Henretty et al., PACT 2011, for stencils): lane l of vector j
 computes output column ``S * l + j`` (S vectors per row), and lane l of staged row q holds input
 column ``S * l + q``, so tap dx of vector j reads staged row ``j + dx``: one aligned load,
@@ -75,9 +76,13 @@ EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
 # Output rows of at least this many vectors default to the lane-segmented layout (no split
 # loads; ``PatternConvConfig.segmented``). Measured here (AVX-512, A/B in one process, against
 # the phase layout's defaults): 56-wide maps (4 vectors) 1.14-1.24x per filter and 1.07x in
-# groups of 4, 112-wide 1.52-1.55x, 224-wide 1.15x; 28-wide (2 vectors) 0.93-1.07x, 14-wide
-# (1 vector: three staged copies) 0.70x.
+# groups of 4, 112-wide 1.52-1.55x, 224-wide 1.15x; 14-wide (1 vector: three staged copies)
+# 0.70-0.94x. 28-wide (2 vectors): per filter 1.01-1.16x (split loads had made those kernels
+# load-port bound; the A/B that rejected them kept the plain layout's prefetch), in groups of
+# 4 filters 0.91-0.98x (each load already feeds 4 FMAs), hence two thresholds (the lower one
+# only for 16-lane vectors, where it was measured).
 SEGMENT_MIN_VECTORS = 4
+SEGMENT_MIN_VECTORS_PER_FILTER = 2
 # TVM keeps a CPU allocation inside a parallel loop on the stack (not the workspace heap, where
 # LLVM cannot prove it unaliased and keep it in registers) only when it is below this size.
 STACK_BYTES = 1024
@@ -187,10 +192,12 @@ def default_config(
     out_rows = math.ceil(geom.out_height / fold)  # accumulator rows the map needs
     budget = max(1, accumulators)
     cols = 0
-    # Rows of >= SEGMENT_MIN_VECTORS vectors: the lane-segmented layout, whole rows per tile.
+    # Rows of enough vectors: the lane-segmented layout, whole rows per tile.
     # (Not where it would take filters computed together: they share each load.)
     together = math.gcd(filter_group, 4) if budget >= 14 else 1
-    segmented = SEGMENT_MIN_VECTORS <= vecs_per_row <= budget // together and fold == 1
+    per_filter = together == 1 and vector >= 16
+    least = SEGMENT_MIN_VECTORS_PER_FILTER if per_filter else SEGMENT_MIN_VECTORS
+    segmented = least <= vecs_per_row <= budget // together and fold == 1
     segmented = segmented and vecs_per_row * vector * 4 <= STACK_BYTES
     if not segmented and (
         (vecs_per_row >= 4 and geom.out_width >= 64) or vecs_per_row * vector * 4 > STACK_BYTES
