@@ -742,22 +742,44 @@ def _stage_rows_segmented(pad, slot, data, geom: ConvGeometry, n, rows, vec: int
     """Stage ``rows`` = (first, count) rows of image n's channel c into ``pad[slot]`` in the
     lane-segmented layout (``PatternConvConfig.segmented``): lane l of row q of plane ph holds
     the phase's staged column ``S * l + q`` (padded input column ``(S * l + q) * sw + ph``), S
-    = vectors per output row, q < S + reach. Each input row is first staged as plain phase
-    rows (``_stage_rows``' layout) into a scratch row, then transposed by vector shuffles."""
+    = vectors per output row, q < S + reach. Each staged row is one vector shuffle of the input
+    row's vectors, loaded straight from ``data`` (measured here against staging each row plain
+    into a scratch row first: 1.00-1.12x, the scratch's stores no longer forwarded to loads)."""
     (_, kw), sw = geom.kernel, geom.stride[1]
+    height, top, left = geom.height, geom.padding[0], geom.padding[1]
     first, count = rows
     row_w = int(pad.shape[-1])
     seg = row_w // vec - (kw - 1) // sw
-    need = seg * vec + (kw - 1) // sw  # scratch columns the last lane of the last row reads
-    sources = math.ceil(need / vec)
-    scratch = T.alloc_buffer((1, 1, sw, 1, sources * vec), "float32")
+    zero = tirx.Broadcast(tvm.tirx.const(0.0, "float32"), vec)
     with T.serial(0, count) as j:
-        _stage_rows(scratch, (0, 0), data, geom, n, (first + j, 1), 1, False, slot[1])
-        for ph in range(sw):
-            vectors = [scratch[0, 0, ph, 0, tirx.Ramp(u * vec, 1, vec)] for u in range(sources)]
-            for q in range(row_w // vec):
-                value = tirx.Shuffle(vectors, [seg * lane + q for lane in range(vec)])
-                T.buffer_store(pad, value, [*slot, ph, j, tirx.Ramp(q * vec, 1, vec)])
+        y = first + j - top
+        with T.If(tvm.tirx.any(y < 0, y >= height)):
+            with T.Then():
+                for ph in range(sw):
+                    for q in range(row_w // vec):
+                        T.buffer_store(pad, zero, [*slot, ph, j, tirx.Ramp(q * vec, 1, vec)])
+            with T.Else():
+                for ph in range(sw):
+                    for q in range(row_w // vec):
+                        cols = [(seg * lane + q) * sw + ph - left for lane in range(vec)]
+                        value = _gather_columns(data, (n, slot[1], y), cols, geom.width, vec)
+                        T.buffer_store(pad, value, [*slot, ph, j, tirx.Ramp(q * vec, 1, vec)])
+
+
+def _gather_columns(data, row: tuple, cols: list[int], width: int, vec: int) -> tirx.PrimExpr:
+    """The vector of ``data[(*row, x)]`` for x in ``cols``, 0 where x is outside [0, width): a
+    shuffle of the row's ``vec``-column vectors it needs (the last one shorter) and a zero."""
+    zero = tirx.Broadcast(tvm.tirx.const(0.0, "float32"), vec)
+    used = sorted({x // vec for x in cols if 0 <= x < width})
+    if not used:
+        return zero
+    sources, start, at = [zero], {}, vec  # start[u]: where vector u begins in the concatenation
+    for u in used:
+        lanes = min(vec, width - u * vec)
+        start[u], at = at, at + lanes
+        ramp = tirx.Ramp(u * vec, 1, lanes) if lanes > 1 else u * vec
+        sources.append(data[(*row, ramp)])
+    return tirx.Shuffle(sources, [start[x // vec] + x % vec if 0 <= x < width else 0 for x in cols])
 
 
 def _copy_row(dst, src, dst_row: tuple, src_row: tuple, lo: int, hi: int, step: int, shift: int):
