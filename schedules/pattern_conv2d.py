@@ -40,9 +40,9 @@ dimension-lifted transposition of Henretty et al., PACT 2011, for stencils): lan
 computes output column ``S * l + j`` (S vectors per row), and lane l of staged row q holds input
 column ``S * l + q``, so tap dx of vector j reads staged row ``j + dx``: one aligned load,
 shared by every vector and tap with the same ``j + dx`` (a 3-wide kernel: S + 2 loads per input
-row, not 3 S of which 2 S split across cache lines). Each row is staged plain into a scratch
-row, then transposed by vector shuffles; the accumulators are transposed back likewise before
-the epilogue.
+row, not 3 S of which 2 S split across cache lines). Each staged row is one vector shuffle of
+the input row's vectors (and zeros for the padding); the accumulators are transposed back
+likewise before the epilogue.
 
 Memory: a tile's input rows over all channels outgrow L1 (64 KiB at 128 channels of 28x28), and
 a job reads its kernels' channels in an order no hardware prefetcher follows, so the kernel
