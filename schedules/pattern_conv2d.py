@@ -697,14 +697,11 @@ def _channel_blocked(geom, cfg, num_p, tiling, index, emit) -> None:
                         store_tile(acc, n, tile, x0, i)
 
 
-def _stage_rows(
-    pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, shifted: bool, channel=None
-):
+def _stage_rows(pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, shifted: bool):
     """Stage ``rows`` = (first, count) rows of image n's channel c into ``pad[slot]`` (slot =
     (lead, c)): row j of plane ``a * P + ph`` is padded input row ``(first + j) * row_phases +
     a``, column ``q * sw + ph`` (P = sw stride phases; ``shifted``: P = kw tap columns, each
-    copy pre-shifted by its tap column ph = dx), 0 outside the image. ``channel``: the input
-    channel, where it is not ``slot[1]``.
+    copy pre-shifted by its tap column ph = dx), 0 outside the image.
 
     Rows are copied or zeroed whole (one condition per row); within a row the border columns
     and the copy have compile-time bounds, so LLVM vectorizes them. ``row_phases`` > 1 splits
@@ -734,7 +731,7 @@ def _stage_rows(
                                 with T.serial(q_lo, q_hi) as q:
                                     T.buffer_store(pad, zero, [*dst, q])
                         if hi > lo:
-                            src = (n, slot[1] if channel is None else channel, y)
+                            src = (n, slot[1], y)
                             _copy_row(pad, data, dst, src, lo, hi, sw, ph - pl)
 
 
