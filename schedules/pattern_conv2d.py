@@ -34,15 +34,16 @@ Staged rows are as wide as the columns valid outputs read, rounded up to a cache
 that is less than the vectors' reach (whole-row tiles): the spare lanes of a row's last vector
 read the next row and are never stored (``staged_width``).
 
-Rows of ``SEGMENT_MIN_VECTORS`` or more vectors (computed one filter at a time at 16 lanes:
-``SEGMENT_MIN_VECTORS_PER_FILTER``) are staged lane-segmented (``segmented``; the
+Rows of enough vectors (``segment_min_vectors``) are staged lane-segmented (``segmented``; the
 dimension-lifted transposition of Henretty et al., PACT 2011, for stencils): lane l of vector j
-computes output column ``S * l + j`` (S vectors per row), and lane l of staged row q holds input
-column ``S * l + q``, so tap dx of vector j reads staged row ``j + dx``: one aligned load,
-shared by every vector and tap with the same ``j + dx`` (a 3-wide kernel: S + 2 loads per input
-row, not 3 S of which 2 S split across cache lines). Each staged row is one vector shuffle of
-the input row's vectors (and zeros for the padding); the accumulators are transposed back
-likewise before the epilogue.
+computes output column ``S * l + j`` (S vectors per row), and lane l of segmented vector q of
+an input row holds column ``S * l + q``, so tap dx of vector j reads vector ``j + dx``: for q <
+S one aligned load of the staged vector, shared by every vector and tap with the same ``j +
+dx``, and past those (q = S + i is vector i moved one lane down) a lane shift of a loaded one
+in registers (a 3-wide kernel: S loads and 2 shifts per input row, not 3 S loads of which 2 S
+split across cache lines). Each staged vector is one shuffle of the input row's vectors (and
+zeros for the padding), so staging is a transposition that takes no more memory than the
+input; the accumulators are transposed back likewise before the epilogue.
 
 Memory: a tile's input rows over all channels outgrow L1 (64 KiB at 128 channels of 28x28), and
 a job reads its kernels' channels in an order no hardware prefetcher follows, so the kernel
@@ -74,15 +75,20 @@ from .tunable import Knobs, TunableKernel, register, template
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
 # Output rows of at least this many vectors default to the lane-segmented layout (no split
-# loads; ``PatternConvConfig.segmented``). Measured here (AVX-512, A/B in one process, against
-# the phase layout's defaults): 56-wide maps (4 vectors) 1.14-1.24x per filter and 1.07x in
-# groups of 4, 112-wide 1.52-1.55x, 224-wide 1.15x; 14-wide (1 vector: three staged copies)
-# 0.70-0.94x. 28-wide (2 vectors): per filter 1.01-1.16x (split loads had made those kernels
-# load-port bound; the A/B that rejected them kept the plain layout's prefetch), in groups of
-# 4 filters 0.91-0.98x (each load already feeds 4 FMAs), hence two thresholds (the lower one
-# only for 16-lane vectors, where it was measured).
-SEGMENT_MIN_VECTORS = 4
-SEGMENT_MIN_VECTORS_PER_FILTER = 2
+# loads; ``PatternConvConfig.segmented``, ``segment_min_vectors``). Measured here (AVX-512,
+# A/B in one process, kernels of 8 patterns on 28 % of the kernels, against the phase
+# layout): per filter 56-wide maps (4 vectors) 1.10-1.19x, 28-wide (2) 1.15-1.30x, 14-wide
+# (1) 1.19-1.30x, 7-wide at 8 lanes 1.24x from a stride-2 layer but 0.89-0.90x at stride 1,
+# 112-wide 1.00-1.02x against the staged-shift segmented layout; 4 filters together: 56-wide
+# 1.03-1.08x, 28-wide 1.02-1.25x, 14-wide 1.10x at stride 2 but 0.74x at stride 1, 7-wide
+# 0.45-0.61x. Without 16-lane vectors (AVX2 code on this machine, per filter): 4-7 vectors
+# 1.05-1.39x, 2 vectors 0.95-0.98x, 1 (stride 2) 1.15x; NEON unmeasured.
+SEGMENT_MIN_VECTORS = {
+    "per filter": 1,
+    "per filter, 8 lanes, stride 1": math.inf,
+    "filters together": 2,
+    "other": 4,
+}
 # TVM keeps a CPU allocation inside a parallel loop on the stack (not the workspace heap, where
 # LLVM cannot prove it unaliased and keep it in registers) only when it is below this size.
 STACK_BYTES = 1024
@@ -142,10 +148,11 @@ class PatternConvConfig:
     shifted: bool = False
     # Lane-segmented staging (whole-row tiles, not folded; ``Tiling.segment``): vector lane l
     # computes output column ``S * l + j`` (S vectors per row, j the vector), and the input is
-    # staged transposed to match, row q of a plane holding column ``S * l + q`` in lane l.
-    # Every tap's load is then one aligned staged row, shared by the vectors and taps that
-    # read it (S + 2 loads per input row of a 3-wide kernel, not 3 S of which 2 S split), at
-    # (S + 2) / S x the staging memory; the output is transposed back in registers.
+    # staged transposed to match, staged vector q < S of a row holding column ``S * l + q`` in
+    # lane l. Every tap reads one aligned staged vector, shared by the vectors and taps that
+    # read it, or one lane shift of it in registers (columns past S * l + S - 1): S loads per
+    # input row of a 3-wide kernel, not 3 S of which 2 S split; the output is transposed back
+    # in registers.
     segmented: bool = False
     # Loop order: 0 keeps each filter's reduction in registers; > 0 runs the input channels
     # outermost in blocks of this many, over ``shares`` parallel shares of the filters.
@@ -193,10 +200,9 @@ def default_config(
     budget = max(1, accumulators)
     cols = 0
     # Rows of enough vectors: the lane-segmented layout, whole rows per tile.
-    # (Not where it would take filters computed together: they share each load.)
+    # (Filters computed together: a row of each must fit the accumulators.)
     together = math.gcd(filter_group, 4) if budget >= 14 else 1
-    per_filter = together == 1 and vector >= 16
-    least = SEGMENT_MIN_VECTORS_PER_FILTER if per_filter else SEGMENT_MIN_VECTORS
+    least = segment_min_vectors(geom, together, vector, max(vector, fold_vector))
     segmented = least <= vecs_per_row <= budget // together and fold == 1
     segmented = segmented and vecs_per_row * vector * 4 <= STACK_BYTES
     if not segmented and (
@@ -231,11 +237,25 @@ def default_config(
         filters=filters,
         cols=cols,
         shares=max(1, shares),
-        # Segmented rows are (S + 2) / S x wider: prefetching them cost more than it hid.
+        # Segmented rows: prefetching 3 / 6 kernels ahead 0.95-1.05x per filter (56 to 14
+        # wide), not worth its instructions.
         prefetch=0 if segmented else _prefetch_distance(geom, rows, fold, vecs_per_row * vector),
         fold=fold,
         segmented=segmented,
     )
+
+
+def segment_min_vectors(geom: ConvGeometry, together: int, vector: int, lanes: int) -> float:
+    """Vectors per output row from which the default stages rows lane-segmented
+    (``SEGMENT_MIN_VECTORS``; ``together``: filters computed together, ``lanes``: the target's
+    widest vector)."""
+    if lanes < 16:
+        return SEGMENT_MIN_VECTORS["other"]
+    if together > 1:
+        return SEGMENT_MIN_VECTORS["filters together"]
+    if vector < 16 and geom.stride[1] == 1:
+        return SEGMENT_MIN_VECTORS["per filter, 8 lanes, stride 1"]
+    return SEGMENT_MIN_VECTORS["per filter"]
 
 
 def _prefetch_distance(geom: ConvGeometry, rows: int, fold: int, cols: int) -> int:
@@ -332,6 +352,9 @@ class Tiling:
     tile_row: int  # staged rows from a row tile's first to the next one's
     row_step: int  # staged rows from an accumulator row's first to the next one's
     segment: int = 0  # vectors per row of the lane-segmented layout (0: another layout)
+    # Segmented: a staged vector after a row's S, lane i holding column S * vec + i, where
+    # valid output lanes read past the row's last lane (False: none do, zeros stand in).
+    lane_tail: bool = False
 
 
 def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
@@ -351,8 +374,10 @@ def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
     staged_h = pad_h
     # Lane-segmented: whole-row tiles only (segmented configs never fold), not shifted.
     segment = cols // vec if cfg.segmented and not cfg.shifted and col_tiles == 1 else 0
-    if segment:  # per stride phase, S + reach transposed rows of ``vec`` lanes
-        pad_q = (segment + (kw - 1) // sw) * vec
+    lane_tail = False
+    if segment:  # per stride phase, S transposed rows of ``vec`` lanes (and the tail)
+        lane_tail = out_w - 1 + (kw - 1) // sw >= segment * vec
+        pad_q = (segment + lane_tail) * vec
     elif not cfg.shifted and fold == 1 and col_tiles == 1 and staged_width(geom, wide) < pad_q:
         # Compact rows: the last vectors' spare lanes read into the next row (one more row
         # staged so the last plane's stay in bounds).
@@ -374,6 +399,7 @@ def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
         tile_row=rows * fold if fold > 1 else rows * sh,
         row_step=fold if fold > 1 else sh,
         segment=segment,
+        lane_tail=lane_tail,
     )
 
 
@@ -400,9 +426,7 @@ def tap_offset(
         return dy % sh * sw + dx % sw, dy // sh, dx // sw
     if shifted:  # one pre-shifted copy per tap column
         return dx, dy, 0
-    if tl.segment:  # a whole staged row (vector) further per staged column of reach
-        return dx % sw, dy, dx // sw * (tl.cols // tl.segment)
-    return dx % sw, dy, dx // sw
+    return dx % sw, dy, dx // sw  # (segmented: staged vectors, ``segmented_vector``)
 
 
 def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
@@ -481,7 +505,7 @@ def pattern_conv2d_primfunc(
             """Stage rows first .. first + count of channel c's planes into pad[slot, c]."""
             span = (first, count)
             if tl.segment:
-                _stage_rows_segmented(pad, (slot, c), data, geom, n, span, vec)
+                _stage_rows_segmented(pad, (slot, c), data, geom, n, span, vec, tl)
             else:
                 _stage_rows(pad, (slot, c), data, geom, n, span, tl.row_phases, cfg.shifted)
 
@@ -509,6 +533,9 @@ def pattern_conv2d_primfunc(
                 [T.Bind(kval[k + f * span, t]) for t in range(len(taps[p]))]
                 for f in range(len(acc))
             ]
+            if tl.segment:
+                _add_kernel_segmented(acc, pad, (n, c), row0, taps[p], w, tl, vec)
+                return
             for r in range(rows):
                 y0 = row0 + r * tl.row_step  # the first staged row of the tile's row r
                 with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:
@@ -735,18 +762,60 @@ def _stage_rows(pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, s
                             _copy_row(pad, data, dst, src, lo, hi, sw, ph - pl)
 
 
-def _stage_rows_segmented(pad, slot, data, geom: ConvGeometry, n, rows, vec: int) -> None:
+def segmented_vector(tl: Tiling, vec: int, v: int) -> tuple[int, int, list[int]]:
+    """Where segmented vector v of a staged row (lane l: the row's column S * l + v, S =
+    ``tl.segment``) comes from: (staged vector v % S, moved ``v // S`` lanes down, the lane
+    indices of that shuffle of [staged vector, tail]; the tail's lane i holds column S * vec +
+    i, zeros where no valid output lane reads past the row: ``Tiling.lane_tail``)."""
+    seg = tl.segment
+    move, at = divmod(v, seg)
+    lanes = [x + move if x + move < vec else vec + seg * (x + move - vec) + at for x in range(vec)]
+    return at, move, lanes
+
+
+def _add_kernel_segmented(acc, pad, index: tuple, row0, taps: list, w: list, tl, vec: int):
+    """acc[f][r] += sum_t w[f][t] * (tap t's input) in the lane-segmented layout: output vector
+    j, tap dx reads segmented vector j + dx, loaded or (past the S staged) shifted in registers
+    (``segmented_vector``); LLVM shares identical loads and shuffles among taps and filters."""
+    zero = tirx.Broadcast(tvm.tirx.const(0.0, "float32"), vec)
+
+    def vector(plane, row, v):
+        at, move, lanes = segmented_vector(tl, vec, v)
+        base = pad[(*index, plane, row, tirx.Ramp(at * vec, 1, vec))]
+        if not move:
+            return base
+        tail = zero
+        if tl.lane_tail:
+            tail = pad[(*index, plane, row, tirx.Ramp(tl.segment * vec, 1, vec))]
+        return tirx.Shuffle([base, tail], lanes)
+
+    for r in range(len(acc[0])):
+        y0 = row0 + r * tl.row_step
+        for j in range(tl.segment):
+            lanes = tirx.Ramp(j * vec, 1, vec)
+            src = [vector(plane, y0 + dy, j + dx) for plane, dy, dx in taps]
+            for f, weights in enumerate(w):
+                total = acc[f][r][lanes]
+                for t, value in enumerate(src):
+                    total = total + tirx.Broadcast(weights[t], vec) * value
+                T.buffer_store(acc[f][r], total, [lanes])
+
+
+def _stage_rows_segmented(pad, slot, data, geom: ConvGeometry, n, rows, vec: int, tl: Tiling):
     """Stage ``rows`` = (first, count) rows of image n's channel c into ``pad[slot]`` in the
     lane-segmented layout (``PatternConvConfig.segmented``): lane l of row q of plane ph holds
     the phase's staged column ``S * l + q`` (padded input column ``(S * l + q) * sw + ph``), S
-    = vectors per output row, q < S + reach. Each staged row is one vector shuffle of the input
-    row's vectors, loaded straight from ``data`` (measured here against staging each row plain
-    into a scratch row first: 1.00-1.12x, the scratch's stores no longer forwarded to loads)."""
-    (_, kw), sw = geom.kernel, geom.stride[1]
-    height, top, left = geom.height, geom.padding[0], geom.padding[1]
+    = vectors per output row, q < S, then the tail (``Tiling.lane_tail``). Each staged row is
+    one vector shuffle of the input row's vectors, loaded straight from ``data`` (measured here
+    against staging each row plain into a scratch row first: 1.00-1.12x, the scratch's stores
+    no longer forwarded to loads)."""
+    sw, height, top, left = geom.stride[1], geom.height, geom.padding[0], geom.padding[1]
     first, count = rows
     row_w = int(pad.shape[-1])
-    seg = row_w // vec - (kw - 1) // sw
+    seg = tl.segment
+    staged = [[seg * lane + q for lane in range(vec)] for q in range(seg)]
+    if tl.lane_tail:
+        staged.append([seg * vec + lane for lane in range(vec)])
     zero = tirx.Broadcast(tvm.tirx.const(0.0, "float32"), vec)
     with T.serial(0, count) as j:
         y = first + j - top
@@ -758,7 +827,7 @@ def _stage_rows_segmented(pad, slot, data, geom: ConvGeometry, n, rows, vec: int
             with T.Else():
                 for ph in range(sw):
                     for q in range(row_w // vec):
-                        cols = [(seg * lane + q) * sw + ph - left for lane in range(vec)]
+                        cols = [column * sw + ph - left for column in staged[q]]
                         value = _gather_columns(data, (n, slot[1], y), cols, geom.width, vec)
                         T.buffer_store(pad, value, [*slot, ph, j, tirx.Ramp(q * vec, 1, vec)])
 

@@ -92,13 +92,14 @@ def test_applied_configs_are_the_ones_compile_builds() -> None:
 
 def test_segmented_rows_load_each_staged_row_once_and_never_split() -> None:
     """64-wide output as 4 vectors of 16 segmented lanes, one row per tile: taps (1, 0),
-    (1, 1), (1, 2) read staged rows q = j + dx, q in 0..5: 6 aligned loads for 12 FMAs
-    (the phase layout: 12 loads, all split: its staged rows of 66 columns start off a line)."""
+    (1, 1), (1, 2) read segmented vectors j + dx in 0..5, the last two lane shifts of staged
+    vectors 0 and 1: 4 aligned loads for 12 FMAs (the phase layout: 12 loads, all split: its
+    staged rows of 66 columns start off a line)."""
     w = _weight(1, 1, (3, 4, 5), np.ones((1, 1), bool))
     geom = ConvGeometry(1, 1, 4, 64, 1, (3, 3), (1, 1), (1, 1, 1, 1))
     packed = PatternWeight.from_dense(w)
     seg = kernel_bounds(geom, PatternConvConfig(rows=1, vector=16, segmented=True), packed)
     assert seg["fma_per_kernel"] == 12
-    assert seg["loads_per_fma"] == pytest.approx(6 / 12) and seg["split_share"] == 0.0
+    assert seg["loads_per_fma"] == pytest.approx(4 / 12) and seg["split_share"] == 0.0
     phase = kernel_bounds(geom, PatternConvConfig(rows=1, vector=16), packed)
     assert phase["loads_per_fma"] == 1.0 and phase["split_share"] == 1.0

@@ -65,13 +65,13 @@ def _net() -> tuple[torch.nn.Module, np.ndarray]:
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(4),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
     )  # fmt: skip
     net = pattern_prune_model_(net, kernel_keep=0.5).eval()
-    # 32-wide rows (2 vectors of 16, one filter at a time): the first conv's kernel takes the
-    # lane-segmented layout, the second's (16 wide) the phase layout, so both are tuned and
-    # applied.
+    # One filter at a time: the first conv's kernel (32-wide rows, 2 vectors of 16) takes the
+    # lane-segmented layout, the second's (8 wide at stride 1) the phase layout, so both are
+    # tuned and applied.
     x = np.random.default_rng(0).standard_normal((1, 8, 12, 32)).astype("float32")
     return net, x
 

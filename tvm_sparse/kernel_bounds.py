@@ -12,7 +12,8 @@ Model (an x86 core with two 512-bit FMA units, as the benchmarks' machine, a Sap
 class Xeon): per cycle 2 vector FMAs (8-lane ones at half the lanes) and 3 load slots (a 64-byte
 load takes 1.5, a smaller one or a broadcast 1, a load split across cache lines twice its
 cost); an accumulator takes one FMA per 4 cycles (latency), so a kernel's taps, added in turn,
-take at least 4 cycles each. Vectors past the output's last column of a one-column-tile layout
+take at least 4 cycles each; a segmented vector made in registers (a lane shift) takes an FMA
+slot. Vectors past the output's last column of a one-column-tile layout
 are not counted (never stored, LLVM drops them). The in-core ceiling is the FMA share
 of the busiest of those limits, times the lanes used, over the imbalance: the fraction of the
 FMA peak the layer's useful FLOPs can reach with every load hitting L1. The rest (L1 misses,
@@ -68,17 +69,25 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
     per_pattern = []  # (FMAs, loads, split loads, load-port slots, cycles) per kernel, one tile
     for pattern in packed.patterns:
         taps = [tap_offset(geom, tl, cfg.shifted, *divmod(t, kw)) for t in pattern]
-        loads = {
-            (plane, r * tl.row_step + dy, xo * vec + dx)
+        reads = {
+            (plane, r * tl.row_step + dy, xo + dx if tl.segment else xo * vec + dx)
             for plane, dy, dx in taps
             for r in range(cfg.rows)
             for xo in range(vectors)
         }
+        # Segmented: vectors past the S staged are shuffles (one per read) of a staged one.
+        shuffles = sum(1 for read in reads if tl.segment and read[2] >= tl.segment)
+        loads = {(p, row, x % tl.segment * vec if tl.segment else x) for p, row, x in reads}
         fma = len(pattern) * accumulators
         split = len(loads) * _split_share(loads, tl, vec)
         load_cost = WIDE_LOAD if vec * 4 > 32 else 1.0
         slots = (len(loads) + split) * load_cost + len(pattern) * group + 1 + prefetch
-        cycles = max(fma / FMA_PER_CYCLE, slots / LOAD_SLOTS_PER_CYCLE, len(pattern) * FMA_LATENCY)
+        # (Shuffles take an FMA port: port 5 on Intel cores.)
+        cycles = max(
+            (fma + shuffles) / FMA_PER_CYCLE,
+            slots / LOAD_SLOTS_PER_CYCLE,
+            len(pattern) * FMA_LATENCY,
+        )
         per_pattern.append((fma, len(loads), split, slots, cycles))
     counts = np.diff(packed.kernel_ptr, axis=1)[::group]  # kernels per job and pattern
     fma, loads, split, slots, cycles = (counts @ np.array(per_pattern)).T  # per job
