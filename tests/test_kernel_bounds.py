@@ -101,5 +101,6 @@ def test_segmented_rows_load_each_staged_row_once_and_never_split() -> None:
     seg = kernel_bounds(geom, PatternConvConfig(rows=1, vector=16, segmented=True), packed)
     assert seg["fma_per_kernel"] == 12
     assert seg["loads_per_fma"] == pytest.approx(4 / 12) and seg["split_share"] == 0.0
+    assert seg["shuffles_per_fma"] == pytest.approx(2 / 12)
     phase = kernel_bounds(geom, PatternConvConfig(rows=1, vector=16), packed)
     assert phase["loads_per_fma"] == 1.0 and phase["split_share"] == 1.0

@@ -66,7 +66,7 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
     # Weight broadcasts, the channel index, and (prefetching) the prefetched kernel's channel
     # and its rows' lines: per kernel, beside the input vectors.
     prefetch = 1 + tl.planes * len(prefetch_lines(geom, cfg, tl)[0]) if cfg.prefetch else 0
-    per_pattern = []  # (FMAs, loads, split loads, load-port slots, cycles) per kernel, one tile
+    per_pattern = []  # (FMAs, loads, split loads, load slots, shuffles, cycles) per kernel, tile
     for pattern in packed.patterns:
         taps = [tap_offset(geom, tl, cfg.shifted, *divmod(t, kw)) for t in pattern]
         reads = {
@@ -88,9 +88,9 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
             slots / LOAD_SLOTS_PER_CYCLE,
             len(pattern) * FMA_LATENCY,
         )
-        per_pattern.append((fma, len(loads), split, slots, cycles))
+        per_pattern.append((fma, len(loads), split, slots, shuffles, cycles))
     counts = np.diff(packed.kernel_ptr, axis=1)[::group]  # kernels per job and pattern
-    fma, loads, split, slots, cycles = (counts @ np.array(per_pattern)).T  # per job
+    fma, loads, split, slots, shuffles, cycles = (counts @ np.array(per_pattern)).T  # per job
     total_fma = float(fma.sum())
     computed = tl.tiles * cfg.rows * tl.col_tiles * vectors * vec
     lanes_used = geom.out_height * geom.out_width / computed * vec / LANES
@@ -108,15 +108,20 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
         "vectors": vectors,  # per tile row
         "fold": tl.fold,
         "accumulators": accumulators,
-        "bound": _bound(fma_cycles, load_cycles, float(cycles.sum())),
+        "shuffles_per_fma": float(shuffles.sum()) / total_fma,
+        "bound": _bound(fma_cycles, float(shuffles.sum()), load_cycles, float(cycles.sum())),
         "ceiling": in_core * lanes_used / imbalance,
     }
 
 
-def _bound(fma: float, load: float, cycles: float) -> str:
-    """Which limit the in-core cycles come from."""
-    if cycles <= max(fma, load) * 1.02:
-        return "load ports" if load > fma else "FMA"
+def _bound(fma: float, shuffles: float, load: float, cycles: float) -> str:
+    """Which limit the in-core cycles come from (``fma``, ``load``: cycles of those ports'
+    work; ``shuffles``: lane shifts, which take FMA-port slots)."""
+    ports = fma + shuffles / FMA_PER_CYCLE
+    if cycles <= max(ports, load) * 1.02:
+        if load > ports:
+            return "load ports"
+        return "FMA + shifts" if shuffles else "FMA"
     return "FMA latency"
 
 
