@@ -548,7 +548,8 @@ filters computed together is FMA bound. The ceiling is an upper bound, not a ran
 measured GFLOP/s sit below `ceiling x peak` (~380 GFLOP/s on 2 cores here) by what memory
 costs on top: the `shifted` layout has no split loads and the higher ceiling, but stages three
 copies of the input and measures slower; the `segmented` one also has none, and shares each
-load among the vectors and taps that read it, at (S + 2) / S x the staging.
+load among the vectors and taps that read it; the columns past a vector's lanes are lane
+shifts in registers.
 """),
     code(r"""
 from tvm_sparse.kernel_bounds import kernel_bounds
