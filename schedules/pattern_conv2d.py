@@ -773,7 +773,9 @@ def segmented_vector(tl: Tiling, vec: int, v: int) -> tuple[int, int, list[int]]
     return at, move, lanes
 
 
-def _add_kernel_segmented(acc, pad, index: tuple, row0, taps: list, w: list, tl, vec: int):
+def _add_kernel_segmented(
+    acc, pad, index: tuple, row0, taps: list, w: list, tl: Tiling, vec: int
+) -> None:
     """acc[f][r] += sum_t w[f][t] * (tap t's input) in the lane-segmented layout: output vector
     j, tap dx reads segmented vector j + dx, loaded or (past the S staged) shifted in registers
     (``segmented_vector``); LLVM shares identical loads and shuffles among taps and filters."""

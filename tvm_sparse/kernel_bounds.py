@@ -34,6 +34,7 @@ from schedules.pattern_conv2d import (
     Tiling,
     knobs_config,
     prefetch_lines,
+    segmented_vector,
     tap_offset,
     tiling,
 )
@@ -75,9 +76,12 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
             for r in range(cfg.rows)
             for xo in range(vectors)
         }
-        # Segmented: vectors past the S staged are shuffles (one per read) of a staged one.
-        shuffles = sum(1 for read in reads if tl.segment and read[2] >= tl.segment)
-        loads = {(p, row, x % tl.segment * vec if tl.segment else x) for p, row, x in reads}
+        if tl.segment:  # vectors past the S staged: a lane shift (one per read) of a staged one
+            made = [(p, row, *segmented_vector(tl, vec, x)[:2]) for p, row, x in reads]
+            shuffles = sum(1 for *_, move in made if move)
+            loads = {(p, row, at * vec) for p, row, at, _ in made}
+        else:
+            shuffles, loads = 0, reads
         fma = len(pattern) * accumulators
         split = len(loads) * _split_share(loads, tl, vec)
         load_cost = WIDE_LOAD if vec * 4 > 32 else 1.0
