@@ -744,8 +744,6 @@ def _stage_rows(pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, s
     for a in range(row_phases):
         for ph in range(col_phases):
             plane = a * col_phases + ph
-            lo, last = _phase_columns(width, pl, ph, sw)  # columns holding input data
-            lo, hi = min(row_w, lo), max(min(row_w, lo), min(row_w, last + 1))
             with T.serial(0, count) as j:
                 y = (first + j) * row_phases + a - pt  # input row
                 dst = (*slot, plane, j)
@@ -758,12 +756,7 @@ def _stage_rows(pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, s
                             cols = [q * sw + ph - pl for q in range(row_w)]
                             _gather_row(pad, data, dst, src, cols, width)
                         else:
-                            for q_lo, q_hi in ((0, lo), (hi, row_w)):  # columns left / right
-                                if q_hi > q_lo:
-                                    with T.serial(q_lo, q_hi) as q:
-                                        T.buffer_store(pad, zero, [*dst, q])
-                            if hi > lo:
-                                _copy_row(pad, data, dst, src, lo, hi, ph - pl)
+                            _copy_row(pad, data, dst, src, row_w, width, ph - pl)
 
 
 def segmented_vector(tl: Tiling, vec: int, v: int) -> tuple[int, int, list[int]]:
@@ -871,9 +864,18 @@ def _gather_row(dst, data, dst_row: tuple, src_row: tuple, cols: list[int], widt
             T.buffer_store(dst, value, [*dst_row, tirx.Ramp(v, 1, len(part))])
 
 
-def _copy_row(dst, src, dst_row: tuple, src_row: tuple, lo: int, hi: int, shift: int):
-    """dst[*dst_row, q] = src[*src_row, q + shift] for q in [lo, hi), in explicit 16-lane
-    vectors (LLVM does not vectorize the plain loop: the staging buffer may alias the input)."""
+def _copy_row(dst, src, dst_row: tuple, src_row: tuple, row_w: int, width: int, shift: int):
+    """dst[*dst_row, q] = src[*src_row, q + shift] for q < row_w, 0 where q + shift is outside
+    [0, width): the border columns zeroed, the rest copied in explicit 16-lane vectors (LLVM
+    does not vectorize the plain loop: the staging buffer may alias the input)."""
+    lo = min(row_w, max(0, -shift))
+    hi = max(lo, min(row_w, width - shift))
+    for q_lo, q_hi in ((0, lo), (hi, row_w)):  # columns left / right
+        if q_hi > q_lo:
+            with T.serial(q_lo, q_hi) as q:
+                T.buffer_store(dst, tvm.tirx.const(0.0, "float32"), [*dst_row, q])
+    if hi == lo:
+        return
     lanes = 16
     full = (hi - lo) // lanes
     if full:
