@@ -63,6 +63,7 @@ packed layout is the same for both orders.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -71,7 +72,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .tunable import Knobs, TunableKernel, register, template
+from .tunable import PARAMS_ATTR, Knobs, TunableKernel, default_knobs, register, template
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
 # Output rows of at least this many vectors default to the lane-segmented layout (no split
@@ -403,6 +404,56 @@ def tiling(geom: ConvGeometry, cfg: PatternConvConfig) -> Tiling:
     )
 
 
+@dataclass(frozen=True)
+class StagedLayout:
+    """A stride-1 layer's input in its lane-segmented staged layout, as the producing layer
+    writes it so the consumer stages nothing (``relay_passes.staged_layout``): a tensor (N, C,
+    1, rows, row_w), row ``top + y`` holding input row y and the padding rows zero; staged
+    vector q < S of a row holds padded column ``S * l + q`` in lane l, the tail vector (if any)
+    column ``S * vector + i`` in lane i, 0 wherever the column is padding."""
+
+    vector: int
+    segment: int  # S: vectors per output row
+    tail: bool
+    rows: int  # top padding + height + bottom padding
+    width: int  # the map's columns
+    top: int
+    left: int
+
+    @property
+    def row_w(self) -> int:
+        return (self.segment + self.tail) * self.vector
+
+    def shape(self, batch: int, channels: int) -> tuple[int, ...]:
+        return (batch, channels, 1, self.rows, self.row_w)
+
+    def index(self, column):
+        """Where padded column ``column`` (an int or a TIR expression) sits in a staged row."""
+        seg, vec = self.segment, self.vector
+        if isinstance(column, int):
+            return column % seg * vec + column // seg if column < seg * vec else column
+        return tvm.tirx.Select(column < seg * vec, column % seg * vec + column // seg, column)
+
+    def columns(self) -> list[int]:
+        """The padded column each position of a staged row holds."""
+        main = [self.segment * lane + q for q in range(self.segment) for lane in range(self.vector)]
+        return main + [self.segment * self.vector + i for i in range(self.vector * self.tail)]
+
+
+def staged_layout(geom: ConvGeometry, cfg: PatternConvConfig) -> StagedLayout | None:
+    """The layout in which ``cfg`` reads ``geom``'s input straight from its producer (no
+    staging), or None: lane-segmented whole-row tiles of a stride-1 layer, one staged plane,
+    registers-only loop order, and tiles that cover the rows exactly."""
+    tl = tiling(geom, cfg)
+    top, left, bottom, _ = geom.padding
+    rows = geom.height + top + bottom
+    if not tl.segment or geom.stride != (1, 1) or tl.planes != 1 or cfg.channel_block:
+        return None
+    if tl.plane_rows > rows:
+        return None
+    return StagedLayout(cfg.vector, tl.segment, tl.lane_tail, rows, geom.width, top, left)
+
+
 def prefetch_lines(
     geom: ConvGeometry, cfg: PatternConvConfig, tl: Tiling
 ) -> tuple[list[tuple[int, int]], bool]:
@@ -460,6 +511,8 @@ def pattern_conv2d_primfunc(
     config: PatternConvConfig | None = None,
     name: str = "pattern_conv2d",
     filter_group: int = 1,
+    staged_input: StagedLayout | None = None,
+    staged_output: StagedLayout | None = None,
 ) -> tirx.PrimFunc:
     """Build the TIR kernel for one layer's geometry, pattern library and epilogue.
 
@@ -470,6 +523,10 @@ def pattern_conv2d_primfunc(
     ``filter_group`` > 1 says the packed filters come in aligned groups of that size whose
     members have the same kernels (channels and patterns, in the same order; see
     ``PatternWeight.filter_group``): then ``config.filters`` (a divisor) are computed together.
+
+    ``staged_input``: data arrives in that staged layout (shape ``StagedLayout.shape``), read as
+    is where ``config`` has that layout (``staged_layout``), else staged from it.
+    ``staged_output``: out is written in that layout (the consumer's), padding included.
     """
     cfg = config or default_config(geom, filter_group=filter_group)
     n_img, chans, height, width = geom.batch, geom.in_channels, geom.height, geom.width
@@ -481,6 +538,14 @@ def pattern_conv2d_primfunc(
             f"and of {filters} filters"
         )
     tl = tiling(geom, cfg)
+    # Staged input read in place: the config's own layout (else staged from it like NCHW).
+    in_place = staged_input is not None and staged_input == staged_layout(geom, cfg)
+    if staged_input is not None and tl.segment:  # (else staged from it: a gather)
+        same = (tl.segment, tl.lane_tail, tl.planes) == (staged_input.segment, staged_input.tail, 1)
+        if not same or cfg.vector != staged_input.vector:
+            raise ValueError(f"{cfg} cannot read the staged input {staged_input}")
+    if staged_output is not None and epilogue.residual:
+        raise ValueError("a staged output takes no residual (it is read in NCHW)")
     out_h, out_w = geom.out_height, geom.out_width
     rows, vec, fold, cols = cfg.rows, cfg.vector, tl.fold, tl.cols
     tiles, col_tiles, tile_row = tl.tiles, tl.col_tiles, tl.tile_row
@@ -491,7 +556,10 @@ def pattern_conv2d_primfunc(
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         T.func_attr({"tir.noalias": True, "op_pattern": 8})
-        data = T.arg("data", T.buffer((n_img, chans, height, width), "float32"))
+        data_shape = (n_img, chans, height, width)
+        if staged_input is not None:
+            data_shape = staged_input.shape(n_img, chans)
+        data = T.arg("data", T.buffer(data_shape, "float32"))
         kptr = T.arg("kernel_ptr", T.buffer((filters, num_p + 1), "int32"))
         kchan = T.arg("kernel_channel", T.buffer((max(num_kernels, 1),), "int32"))
         kval = T.arg("kernel_values", T.buffer((max(num_kernels, 1), max_taps), "float32"))
@@ -499,12 +567,16 @@ def pattern_conv2d_primfunc(
         bias = T.arg("bias", T.buffer((filters,), "float32")) if epilogue.bias else None
         out_shape = (n_img, filters, out_h, out_w)
         resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
+        if staged_output is not None:
+            out_shape = staged_output.shape(n_img, filters)
         out = T.arg("out", T.buffer(out_shape, "float32"))
 
         def stage(pad, slot, n, c, first, count) -> None:
             """Stage rows first .. first + count of channel c's planes into pad[slot, c]."""
             span = (first, count)
-            if tl.segment:
+            if staged_input is not None:
+                _stage_rows_from_staged(pad, (slot, c), data, n, span, staged_input, tl.segment)
+            elif tl.segment:
                 _stage_rows_segmented(pad, (slot, c), data, geom, n, span, vec, tl)
             else:
                 _stage_rows(pad, (slot, c), data, geom, n, span, tl.row_phases, cfg.shifted)
@@ -563,15 +635,31 @@ def pattern_conv2d_primfunc(
         def store_tile(acc, n, tile, x0, i0) -> None:
             """out[filter_order[i0 + f], tile rows, x0 + ...] = epilogue(acc[f]), in bounds."""
 
+            def finish(f, value, y=None, x=None):
+                """epilogue(value) for filter f (residual at ``y``, ``x``)."""
+                if bias is not None:
+                    value = value + bias[i0 + f]
+                if resid is not None:
+                    value = value + resid[n, order[i0 + f], y, x]
+                return activation(value, epilogue)
+
             def store(f, y, x, value):
                 """out[n, filter f's, y, x] = epilogue(value) (``x`` a column, or a Ramp and
                 ``value`` a vector)."""
-                i, o = i0 + f, order[i0 + f]
-                if bias is not None:
-                    value = value + bias[i]
-                if resid is not None:
-                    value = value + resid[n, o, y, x]
-                T.buffer_store(out, activation(value, epilogue), [n, o, y, x])
+                if staged_output is not None:
+                    lay = staged_output
+                    at = [n, order[i0 + f], 0, y + lay.top, lay.index(x + lay.left)]
+                    T.buffer_store(out, finish(f, value), at)
+                else:
+                    T.buffer_store(out, finish(f, value, y, x), [n, order[i0 + f], y, x])
+
+            if staged_output is not None:
+                _store_staged_tile(
+                    out, staged_output, acc, (n, order, i0), (tile, x0, out_h), tl, vec,
+                    finish,
+                )  # fmt: skip
+                if tl.col_tiles == 1 and fold == 1:
+                    return
 
             # Tiles start at multiples of ``vec``, so a row's last vector holds out_w % vec
             # columns: stored as one shorter vector (no per-element conditions).
@@ -630,16 +718,18 @@ def pattern_conv2d_primfunc(
             # its jobs span at most per_share // per_tile + 1 (started) row tiles.
             reach = tl.plane_rows - (tiles - 1) * tile_row
             window = min(tl.plane_rows, math.ceil(per_share / per_tile) * tile_row + reach)
-            pad = T.alloc_buffer((shares, chans, tl.planes, window, tl.row_w), "float32")
+            if not in_place:
+                pad = T.alloc_buffer((shares, chans, tl.planes, window, tl.row_w), "float32")
             with T.serial(0, n_img) as n, T.parallel(0, shares) as share:
                 lo = T.Bind(tvm.tirx.min(share * per_share, total))
                 count = T.Bind(tvm.tirx.min(lo + per_share, total) - lo)
-                first = T.Bind(lo // per_tile * tile_row)  # the share's first staged row
+                first = 0 if in_place else T.Bind(lo // per_tile * tile_row)  # first staged row
                 last_tile = (lo + count - 1) // per_tile
-                end = T.Bind(tvm.tirx.min(last_tile * tile_row + reach, tl.plane_rows))
                 with T.If(count > 0), T.Then():
-                    with T.serial(0, chans) as c:
-                        stage(pad, share, n, c, first, end - first)
+                    if not in_place:
+                        end = T.Bind(tvm.tirx.min(last_tile * tile_row + reach, tl.plane_rows))
+                        with T.serial(0, chans) as c:
+                            stage(pad, share, n, c, first, end - first)
                     # (Loops holding the allocations start at 0: see ``_channel_blocked``.)
                     with T.serial(0, count) as j:
                         job = lo + j
@@ -650,9 +740,10 @@ def pattern_conv2d_primfunc(
                         # Grouped filters' kernels are stored one filter after the other.
                         span = T.Bind(kptr[i0 + 1, 0] - kptr[i0, 0]) if group > 1 else 0
                         row0 = tile * tile_row - first
+                        source, slot = (data, n) if in_place else (pad, share)
                         for p in range(num_p):
                             with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
-                                add_kernel(acc, pad, share, row0, x0, k, p, span)
+                                add_kernel(acc, source, slot, row0, x0, k, p, span)
                         store_tile(acc, n, tile, x0, i0)
     # No global symbol: the module that takes the kernel names it (several layers share one).
     return ib.get().without_attr("global_symbol")
@@ -757,6 +848,74 @@ def _stage_rows(pad, slot, data, geom: ConvGeometry, n, rows, row_phases: int, s
                             _gather_row(pad, data, dst, src, cols, width)
                         else:
                             _copy_row(pad, data, dst, src, row_w, width, ph - pl)
+
+
+def _stage_rows_from_staged(
+    pad, slot, data, n, rows: tuple, lay: StagedLayout, segmented: bool
+) -> None:
+    """Stage ``rows`` = (first, count) rows of channel ``slot[1]`` from an input in the staged
+    layout ``lay``, for configs that do not read it in place (``staged_layout``): rows copied
+    as they are (``segmented``: the same layout), or gathered (stride 1: plane ph, row j,
+    column q of ``pad[slot]`` hold padded row first + j, column q + ph); 0 past the layout."""
+    first, count = rows
+    planes, row_w = int(pad.shape[-3]), int(pad.shape[-1])
+    held = len(lay.columns())
+    with T.serial(0, count) as j, T.serial(0, planes * row_w) as e:
+        y, ph, q = first + j, e // row_w, e % row_w
+        inside = tvm.tirx.all(y < lay.rows, q + ph < held)
+        at = e if segmented else lay.index(tvm.tirx.min(q + ph, held - 1))
+        value = data[n, slot[1], 0, tvm.tirx.min(y, lay.rows - 1), at]
+        T.buffer_store(
+            pad, T.Select(inside, value, tvm.tirx.const(0.0, "float32")), [*slot, ph, j, q]
+        )
+
+
+def _store_staged_tile(out, lay: StagedLayout, acc, dest, where, tl: Tiling, vec: int, finish):
+    """Write filter tile ``acc`` (``dest`` = (n, filter_order, i0), ``where`` = (row tile, x0,
+    out_h)) into ``out`` in the staged layout ``lay``; ``finish(f, vector)`` applies the
+    epilogue. Whole-row tiles (``vec``-lane accumulators): each staged vector is one shuffle
+    of a row's finished accumulators and zeros (the padding lanes). Other tiles (part rows,
+    folds) leave the data to the caller's stores and write the padding positions (scalars, by
+    the job of the row's first column tile). The tiles with the first / last row also zero
+    the padding rows above / below."""
+    n, order, i0 = dest
+    tile, x0, out_h = where
+    rows, fold, lanes = len(acc[0]), tl.fold, lay.vector
+    zero = tvm.tirx.const(0.0, "float32")
+    columns = [c - lay.left for c in lay.columns()]  # the data column of each position
+    seg = tl.segment
+
+    def source(x: int) -> int:  # where column x sits in the row's accumulators
+        return x % seg * vec + x // seg if seg else x
+
+    for f in range(len(acc)):
+        o = order[i0 + f]
+        for r in range(rows):
+            for j in range(fold):
+                y = (tile * rows + r) * fold + j
+                with T.If(tvm.tirx.all(y < out_h, x0 == 0)), T.Then():
+                    for first, last in ((0, lay.top), (out_h + lay.top, lay.rows)):
+                        edge = y == 0 if first == 0 else y == out_h - 1
+                        with T.If(edge), T.Then(), T.serial(first, last) as row:
+                            with T.vectorized(0, lay.row_w) as q:
+                                T.buffer_store(out, zero, [n, o, 0, row, q])
+                    if tl.col_tiles > 1 or fold > 1:  # the caller stores the data
+                        for at, x in enumerate(columns):
+                            if not 0 <= x < lay.width:
+                                T.buffer_store(out, zero, [n, o, 0, y + lay.top, at])
+                        continue
+                    parts = [
+                        finish(f, acc[f][r][tirx.Ramp(v * vec, 1, vec)])
+                        for v in range(tl.cols // vec)
+                    ]
+                    parts.append(tirx.Broadcast(zero, vec))
+                    for q in range(0, lay.row_w, lanes):
+                        index = [
+                            source(x) if 0 <= x < lay.width else tl.cols
+                            for x in columns[q : q + lanes]
+                        ]
+                        at = [n, o, 0, y + lay.top, tirx.Ramp(q, 1, lanes)]
+                        T.buffer_store(out, tirx.Shuffle(parts, index), at)
 
 
 def segmented_vector(tl: Tiling, vec: int, v: int) -> tuple[int, int, list[int]]:
@@ -923,6 +1082,8 @@ def knobs_config(knobs: Knobs) -> PatternConvConfig:
 
 
 def _params(geom, patterns, num_kernels, max_taps, epilogue, name, filter_group, lanes):
+    """A layer's kernel parameters (``staged_input`` / ``staged_output``: see
+    ``with_staged_layouts``)."""
     return {
         "geom": asdict(geom),
         "patterns": [list(p) for p in patterns],
@@ -945,7 +1106,12 @@ def _build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
         knobs_config(knobs),
         params["name"],
         params["filter_group"],
+        *(_layout(params.get(key)) for key in ("staged_input", "staged_output")),
     )
+
+
+def _layout(value: dict | None) -> StagedLayout | None:
+    return StagedLayout(**value) if value else None
 
 
 def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
@@ -959,7 +1125,7 @@ def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
     in_channels = params["geom"]["in_channels"]
     lanes = params["lanes"]
     group = params["filter_group"]
-    return {
+    space = {
         "rows": list(range(1, min(out_h, 8) + 1)),
         "vector": sorted({lanes, max(4, lanes // 2)}),
         "filters": [f for f in (1, 2, 4) if group % f == 0 and out_channels % f == 0],
@@ -971,6 +1137,13 @@ def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
         "prefetch": sorted({0, 3, 6, 12, default.get("prefetch", 0)}),
         "fold": sorted({1, default.get("fold", 1)} | set(_folds(_geom(params), lanes))),
     }
+    staged_in = _layout(params.get("staged_input"))
+    if staged_in:  # whole rows the tiles cover exactly (the layout's rows), no fold
+        space.update(
+            rows=[r for r in space["rows"] if out_h % r == 0],
+            vector=[staged_in.vector], col_vectors=[0], fold=[1],
+        )  # fmt: skip
+    return space
 
 
 def _folds(geom: ConvGeometry, lanes: int) -> list[int]:
@@ -999,10 +1172,35 @@ def pattern_conv2d_template(
 ) -> tirx.PrimFunc:
     """The kernel at ``config`` as a MetaSchedule template (``config`` is its default point)."""
     params = _params(geom, patterns, num_kernels, max_taps, epilogue, name, filter_group, lanes)
-    knobs = config_knobs(config)
+    return _template(params, config_knobs(config))
+
+
+def _template(params: dict, knobs: Knobs) -> tirx.PrimFunc:
     # The body is what MetaSchedule analyses (never built: ``tunable.realize`` regenerates the
     # kernel from the knobs). Its FLOP estimator has no rule for the vector shuffles and
-    # broadcasts of the segmented layout, so a segmented default gets the phase layout's body
-    # (same FLOPs, same result).
-    body = _build(params, {**knobs, "segmented": 0})
-    return template(body, PATTERN_CONV2D.name, params, knobs)
+    # broadcasts of the segmented layout (nor of the staged output's whole-row stores), so a
+    # segmented default gets the phase layout's body (same FLOPs, same result).
+    analysed = {**knobs, "segmented": 0}
+    if params.get("staged_output"):
+        analysed["col_vectors"] = 1
+    return template(_build(params, analysed), PATTERN_CONV2D.name, params, knobs)
+
+
+def template_input_layout(func: tirx.PrimFunc) -> StagedLayout | None:
+    """The staged layout a pattern conv template would read its input from in place at its
+    default knobs (None: it stages its input, or already reads a staged one)."""
+    params = json.loads(str(func.attrs[PARAMS_ATTR]))
+    if params.get("staged_input"):
+        return None
+    return staged_layout(_geom(params), knobs_config(default_knobs(func)))
+
+
+def with_staged_layouts(
+    func: tirx.PrimFunc, staged_input: StagedLayout | None, staged_output: StagedLayout | None
+) -> tirx.PrimFunc:
+    """A pattern conv template reading its input from / writing its output in staged layouts
+    (``StagedLayout``; None: NCHW), at the same default knobs."""
+    params = json.loads(str(func.attrs[PARAMS_ATTR]))
+    params["staged_input"] = asdict(staged_input) if staged_input else None
+    params["staged_output"] = asdict(staged_output) if staged_output else None
+    return _template(params, default_knobs(func))

@@ -100,6 +100,11 @@ def knobs_of(block: s_tir.SBlock) -> Knobs:
     return {**_annotated(block, DEFAULT_PREFIX), **_annotated(block, KNOB_PREFIX)}
 
 
+def default_knobs(func: tirx.PrimFunc) -> Knobs:
+    """A template's default knobs (the hand schedule)."""
+    return _annotated(tunable_block(func), DEFAULT_PREFIX)
+
+
 def _annotated(block: s_tir.SBlock, prefix: str) -> Knobs:
     """The block's integer annotations under ``prefix``, by name."""
     return {

@@ -286,15 +286,36 @@ def test_records_of_another_model_are_named_not_silently_ignored(tuned_dir) -> N
     from tvm_sparse.testing import pattern_prune_model_
 
     torch.manual_seed(0)  # the first conv's weights and pruning are _net()'s
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.ReLU(),
+    net = torch.nn.Sequential(  # (stride 2: the second conv does not read the first's
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),  # output in its staged layout)
+        torch.nn.Conv2d(16, 8, 3, padding=1, stride=2), torch.nn.ReLU(),
     )  # fmt: skip
     net = pattern_prune_model_(net, kernel_keep=0.5).eval()
     x = _net()[1]
     with pytest.warns(UnmatchedRecordsWarning, match=r"1 of 2 tvm-sparse kernels have no tuning"):
         cm = tvm_sparse.compile(net, (x,), tuning=str(tuned_dir))
     _check(cm, net, x)
+
+
+def test_staged_pair_is_tuned_and_applied(tmp_path) -> None:
+    """conv -> relu -> conv, the first writing the second's staged input layout: both staged
+    kernels are tasks, tuned within their layouts, and applied by compile."""
+    from tvm_sparse.testing import pattern_prune_model_
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+    )  # fmt: skip
+    net = pattern_prune_model_(net, kernel_keep=0.5).eval()
+    x = np.random.default_rng(1).standard_normal((1, 8, 6, 64)).astype("float32")  # 4 vectors
+    result = tvm_sparse.tune(net, (x,), trials=8, work_dir=str(tmp_path), progress=False,
+                             verify=0, model_check=False)  # fmt: skip
+    staged = [t for t in result.tasks if t.template and "_staged" in t.name]
+    assert len(staged) == 2 and all(t.trials >= 2 for t in staged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmatchedRecordsWarning)  # both kernels have records
+        _check(tvm_sparse.compile(net, (x,), tuning=str(tmp_path)), net, x)
 
 
 def test_missing_records_are_a_clear_error(tmp_path) -> None:

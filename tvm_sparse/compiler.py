@@ -14,6 +14,7 @@ from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
 from relay_passes.pattern_conv2d import RewriteConv2D
+from relay_passes.staged_layout import PairStagedLayouts
 from schedules.tunable import RealizeTunableKernels
 from schedules.tvm_ops import DefaultCPUSchedules
 
@@ -55,6 +56,7 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
                 registers=vector_registers(tgt),
                 lanes=vector_lanes(tgt),
             ),
+            PairStagedLayouts(),
             RewriteDenseMatmul(records=records, lanes=vector_lanes(tgt)),
             _merge_block_notes(records, notes, order),
         ],

@@ -99,7 +99,14 @@ def block_prune_model_(model, keep: float = 0.1, block: tuple[int, int] = (8, 1)
 
 
 def pattern_conv_kernel(
-    geom, weight: np.ndarray, epilogue=None, config=None, keep_zeros: bool = False, target="x86"
+    geom,
+    weight: np.ndarray,
+    epilogue=None,
+    config=None,
+    keep_zeros: bool = False,
+    target="x86",
+    staged_input=None,
+    staged_output=None,
 ):
     """Compile one layer's pattern conv kernel on its own (no Relax) for ``weight`` (OIHW).
 
@@ -108,7 +115,8 @@ def pattern_conv_kernel(
     order) and returns ``out``, a new ``tvm.runtime.Tensor`` unless given. ``index`` (default:
     the packed weight's): other (kernel_ptr, kernel_channel, kernel_values, filter_order)
     ``tvm.runtime.Tensor`` of the packed shapes, for diagnostic timings
-    (``benchmarks/ab_kernel.py --diagnose``).
+    (``benchmarks/ab_kernel.py --diagnose``). ``staged_input`` / ``staged_output``: the kernel
+    reads / writes that ``StagedLayout`` (``to_staged`` / ``from_staged`` convert).
     """
     import tvm
 
@@ -121,7 +129,7 @@ def pattern_conv_kernel(
     max_taps = packed.kernel_values.shape[1]
     func = pattern_conv2d_primfunc(
         geom, packed.patterns, packed.num_kernels, max_taps, epilogue, config,
-        filter_group=packed.filter_group,
+        filter_group=packed.filter_group, staged_input=staged_input, staged_output=staged_output,
     )  # fmt: skip
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     kernel = tvm.compile(mod, target=resolve_target(target)).jit()["main"]
@@ -135,6 +143,8 @@ def pattern_conv_kernel(
     ]
     index = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in index]
     out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
+    if staged_output is not None:
+        out_shape = staged_output.shape(geom.batch, geom.out_channels)
 
     def as_tensor(a):
         return (
@@ -152,3 +162,27 @@ def pattern_conv_kernel(
         return out
 
     return run, packed
+
+
+def _staged_positions(layout) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of a staged row that hold data, and the data column each holds."""
+    columns = np.array(layout.columns()) - layout.left
+    at = np.nonzero((columns >= 0) & (columns < layout.width))[0]
+    return at, columns[at]
+
+
+def to_staged(x: np.ndarray, layout) -> np.ndarray:
+    """An NCHW array in a ``StagedLayout`` (zero padding rows and columns)."""
+    out = np.zeros(layout.shape(*x.shape[:2]), x.dtype)
+    at, cols = _staged_positions(layout)
+    rows = slice(layout.top, layout.top + x.shape[2])
+    out[:, :, 0, rows][..., at] = x[..., cols]
+    return out
+
+
+def from_staged(y: np.ndarray, layout, height: int) -> np.ndarray:
+    """The NCHW array a ``StagedLayout`` array holds."""
+    at, cols = _staged_positions(layout)
+    out = np.empty((*y.shape[:2], height, layout.width), y.dtype)
+    out[..., cols] = y[:, :, 0, layout.top : layout.top + height][..., at]
+    return out
