@@ -197,19 +197,25 @@ def anchored_rewrite_pass(
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plans = {
-            gv: plan_function(func)
-            for gv, func in mod.functions.items()
-            if isinstance(func, relax.Function)
-        }
-        for gv, plan in plans.items():
-            if plan:
-                rewriter = _Rewriter(mod, plan)
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(mod[gv]))
-                mod = rewriter.builder_.get()
-        return relax.transform.DeadCodeElimination()(mod)
+        return rewrite_planned(mod, plan_function, _Rewriter)
 
     return transform
+
+
+def rewrite_planned(mod: tvm.IRModule, plan_function: Callable, rewriter: type) -> tvm.IRModule:
+    """Plan every Relax function of ``mod`` (``plan_function(func)``), rewrite those with a
+    plan (``rewriter(mod, plan)``: a ``PyExprMutator``), then drop what became dead."""
+    plans = {
+        gv: plan_function(func)
+        for gv, func in mod.functions.items()
+        if isinstance(func, relax.Function)
+    }
+    for gv, plan in plans.items():
+        if plan:
+            mutator = rewriter(mod, plan)
+            mutator.builder_.update_func(gv, mutator.visit_expr(mod[gv]))
+            mod = mutator.builder_.get()
+    return relax.transform.DeadCodeElimination()(mod)
 
 
 def describe(match: EpilogueMatch) -> str:

@@ -39,7 +39,7 @@ from schedules.pattern_conv2d import (
 )
 from schedules.tunable import PARAMS_ATTR, kernel_name, tunable_block
 
-from .epilogue import count_uses
+from .epilogue import count_uses, rewrite_planned
 
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 # Pairs are made where the consumer's rows are at least this many vectors (56 wide and up at 16
@@ -120,16 +120,6 @@ def PairStagedLayouts(min_segments: int = MIN_SEGMENTS) -> tvm.transform.Pass:  
 
     @tvm.transform.module_pass(opt_level=0, name="PairStagedLayouts")
     def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plans = {
-            gv: plan_pairs(mod, func, min_segments)
-            for gv, func in mod.functions.items()
-            if isinstance(func, relax.Function)
-        }
-        for gv, plan in plans.items():
-            if plan:
-                rewriter = _Rewriter(mod, plan)
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(mod[gv]))
-                mod = rewriter.builder_.get()
-        return relax.transform.DeadCodeElimination()(mod)
+        return rewrite_planned(mod, lambda func: plan_pairs(mod, func, min_segments), _Rewriter)
 
     return transform

@@ -45,6 +45,12 @@ split across cache lines). Each staged vector is one shuffle of the input row's 
 zeros for the padding), so staging is a transposition that takes no more memory than the
 input; the accumulators are transposed back likewise before the epilogue.
 
+A layer may read its input already staged and write its output in the next layer's staged
+layout (``StagedLayout``, ``staged_input`` / ``staged_output``; paired by
+``relay_passes.staged_layout``): the consumer then stages nothing, and the producer's
+epilogue writes each staged vector as one shuffle of its finished accumulators instead of
+transposing them back to NCHW.
+
 Memory: a tile's input rows over all channels outgrow L1 (64 KiB at 128 channels of 28x28), and
 a job reads its kernels' channels in an order no hardware prefetcher follows, so the kernel
 prefetches the rows of the kernel ``prefetch`` ahead. Narrow outputs (<= 7 columns at 16 lanes)
