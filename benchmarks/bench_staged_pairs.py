@@ -7,6 +7,8 @@ called directly, interleaved in one process. Then whole models compiled with and
 pass (``PairStagedLayouts``), timed interleaved.
 
     python benchmarks/bench_staged_pairs.py [--filter-group 4] [--models resnet18_g4,vgg16_g4]
+
+(~3 min; writes ``benchmarks/results/staged_pairs.{json,md}``)
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="resnet18_g4,vgg16_g4,resnet18")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="staged_pairs")
+    ap.add_argument("--out", default="benchmarks/results/staged_pairs")
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     payload = {"machine": machine_description(), "filter_group": args.filter_group}
