@@ -5,6 +5,8 @@ is replaced, together with its epilogue (bias add, residual add, ReLU / ReLU6), 
 to a kernel from ``schedules.pattern_conv2d``:
 
 - a pattern-sparse weight (few distinct tap sets, most FLOPs pruned) is packed as ``PatternWeight``;
+  where its filters share kernels in groups of the target's 16 lanes (AVX-512), the kernel from
+  ``schedules.pattern_conv2d_lanes`` computes a group's filters in the lanes of each vector;
 - any other weight runs the same kernel with one full pattern (a dense direct conv with a sound
   vectorized schedule instead of TVM's untuned default).
 
@@ -25,6 +27,7 @@ from schedules.pattern_conv2d import (
     pattern_conv2d_template,
     tile_defaults,
 )
+from schedules.pattern_conv2d_lanes import lanes_default_config, pattern_conv2d_lanes_template
 from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
 from tvm_sparse.report import LayerRecord
 
@@ -120,30 +123,40 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         group = packed.filter_group  # filters packed in groups with the same kernels
         if group > 1 and fmt == "pattern":
             reason += f"; filters share kernels in groups of {group} (one load feeds {group})"
-        cfg = default_config(
-            geom,
-            filter_group=group,
-            shares=num_threads,
-            **tile_defaults(geom, registers, lanes),
-        )
         max_taps = packed.kernel_values.shape[1]
+        nonempty = packed.num_kernels > 0
         o, c, kh, kw = stats.shape
         name = f"{fmt}_conv2d_{o}x{c}x{kh}x{kw}"
-        kernel = add_kernel(
-            bb,
-            kernels,
-            (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, group, lanes),
-            name,
-            lambda: pattern_conv2d_template(
-                geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, group, lanes
-            ),
-        )
-        nonempty = packed.num_kernels > 0
+        # Filters in lanes: measured on AVX-512 only (AVX2 / NEON keep the kernel below).
+        in_lanes = fmt == "pattern" and lanes == 16 and group % lanes == 0
+        if in_lanes:
+            reason += "; filters computed in vector lanes"
+            cfg = lanes_default_config(geom, registers, num_threads)
+            values = packed.lane_values(lanes)
+            key = ("lanes", geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, lanes)
+
+            def build():
+                return pattern_conv2d_lanes_template(
+                    geom, packed.patterns, packed.num_kernels, max_taps, lanes, epi, cfg, name
+                )
+        else:
+            tile = tile_defaults(geom, registers, lanes)
+            cfg = default_config(geom, filter_group=group, shares=num_threads, **tile)
+            values = packed.kernel_values if nonempty else np.zeros((1, max_taps), "float32")
+            key = (geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, group, lanes)
+
+            def build():
+                return pattern_conv2d_template(
+                    geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, name, group,
+                    lanes,
+                )  # fmt: skip
+
+        kernel = add_kernel(bb, kernels, key, name, build)
         args = [
             visit(conv.args[0]),
             relax.const(packed.kernel_ptr),
             relax.const(packed.kernel_channel if nonempty else np.zeros(1, "int32")),
-            relax.const(packed.kernel_values if nonempty else np.zeros((1, max_taps), "float32")),
+            relax.const(values),
             relax.const(packed.filter_order),
         ]
         if match.bias is not None:

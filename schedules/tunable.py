@@ -32,7 +32,11 @@ KNOB_PREFIX = "tvm_sparse.knob."
 DEFAULT_PREFIX = "tvm_sparse.default."
 RULE_PREFIX = "tvm_sparse."
 TARGET_KEYS = ("cpu", "arm_cpu")
-KERNEL_MODULES = ("schedules.pattern_conv2d", "schedules.bsr_matmul")
+KERNEL_MODULES = (
+    "schedules.pattern_conv2d",
+    "schedules.pattern_conv2d_lanes",
+    "schedules.bsr_matmul",
+)
 
 Knobs = dict[str, int]
 

@@ -38,7 +38,7 @@ from tvm_sparse import tuning
 from tvm_sparse.compiler import lower, prepare
 from tvm_sparse.kernel_bounds import applied_configs
 from tvm_sparse.rpc import RPCError
-from tvm_sparse.targets import resolve_target
+from tvm_sparse.targets import resolve_target, vector_lanes
 from tvm_sparse.tuning.model_check import (
     BUILDS,
     KernelChoice,
@@ -316,6 +316,27 @@ def test_staged_pair_is_tuned_and_applied(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnmatchedRecordsWarning)  # both kernels have records
         _check(tvm_sparse.compile(net, (x,), tuning=str(tmp_path)), net, x)
+
+
+@pytest.mark.skipif(
+    vector_lanes(resolve_target("x86")) != 16, reason="the lanes kernel is chosen on AVX-512 only"
+)
+def test_filters_in_lanes_kernel_is_tuned_and_applied(tmp_path) -> None:
+    """Connectivity and patterns shared by groups of 16 filters: the filters-in-lanes kernel
+    is a task (its template analysed by MetaSchedule), tuned, and applied by compile."""
+    from tvm_sparse.testing import pattern_prune_model_
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.ReLU())
+    net = pattern_prune_model_(net, kernel_keep=0.5, filter_group=16).eval()
+    x = np.random.default_rng(2).standard_normal((1, 8, 12, 20)).astype("float32")
+    result = tvm_sparse.tune(net, (x,), trials=8, work_dir=str(tmp_path), progress=False,
+                             verify=0, model_check=False)  # fmt: skip
+    (task,) = [t for t in result.tasks if t.template]
+    assert task.trials >= 2 and task.best_ms <= task.default_ms
+    cm = tvm_sparse.compile(net, (x,), tuning=str(tmp_path))
+    assert "in vector lanes" in cm.layers[0].reason
+    _check(cm, net, x)
 
 
 def test_missing_records_are_a_clear_error(tmp_path) -> None:

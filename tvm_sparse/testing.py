@@ -107,6 +107,7 @@ def pattern_conv_kernel(
     target="x86",
     staged_input=None,
     staged_output=None,
+    lanes: int = 0,
 ):
     """Compile one layer's pattern conv kernel on its own (no Relax) for ``weight`` (OIHW).
 
@@ -117,6 +118,9 @@ def pattern_conv_kernel(
     ``tvm.runtime.Tensor`` of the packed shapes, for diagnostic timings
     (``benchmarks/ab_kernel.py --diagnose``). ``staged_input`` / ``staged_output``: the kernel
     reads / writes that ``StagedLayout`` (``to_staged`` / ``from_staged`` convert).
+    ``lanes``: the filters-in-lanes kernel (``schedules.pattern_conv2d_lanes``, ``config`` a
+    ``LanesConfig``) with that many lanes, for weights whose filters share kernels in groups
+    of it.
     """
     import tvm
 
@@ -127,10 +131,18 @@ def pattern_conv_kernel(
     epilogue = epilogue or Epilogue()
     packed = PatternWeight.from_dense(weight, num_shares=2, keep_zeros=keep_zeros)
     max_taps = packed.kernel_values.shape[1]
-    func = pattern_conv2d_primfunc(
-        geom, packed.patterns, packed.num_kernels, max_taps, epilogue, config,
-        filter_group=packed.filter_group, staged_input=staged_input, staged_output=staged_output,
-    )  # fmt: skip
+    if lanes:
+        from schedules.pattern_conv2d_lanes import pattern_conv2d_lanes_primfunc
+
+        func = pattern_conv2d_lanes_primfunc(
+            geom, packed.patterns, packed.num_kernels, max_taps, lanes, epilogue, config
+        )
+    else:
+        func = pattern_conv2d_primfunc(
+            geom, packed.patterns, packed.num_kernels, max_taps, epilogue, config,
+            filter_group=packed.filter_group, staged_input=staged_input,
+            staged_output=staged_output,
+        )  # fmt: skip
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     kernel = tvm.compile(mod, target=resolve_target(target)).jit()["main"]
     k = max(packed.num_kernels, 1)
@@ -138,7 +150,11 @@ def pattern_conv_kernel(
     index = [
         packed.kernel_ptr,
         packed.kernel_channel if nonempty else np.zeros(k, "int32"),
-        packed.kernel_values if nonempty else np.zeros((k, max_taps), "float32"),
+        packed.lane_values(lanes)
+        if lanes
+        else packed.kernel_values
+        if nonempty
+        else np.zeros((k, max_taps), "float32"),
         packed.filter_order,
     ]
     index = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in index]

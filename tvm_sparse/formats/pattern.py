@@ -14,8 +14,9 @@ Packed layout (``PatternWeight``):
 - ``filter_group``: packed filters ``[g * G, (g + 1) * G)`` have the same kernels (channels and
   patterns; their values differ). Found from the weight: a dense conv, or one whose connectivity
   and patterns were pruned per group of filters (``tvm_sparse.prune``'s ``filter_group``), packs
-  with G = 4 or 2, so the kernel can compute a group's filters from one input load. G = 1 when
-  filters cannot all be grouped.
+  with G = 16, 8, 4 or 2, so the kernel can compute a group's filters from one input load (and
+  groups of a vector's lanes put the filters in lanes: ``lane_values``). G = 1 when filters
+  cannot all be grouped.
 - ``kernel_ptr[i, p] : kernel_ptr[i, p + 1]``: the kernels of packed filter ``i`` with pattern ``p``
   (kernels are grouped by pattern inside each filter, so each pattern is one code path).
 - ``kernel_channel[k]``: input channel of kernel ``k``.
@@ -72,7 +73,9 @@ def balanced_filter_order(work: np.ndarray, signature: np.ndarray, num_shares: i
     return np.array([f for share in shares for f in share], dtype=np.int32)
 
 
-def filter_groups(kernel_pattern: np.ndarray, sizes: tuple[int, ...] = (4, 2)) -> list[list[int]]:
+def filter_groups(
+    kernel_pattern: np.ndarray, sizes: tuple[int, ...] = (16, 8, 4, 2)
+) -> list[list[int]]:
     """Filters (rows of the (O, C) pattern-index map, -1 = pruned kernel) split into groups with
     identical rows: the largest size in ``sizes`` that splits every set of identical filters
     evenly, else singletons."""
@@ -196,3 +199,18 @@ class PatternWeight:
         """Multiply-adds per output pixel (the FLOPs the sparse kernel computes, halved)."""
         counts = np.diff(self.kernel_ptr, axis=1).sum(0)
         return int(sum(int(n) * len(p) for n, p in zip(counts, self.patterns, strict=True)))
+
+    def lane_values(self, lanes: int) -> np.ndarray:
+        """``kernel_values`` with each filter group's filters side by side, (K / lanes,
+        max_taps, lanes): row ``b / lanes + j`` holds the taps of the group's j-th kernel for
+        its ``lanes`` filters, b being the group's first kernel (``kernel_ptr[g * lanes, 0]``).
+        Needs groups of ``lanes`` filters (``filter_group``)."""
+        if self.filter_group % lanes:
+            raise ValueError(f"filters grouped by {self.filter_group}, not by {lanes} lanes")
+        taps = self.kernel_values.shape[1]
+        out = np.zeros((max(self.num_kernels // lanes, 1), taps, lanes), np.float32)
+        for i0 in range(0, self.shape[0], lanes):
+            first, end = int(self.kernel_ptr[i0, 0]), int(self.kernel_ptr[i0 + lanes - 1, -1])
+            block = self.kernel_values[first:end].reshape(lanes, -1, taps)  # filter, kernel, tap
+            out[first // lanes : end // lanes] = block.transpose(1, 2, 0)
+        return out

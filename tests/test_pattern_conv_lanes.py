@@ -1,0 +1,165 @@
+"""The filters-in-lanes pattern conv kernel (``schedules.pattern_conv2d_lanes``): its weight
+layout, its numerics against PyTorch over tile shapes, strides, paddings and epilogues, its
+template, and RewriteConv2D choosing it for filter groups of the target's 16 lanes.
+
+Tolerance: float32 sums of up to C*KH*KW products in a different order: rtol 1e-4, atol 1e-4.
+"""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from kernel_utils import torch_conv
+from tvm import relax
+
+import tvm_sparse
+from relay_passes.pattern_conv2d import RewriteConv2D
+from schedules.pattern_conv2d import ConvGeometry, Epilogue
+from schedules.pattern_conv2d_lanes import (
+    LanesConfig,
+    lanes_default_config,
+    pattern_conv2d_lanes_primfunc,
+    pattern_conv2d_lanes_template,
+)
+from schedules.tunable import kernel_name, realize, tunable_block
+from tvm_sparse.formats import PatternWeight
+from tvm_sparse.targets import resolve_target, vector_lanes
+from tvm_sparse.testing import pattern_conv_kernel, pattern_prune_model_, random_pattern_weight
+
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+AVX512 = vector_lanes(resolve_target("x86")) == 16
+LANES = [8, pytest.param(16, marks=pytest.mark.skipif(not AVX512, reason="no AVX-512 here"))]
+
+
+def test_lane_values_put_each_groups_filters_side_by_side() -> None:
+    w = random_pattern_weight(32, 12, kernel_keep=0.4, seed=2, filter_group=16)
+    packed = PatternWeight.from_dense(w, num_shares=2)
+    assert packed.filter_group == 16
+    lanes = packed.lane_values(16)
+    assert lanes.shape == (packed.num_kernels // 16, packed.kernel_values.shape[1], 16)
+    for i0 in (0, 16):
+        first = int(packed.kernel_ptr[i0, 0])
+        for k in range(first, int(packed.kernel_ptr[i0, -1])):  # the leader's kernels
+            span = int(packed.kernel_ptr[i0, -1]) - first
+            members = packed.kernel_values[k + span * np.arange(16)]  # (filter, tap)
+            np.testing.assert_array_equal(lanes[first // 16 + k - first], members.T)
+    with pytest.raises(ValueError, match="not by 16 lanes"):
+        PatternWeight.from_dense(random_pattern_weight(16, 8, filter_group=4)).lane_values(16)
+
+
+# (out, in, height, width, kernel, stride, padding, config, epilogue, batch, keep, taps)
+# fmt: off
+CASES = [
+    (16, 8, 12, 12, 3, 1, (1, 1, 1, 1), None, Epilogue(), 1, 0.3, 4),
+    (32, 6, 13, 11, 3, 1, (1, 1, 1, 1), LanesConfig(3, 5), Epilogue(True, True, "relu"), 2, 0.5, 4),
+    (16, 5, 13, 13, 3, 2, (1, 1, 1, 1), LanesConfig(2, 4), Epilogue(True, activation="relu6"),
+     1, 0.5, 4),
+    (16, 4, 9, 10, 3, 2, (0, 1, 1, 0), LanesConfig(1, 1), Epilogue(False, True), 1, 0.6, 4),
+    (16, 4, 7, 7, 3, 1, (1, 1, 1, 1), LanesConfig(8, 8), Epilogue(True), 1, 0.5, 2),  # rows > map
+    (16, 3, 10, 21, 3, 1, (1, 1, 1, 1), LanesConfig(2, 8), Epilogue(), 1, 1.0, 9),  # full taps
+    (16, 6, 11, 9, 5, 2, (2, 2, 2, 2), LanesConfig(2, 3), Epilogue(True, False, "relu"), 1, 0.4, 9),
+    (16, 4, 8, 8, 1, 1, (0, 0, 0, 0), LanesConfig(4, 4), Epilogue(True), 1, 0.5, 1),  # 1x1
+    (16, 4, 8, 8, 3, 1, (1, 1, 1, 1), None, Epilogue(True), 1, 0.0, 4),  # every kernel pruned
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("lanes", LANES)
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_kernel_matches_torch(case, lanes) -> None:
+    o, c, h, w, k, stride, pad, cfg, epi, batch, keep, taps = case
+    cfg = cfg if cfg is None or cfg.cols <= lanes else LanesConfig(cfg.rows, lanes)
+    weight = random_pattern_weight(o, c, k, 8, keep, taps, seed=o + c + h, filter_group=lanes)
+    rng = np.random.default_rng(h * w)
+    x = rng.standard_normal((batch, c, h, w)).astype("float32")
+    geom = ConvGeometry(batch, c, h, w, o, (k, k), (stride, stride), pad)
+    bias = rng.standard_normal(o).astype("float32")
+    residual = rng.standard_normal(torch_conv(x, weight, stride, pad).shape).astype("float32")
+    run, packed = pattern_conv_kernel(geom, weight, epi, cfg, lanes=lanes)
+    assert packed.filter_group % lanes == 0
+    got = run(x, bias if epi.bias else None, residual if epi.residual else None).numpy()
+    ref = torch_conv(x, weight, stride, pad, bias if epi.bias else None,
+                     residual if epi.residual else None, epi.activation)  # fmt: skip
+    np.testing.assert_allclose(got, ref, **TOL)
+
+
+def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
+    def cfg(size, stride=1):
+        geom = ConvGeometry(1, 64, size, size, 64, (3, 3), (stride, stride), (1, 1, 1, 1))
+        return lanes_default_config(geom, registers=32)
+
+    assert cfg(56) == LanesConfig(rows=2, cols=8)  # 8 columns divide 56: 16 accumulators
+    assert cfg(28) == cfg(14) == LanesConfig(rows=2, cols=7)  # 7 * 2^k maps: 7 columns
+    assert cfg(56, stride=2) == LanesConfig(rows=2, cols=7)  # 28 wide out
+    assert cfg(7).cols == 7 and cfg(7).rows * 7 <= 24
+
+
+def test_template_default_is_the_hand_kernel() -> None:
+    """Before: the template (its body the scalar analysis variant); Expected: the vectorized
+    kernel at the default config."""
+    geom = ConvGeometry(1, 8, 12, 12, 16, (3, 3), (1, 1), (1, 1, 1, 1))
+    pats, cfg = ((0, 1, 4, 5), (1, 4, 7, 8)), LanesConfig(3, 6)
+    template = pattern_conv2d_lanes_template(geom, pats, 32, 4, 16, Epilogue(True), cfg, "k")
+    expected = pattern_conv2d_lanes_primfunc(geom, pats, 32, 4, 16, Epilogue(True), cfg, "k")
+    realized = realize(template).without_attr("tvm_sparse.params")
+    tvm.ir.assert_structural_equal(realized, expected)
+
+
+def _conv_module(weight: np.ndarray) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, weight.shape[1], 10, 10), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1))
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_pass_puts_groups_of_16_filters_in_avx512_lanes() -> None:
+    """Before: conv2d + relu with connectivity and patterns shared by groups of 16 filters;
+    Expected at 16 lanes: the lanes kernel on ``lane_values``; at 8 lanes (AVX2) the pattern
+    kernel, 4 filters together."""
+    w = random_pattern_weight(32, 8, kernel_keep=0.5, seed=5, filter_group=16)
+    packed = PatternWeight.from_dense(w, num_shares=2)
+    geom = ConvGeometry(1, 8, 10, 10, 32, (3, 3), (1, 1), (1, 1, 1, 1))
+    epi = Epilogue(activation="relu")
+    name = "pattern_conv2d_32x8x3x3"
+    cfg = lanes_default_config(geom, 32, 2)
+    kernel = pattern_conv2d_lanes_template(
+        geom, packed.patterns, packed.num_kernels, 4, 16, epi, cfg, name
+    )
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 10, 10), "float32"))
+    gv = bb.add_func(kernel, name)
+    consts = (packed.kernel_ptr, packed.kernel_channel, packed.lane_values(16),
+              packed.filter_order)  # fmt: skip
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            args = [x, *(relax.const(a) for a in consts)]
+            y = bb.emit(relax.call_tir(gv, args, relax.TensorType((1, 32, 10, 10), "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    records = []
+    after = RewriteConv2D(num_threads=2, records=records, registers=32, lanes=16)(_conv_module(w))
+    tvm.ir.assert_structural_equal(after, bb.get())
+    assert "in vector lanes" in records[0].reason
+    avx2 = RewriteConv2D(num_threads=2, registers=16, lanes=8)(_conv_module(w))
+    block = tunable_block(avx2[name])
+    assert kernel_name(block) == "pattern_conv2d"
+
+
+@pytest.mark.skipif(not AVX512, reason="the lanes kernel is chosen on AVX-512 targets only")
+def test_compiled_model_with_filter_groups_of_16_matches_pytorch() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1, stride=2), torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
+    )  # fmt: skip
+    net = pattern_prune_model_(net, kernel_keep=0.4, filter_group=16).eval()
+    x = np.random.default_rng(0).standard_normal((1, 16, 14, 14)).astype("float32")
+    cm = tvm_sparse.compile(net, (x,))
+    assert sum("in vector lanes" in r.reason for r in cm.layers) == 2
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(x), net(torch.from_numpy(x)).numpy(), **TOL)
