@@ -7,7 +7,7 @@ side by side, ``lane_values``), and every input pixel the tile's taps read is lo
 scalar broadcast and multiplied into each accumulator that reads it::
 
     parallel for share h (a contiguous run of the (row tile, filter group, column tile) jobs):
-        pad[h, c, phase, Y, q] = the zero-padded input rows the share reads (``_stage_rows``)
+        pad[h, c, Y, q] = the zero-padded input rows the share reads (``_stage_rows``)
         for job (tile, g) of the share:
             acc[r, x, :] = 0                                   # rows x cols vectors
             for pattern p:                                     # one code path per pattern
@@ -28,7 +28,7 @@ GFLOP/s on 64x64 on 56x56, 90 % of the FMA peak, against ~340 for 4 filters toge
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import tvm
 from tvm import tirx
@@ -107,18 +107,18 @@ def pattern_conv2d_lanes_primfunc(
     plane_rows = (tiles_y - 1) * tile_row + reach
     # A share's jobs span at most per_share // per_tile + 1 (started) row tiles.
     window = min(plane_rows, math.ceil(per_share / per_tile) * tile_row + reach)
-    row_w = tiles_x * cols + (kw - 1) // sw  # columns of a stride phase's plane
+    row_w = (tiles_x * cols - 1) * sw + kw  # staged columns (padded input columns)
     num_p = len(patterns)
-    # Per pattern: each input pixel (plane, staged row, column offset) the tile reads, and the
+    # Per pattern: each input pixel (staged row, column offset) the tile reads, and the
     # (row, column, tap) accumulations that read it.
     readers = []
     for pattern in patterns:
-        pixels: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
+        pixels: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         for t, tap in enumerate(pattern):
             dy, dx = divmod(tap, kw)
             for r in range(rows):
                 for x in range(cols):
-                    key = (dx % sw, r * sh + dy, x + dx // sw)
+                    key = (r * sh + dy, x * sw + dx)
                     pixels.setdefault(key, []).append((r, x, t))
         readers.append(sorted(pixels.items()))
 
@@ -135,7 +135,9 @@ def pattern_conv2d_lanes_primfunc(
         out_shape = (n_img, filters, out_h, out_w)
         resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
         out = T.arg("out", T.buffer(out_shape, "float32"))
-        pad = T.alloc_buffer((shares, chans, sw, window, row_w), "float32")
+        pad = T.alloc_buffer((shares, chans, 1, window, row_w), "float32")
+        # Staged as padded rows (any column is one scalar load): no stride phases to gather.
+        staging = replace(geom, stride=(sh, 1))
         every = tirx.Ramp(0, 1, lanes)
 
         def fma(acc, r, x, w, b) -> None:
@@ -179,7 +181,7 @@ def pattern_conv2d_lanes_primfunc(
             with T.If(count > 0), T.Then():
                 end = T.Bind(tvm.tirx.min(last_tile * tile_row + reach, plane_rows))
                 with T.serial(0, chans) as c:
-                    _stage_rows(pad, (share, c), data, geom, n, (first, end - first), 1, False)
+                    _stage_rows(pad, (share, c), data, staging, n, (first, end - first), 1, False)
                 # (Loops holding the allocations start at 0: see ``_channel_blocked``.)
                 with T.serial(0, count) as j:
                     job = lo + j
@@ -205,8 +207,8 @@ def pattern_conv2d_lanes_primfunc(
                                 w = [T.Bind(kval[k - base, t, every]) for t in range(taps)]
                             else:
                                 w = [_row(kval, (k - base, t)) for t in range(taps)]
-                            for (plane, dy, dx), uses in readers[p]:
-                                b = T.Bind(pad[share, ch, plane, row0 + dy, x0 + dx])
+                            for (dy, dx), uses in readers[p]:
+                                b = T.Bind(pad[share, ch, 0, row0 + dy, x0 * sw + dx])
                                 for r, x, t in uses:
                                     fma(acc, r, x, w[t], b)
                     for r in range(rows):
