@@ -43,9 +43,12 @@ MODELS = {
     "mobilenet_v2": lambda: mobilenet_v2(),
     "resnet18_g4": lambda: resnet18(),
     "vgg16_g4": lambda: vgg16_bn(),
+    "resnet18_g16": lambda: resnet18(),
+    "vgg16_g16": lambda: vgg16_bn(),
 }
-# 3x3 convs of these keep kernels and patterns per group of 4 filters (computed together).
-FILTER_GROUPS = {"resnet18_g4": 4, "vgg16_g4": 4}
+# 3x3 convs of these keep kernels and patterns per group of 4 filters (computed together), or
+# of 16 (on AVX-512: computed in the lanes of a vector, ``schedules.pattern_conv2d_lanes``).
+FILTER_GROUPS = {"resnet18_g4": 4, "vgg16_g4": 4, "resnet18_g16": 16, "vgg16_g16": 16}
 # 1x1 convs and FC layers of these are BSR-pruned (8x1 blocks, 90 % of blocks dropped).
 BLOCK_PRUNED = {"resnet50", "mobilenet_v2", "vgg16_bsr"}
 
@@ -119,8 +122,8 @@ def main() -> None:
         "(each: untimed then timed calls per runtime, at least 2 + 3 and 30 ms each). GFLOP "
         "counts conv + FC multiply-adds x2."
         " Every 3x3 conv keeps 8 patterns of 4 taps and 28 % of its kernels; `_bsr`, resnet50,"
-        " mobilenet_v2: 1x1 / FC layers 90 % BSR-pruned too; `_g4`: kernels and patterns chosen"
-        " per group of 4 filters."
+        " mobilenet_v2: 1x1 / FC layers 90 % BSR-pruned too; `_g4` / `_g16`: kernels and"
+        " patterns chosen per group of 4 / 16 filters."
     )
     write_results(
         args.out,

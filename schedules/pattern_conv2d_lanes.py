@@ -40,6 +40,7 @@ from .pattern_conv2d import (
     ConvGeometry,
     Epilogue,
     _geom,
+    _params,
     _stage_rows,
     activation,
 )
@@ -272,18 +273,6 @@ class _row:
 # --- MetaSchedule search space (see schedules/tunable.py) -----------------------------------
 
 
-def _params(geom, patterns, num_kernels, max_taps, epilogue, name, lanes) -> dict:
-    return {
-        "geom": asdict(geom),
-        "patterns": [list(p) for p in patterns],
-        "num_kernels": num_kernels,
-        "max_taps": max_taps,
-        "epilogue": asdict(epilogue),
-        "name": name,
-        "lanes": lanes,
-    }
-
-
 def _build(params: dict, knobs: Knobs, vectorize: bool = True) -> tirx.PrimFunc:
     return pattern_conv2d_lanes_primfunc(
         _geom(params),
@@ -324,7 +313,8 @@ def pattern_conv2d_lanes_template(
     name: str,
 ) -> tirx.PrimFunc:
     """The kernel at ``config`` as a MetaSchedule template (``config`` is its default point)."""
-    params = _params(geom, patterns, num_kernels, max_taps, epilogue, name, lanes)
+    # (The pattern kernel's parameters; its filter group here: the lanes.)
+    params = _params(geom, patterns, num_kernels, max_taps, epilogue, name, lanes, lanes)
     knobs = asdict(config)
     analysed = _build(params, knobs, vectorize=False)  # (never built: realize regenerates it)
     return template(analysed, PATTERN_CONV2D_LANES.name, params, knobs)
