@@ -147,14 +147,13 @@ def pattern_conv_kernel(
     kernel = tvm.compile(mod, target=resolve_target(target)).jit()["main"]
     k = max(packed.num_kernels, 1)
     nonempty = packed.num_kernels > 0
+    values = packed.kernel_values if nonempty else np.zeros((k, max_taps), "float32")
+    if lanes:  # (lane_values pads an empty weight itself)
+        values = packed.lane_values(lanes)
     index = [
         packed.kernel_ptr,
         packed.kernel_channel if nonempty else np.zeros(k, "int32"),
-        packed.lane_values(lanes)
-        if lanes
-        else packed.kernel_values
-        if nonempty
-        else np.zeros((k, max_taps), "float32"),
+        values,
         packed.filter_order,
     ]
     index = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in index]
