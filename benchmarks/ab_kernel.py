@@ -6,7 +6,8 @@
 
 ``--layers``: indices into ``bench_conv_layers.LAYERS`` (default: all). A variant is ``default``
 (the config ``tvm_sparse.compile`` picks on this host) or comma-separated overrides of its
-``PatternConvConfig`` fields; an UPPERCASE key sets that environment variable while the
+``PatternConvConfig`` fields (``LanesConfig``'s with ``--lanes 16``: the filters-in-lanes
+kernel, for ``--filter-group 16``); an UPPERCASE key sets that environment variable while the
 variant is built (for generator switches under experiment). For kernel decisions this is far
 steadier than the side-by-side tables: variants share the process, the inputs and the minute.
 
@@ -30,6 +31,7 @@ import tvm
 from bench_conv_layers import LAYERS, layer_case
 
 from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
+from schedules.pattern_conv2d_lanes import lanes_default_config
 from tvm_sparse.benchmarking import markdown_table, time_interleaved, write_results
 from tvm_sparse.formats import PatternWeight
 from tvm_sparse.targets import resolve_target, vector_lanes, vector_registers
@@ -82,10 +84,12 @@ def layer_runners(
     threads: int,
     check: bool = True,
     diagnose: bool = False,
+    in_lanes: int = 0,
 ) -> dict[str, object]:
     """One runner per variant for layer ``LAYERS[index]``, each checked against PyTorch
     (unless ``check`` is off: diagnostic builds that skip part of the work); ``diagnose``:
-    two more per variant on altered index data (see the module docstring)."""
+    two more per variant on altered index data (see the module docstring); ``in_lanes``: the
+    filters-in-lanes kernel with that many lanes."""
     _, o, c, size, stride = LAYERS[index]
     weight, x = layer_case(index, filter_group)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), None, stride, 1)
@@ -97,10 +101,13 @@ def layer_runners(
     for spec in variants:
         overrides = parse_variant(spec)
         with environment({k: v for k, v in overrides.items() if k.isupper()}):
-            base = default_config(
-                geom, filter_group=group, shares=threads, **tile_defaults(geom, registers, lanes)
-            )
-            run, packed = pattern_conv_kernel(geom, weight, config=variant_config(base, overrides))
+            if in_lanes:
+                base = lanes_default_config(geom, registers, threads)
+            else:
+                tiles = tile_defaults(geom, registers, lanes)
+                base = default_config(geom, filter_group=group, shares=threads, **tiles)
+            config = variant_config(base, overrides)
+            run, packed = pattern_conv_kernel(geom, weight, config=config, lanes=in_lanes)
         out = run(x)
         if check:
             np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-3, atol=1e-3)
@@ -108,7 +115,8 @@ def layer_runners(
         runners[spec] = lambda run=run, xt=xt, out=out: run(xt, out=out)
         if diagnose:
             ptr, chan = packed.kernel_ptr, packed.kernel_channel
-            rest = (packed.kernel_values, packed.filter_order)
+            values = packed.lane_values(in_lanes) if in_lanes else packed.kernel_values
+            rest = (values, packed.filter_order)
             altered = {
                 "input in L1": (ptr, np.zeros_like(chan), *rest),
                 "no kernels": (np.zeros_like(ptr), chan, *rest),
@@ -128,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default=",".join(str(i) for i in range(len(LAYERS))))
     ap.add_argument("--filter-group", type=int, default=1)
     ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--lanes", type=int, default=0, help="the filters-in-lanes kernel (16)")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -147,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     for index in (int(i) for i in args.layers.split(",")):
         model, o, c, size, stride = LAYERS[index]
         runners = layer_runners(
-            index, variants, args.filter_group, args.threads, not args.no_check, args.diagnose
+            index,
+            variants,
+            args.filter_group,
+            args.threads,
+            not args.no_check,
+            args.diagnose,
+            args.lanes,
         )
         ms = time_interleaved(runners, rounds=args.rounds, warm=20, settle_s=0.0, window_s=0.02)
         name = f"{o}x{c}x3x3 s{stride} on {size}x{size}"
@@ -162,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out:
         note = f"Kernel variants, {args.threads} threads, filter group {args.filter_group}, "
+        note += f"filters in {args.lanes} lanes, " if args.lanes else ""
         note += f"medians of {args.rounds} interleaved rounds, kernel called directly.\n\n"
         write_results(args.out, payload, note + table)
     return 0

@@ -7,16 +7,22 @@ side by side, ``lane_values``), and every input pixel the tile's taps read is lo
 scalar broadcast and multiplied into each accumulator that reads it::
 
     parallel for share h (a contiguous run of the (row tile, filter group, column tile) jobs):
-        pad[h, c, Y, q] = the zero-padded input rows the share reads (``_stage_rows``)
         for job (tile, g) of the share:
+            if the tile's rows read padding and it is the share's first job of that row tile:
+                pad[h, c, Y, q] = the tile's input rows, zero-padded (``_stage_rows``)
             acc[r, x, :] = 0                                   # rows x cols vectors
             for pattern p:                                     # one code path per pattern
                 for k in kernel_ptr[g * lanes, p] .. kernel_ptr[g * lanes, p + 1]:
                     w_t = kernel_values[k', t, :]              # the group's filters
                     for each input pixel (iy, ix) the tile reads (unrolled):
-                        b = broadcast(pad[h, c, ..., iy, ix])
+                        b = broadcast(data[n, c, iy, ix])      # (or pad[h, c, ...])
                         acc[r, x, :] += w_t * b  for every (r, x, t) reading it
             out[filter_order[g * lanes + f], y0 + r, x0 + x] = epilogue(acc[r, x, f])
+
+Row tiles clear of the padding read the input in place, the first and last column tiles
+through their own code paths that skip the padding columns (compile-time positions); only
+row tiles reading padding rows stage theirs. Against staging every row per share: 0.87-0.98x
+the time on ResNet-18's 3x3 layers, 0.81-0.98x on VGG-16's (the most on the widest maps).
 
 Every lane computes an output (no lanes past a row's end, no lane shifts, no transposed
 staging: the ``pattern_conv2d`` kernel's costs on 7 * 2^k-wide maps); each broadcast feeds up
@@ -105,11 +111,15 @@ def pattern_conv2d_lanes_primfunc(
     total = tiles_y * per_tile
     shares = max(1, min(cfg.shares, total))
     per_share = math.ceil(total / shares)
-    tile_row, reach = rows * sh, (rows - 1) * sh + kh  # staged rows: tile to tile, one tile's
-    plane_rows = (tiles_y - 1) * tile_row + reach
-    # A share's jobs span at most per_share // per_tile + 1 (started) row tiles.
-    window = min(plane_rows, math.ceil(per_share / per_tile) * tile_row + reach)
-    row_w = (tiles_x * cols - 1) * sw + kw  # staged columns (padded input columns)
+    tile_row, reach = rows * sh, (rows - 1) * sh + kh  # input rows: tile to tile, one tile's
+    span = (cols - 1) * sw + kw  # input columns one tile reads
+    row_w = (tiles_x * cols - 1) * sw + kw  # padded input columns of a staged row
+    (pt, pl, _, _), height, width = geom.padding, geom.height, geom.width
+    # Tiles reading no padding read the input in place; the others, padded rows staged per
+    # row tile (rows) or code paths that skip the padding columns (columns).
+    inside_rows = _inside(tile_row, reach, pt, height, tiles_y)
+    inside_cols = _inside(cols * sw, span, pl, width, tiles_x)
+    edge_cols = [t for t in range(tiles_x) if t not in inside_cols]
     num_p = len(patterns)
     # Per pattern: each input pixel (staged row, column offset) the tile reads, and the
     # (row, column, tap) accumulations that read it.
@@ -137,8 +147,8 @@ def pattern_conv2d_lanes_primfunc(
         out_shape = (n_img, filters, out_h, out_w)
         resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
         out = T.arg("out", T.buffer(out_shape, "float32"))
-        pad = T.alloc_buffer((shares, chans, 1, window, row_w), "float32")
-        # Staged as padded rows (any column is one scalar load): no stride phases to gather.
+        pad = T.alloc_buffer((shares, chans, 1, reach, row_w), "float32")  # an edge tile's
+        # (Staged as padded rows, any column one scalar load: no stride phases to gather.)
         staging = replace(geom, stride=(sh, 1))
         every = tirx.Ramp(0, 1, lanes)
 
@@ -150,6 +160,50 @@ def pattern_conv2d_lanes_primfunc(
                 return
             with T.serial(0, lanes) as f:
                 T.buffer_store(acc[r], acc[r][x * lanes + f] + w[f] * b, [x * lanes + f])
+
+        def accumulate(acc, i0, load, skipped=frozenset()) -> None:
+            """acc += the kernels of the group at packed filter i0 times the input: ``load(ch,
+            dy, dx)`` reads channel ch at row / column dy / dx of the tile's input window;
+            columns ``skipped`` are padding (zeros: no load, no FMA)."""
+            # The group's kernels sit lanes-to-a-row from its first (``lane_values``).
+            base = T.Bind(kptr[i0, 0] - kptr[i0, 0] // lanes)
+            for p in range(num_p):
+                with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
+                    ch = T.Bind(kchan[k])
+                    taps = len(patterns[p])
+                    if vectorize:
+                        w = [T.Bind(kval[k - base, t, every]) for t in range(taps)]
+                    else:
+                        w = [_row(kval, (k - base, t)) for t in range(taps)]
+                    for (dy, dx), uses in readers[p]:
+                        if dx in skipped:
+                            continue
+                        b = T.Bind(load(ch, dy, dx))
+                        for r, x, t in uses:
+                            fma(acc, r, x, w[t], b)
+
+        def in_place(acc, n, i0, y_in, x0, columns: list[int]) -> None:
+            """accumulate() reading ``data`` itself from input row y_in: one code path per
+            column tile of ``columns`` (x0 a constant: the padding columns skipped), then one
+            for the rest (none if ``columns`` are all of them)."""
+            if not columns:
+                x_in = T.Bind(x0 * sw - pl)
+                accumulate(acc, i0, lambda ch, dy, dx: data[n, ch, y_in + dy, x_in + dx])
+                return
+            at = columns[0] * cols * sw - pl
+            skipped = {dx for dx in range(span) if not 0 <= at + dx < width}
+
+            def load(ch, dy, dx):
+                return data[n, ch, y_in + dy, at + dx]
+
+            if len(columns) == 1 and len(inside_cols) == 0:
+                accumulate(acc, i0, load, skipped)
+                return
+            with T.If(x0 == columns[0] * cols):
+                with T.Then():
+                    accumulate(acc, i0, load, skipped)
+                with T.Else():
+                    in_place(acc, n, i0, y_in, x0, columns[1:])
 
         def store_row(acc, n, y, x0, i0, width: int) -> None:
             """out[n, filter f's, y, x0 .. x0 + width] = epilogue(acc[f] of those pixels)."""
@@ -178,51 +232,50 @@ def pattern_conv2d_lanes_primfunc(
         with T.serial(0, n_img) as n, T.parallel(0, shares) as share:
             lo = T.Bind(tvm.tirx.min(share * per_share, total))
             count = T.Bind(tvm.tirx.min(lo + per_share, total) - lo)
-            first = T.Bind(lo // per_tile * tile_row)  # the share's first staged row
-            last_tile = (lo + count - 1) // per_tile
-            with T.If(count > 0), T.Then():
-                end = T.Bind(tvm.tirx.min(last_tile * tile_row + reach, plane_rows))
-                with T.serial(0, chans) as c:
-                    _stage_rows(pad, (share, c), data, staging, n, (first, end - first), 1, False)
-                # (Loops holding the allocations start at 0: see ``_channel_blocked``.)
-                with T.serial(0, count) as j:
-                    job = lo + j
-                    tile = job // per_tile
-                    # Column tiles innermost: a group's kernels and input rows stay in L1
-                    # across its tiles (groups innermost: 0.80-0.92x, the rows of every
-                    # channel outgrow L1).
-                    x0 = job % tiles_x * cols
-                    i0 = job % per_tile // tiles_x * lanes
-                    y0 = tile * rows
-                    acc = [T.alloc_buffer((cols * lanes,), "float32") for _ in range(rows)]
-                    for r in range(rows):
-                        with T.unroll(0, cols) as x, T.vectorized(0, lanes) as f:
-                            T.buffer_store(acc[r], tirx.const(0.0, "float32"), [x * lanes + f])
-                    # The group's kernels sit lanes-to-a-row from its first (``lane_values``).
-                    base = T.Bind(kptr[i0, 0] - kptr[i0, 0] // lanes)
-                    row0 = tile * tile_row - first
-                    for p in range(num_p):
-                        with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
-                            ch = T.Bind(kchan[k])
-                            taps = len(patterns[p])
-                            if vectorize:
-                                w = [T.Bind(kval[k - base, t, every]) for t in range(taps)]
-                            else:
-                                w = [_row(kval, (k - base, t)) for t in range(taps)]
-                            for (dy, dx), uses in readers[p]:
-                                b = T.Bind(pad[share, ch, 0, row0 + dy, x0 * sw + dx])
-                                for r, x, t in uses:
-                                    fma(acc, r, x, w[t], b)
-                    for r in range(rows):
-                        y = y0 + r
-                        with T.If(y < out_h), T.Then():
-                            tail = out_w % cols
-                            with T.If(x0 + cols <= out_w):
-                                with T.Then():
-                                    store_row(acc[r], n, y, x0, i0, cols)
-                                if tail:
-                                    with T.Else():
-                                        store_row(acc[r], n, y, x0, i0, tail)
+            # (Loops holding the allocations start at 0: see ``_channel_blocked``.)
+            with T.serial(0, count) as j:
+                job = lo + j
+                tile = job // per_tile
+                # Column tiles innermost: a group's kernels and input rows stay in L1 across
+                # its tiles (groups innermost: 0.80-0.92x, the rows of every channel outgrow L1).
+                x0 = job % tiles_x * cols
+                i0 = job % per_tile // tiles_x * lanes
+                y0 = tile * rows
+                inside = tvm.tirx.all(inside_rows.start <= tile, tile < inside_rows.stop)
+                if len(inside_rows) < tiles_y:  # a share's first job of an edge row tile
+                    starts = tvm.tirx.any(j == 0, job % per_tile == 0)
+                    with T.If(tvm.tirx.all(tvm.tirx.Not(inside), starts)), T.Then():
+                        with T.serial(0, chans) as c:
+                            rows_at = (tile * tile_row, reach)
+                            _stage_rows(pad, (share, c), data, staging, n, rows_at, 1, False)
+                acc = [T.alloc_buffer((cols * lanes,), "float32") for _ in range(rows)]
+                for r in range(rows):
+                    with T.unroll(0, cols) as x, T.vectorized(0, lanes) as f:
+                        T.buffer_store(acc[r], tirx.const(0.0, "float32"), [x * lanes + f])
+
+                def staged(ch, dy, dx):
+                    return pad[share, ch, 0, dy, x0 * sw + dx]
+
+                if len(inside_rows) == 0:
+                    accumulate(acc, i0, staged)
+                else:
+                    with T.If(inside):
+                        with T.Then():
+                            y_in = T.Bind(tile * tile_row - pt)
+                            in_place(acc, n, i0, y_in, x0, edge_cols)
+                        if len(inside_rows) < tiles_y:
+                            with T.Else():
+                                accumulate(acc, i0, staged)
+                for r in range(rows):
+                    y = y0 + r
+                    with T.If(y < out_h), T.Then():
+                        tail = out_w % cols
+                        with T.If(x0 + cols <= out_w):
+                            with T.Then():
+                                store_row(acc[r], n, y, x0, i0, cols)
+                            if tail:
+                                with T.Else():
+                                    store_row(acc[r], n, y, x0, i0, tail)
     return ib.get().without_attr("global_symbol")
 
 
@@ -259,6 +312,14 @@ def transposed(pixels: list, lanes: int) -> list[tuple[tirx.PrimExpr, int]]:
     final = stage(vecs, 1)
     per = lanes // count  # filters per final vector
     return [(final[f // per], f % per * count) for f in range(lanes)]
+
+
+def _inside(step: int, reach: int, before: int, size: int, count: int) -> range:
+    """Of ``count`` tiles ``step`` input positions apart, tile t reading ``reach`` from
+    ``t * step - before``: those whose reads stay within the input's ``size`` (no padding)."""
+    lo = min(count, -(-before // step))
+    hi = min(count, (size + before - reach) // step + 1)
+    return range(lo, max(lo, hi))
 
 
 class _row:

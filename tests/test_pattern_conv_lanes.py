@@ -17,6 +17,7 @@ from relay_passes.pattern_conv2d import RewriteConv2D
 from schedules.pattern_conv2d import ConvGeometry, Epilogue
 from schedules.pattern_conv2d_lanes import (
     LanesConfig,
+    _inside,
     lanes_default_config,
     pattern_conv2d_lanes_primfunc,
     pattern_conv2d_lanes_template,
@@ -163,3 +164,14 @@ def test_compiled_model_with_filter_groups_of_16_matches_pytorch() -> None:
     assert sum("in vector lanes" in r.reason for r in cm.layers) == 2
     with torch.no_grad():
         np.testing.assert_allclose(cm(x), net(torch.from_numpy(x)).numpy(), **TOL)
+
+
+def test_only_tiles_reading_padding_leave_the_input_in_place() -> None:
+    # ResNet-18's 56x56 3x3 pad 1 layer, 2-row tiles: the first / last row tile read padding rows.
+    assert _inside(2, 4, 1, 56, 28) == range(1, 27)
+    # Stride 2 on 56x56 (28x28 out): only the top reads padding (row 55 is the last read).
+    assert _inside(4, 5, 1, 56, 14) == range(1, 14)
+    # 7-wide columns on a 7x7 map: the one column tile reads both padding columns.
+    assert _inside(7, 9, 1, 7, 1) == range(1, 1)
+    # A tail tile past the map's end reads past it too.
+    assert _inside(8, 10, 1, 21, 3) == range(1, 2)
