@@ -102,7 +102,8 @@ def layer_runners(
         overrides = parse_variant(spec)
         with environment({k: v for k, v in overrides.items() if k.isupper()}):
             if in_lanes:
-                base = lanes_default_config(geom, registers, threads)
+                per_filter = PatternWeight.from_dense(weight).num_kernels / o
+                base = lanes_default_config(geom, registers, threads, per_filter)
             else:
                 tiles = tile_defaults(geom, registers, lanes)
                 base = default_config(geom, filter_group=group, shares=threads, **tiles)

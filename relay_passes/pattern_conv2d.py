@@ -131,7 +131,8 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         in_lanes = fmt == "pattern" and lanes == 16 and group % lanes == 0
         if in_lanes:
             reason += "; filters computed in vector lanes"
-            cfg = lanes_default_config(geom, registers, num_threads)
+            per_filter = packed.num_kernels / o
+            cfg = lanes_default_config(geom, registers, num_threads, per_filter)
             values = packed.lane_values(lanes)
             key = ("lanes", geom, packed.patterns, packed.num_kernels, max_taps, epi, cfg, lanes)
 

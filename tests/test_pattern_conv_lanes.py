@@ -5,6 +5,8 @@ template, and RewriteConv2D choosing it for filter groups of the target's 16 lan
 Tolerance: float32 sums of up to C*KH*KW products in a different order: rtol 1e-4, atol 1e-4.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -52,13 +54,15 @@ def test_lane_values_put_each_groups_filters_side_by_side() -> None:
 # fmt: off
 CASES = [
     (16, 8, 12, 12, 3, 1, (1, 1, 1, 1), None, Epilogue(), 1, 0.3, 4),
-    (32, 6, 13, 11, 3, 1, (1, 1, 1, 1), LanesConfig(3, 5), Epilogue(True, True, "relu"), 2, 0.5, 4),
-    (16, 5, 13, 13, 3, 2, (1, 1, 1, 1), LanesConfig(2, 4), Epilogue(True, activation="relu6"),
-     1, 0.5, 4),
+    (32, 6, 13, 11, 3, 1, (1, 1, 1, 1), LanesConfig(3, 5, prefetch=2), Epilogue(True, True, "relu"),
+     2, 0.5, 4),
+    (16, 5, 13, 13, 3, 2, (1, 1, 1, 1), LanesConfig(2, 4, prefetch=4),
+     Epilogue(True, activation="relu6"), 1, 0.5, 4),
     (16, 4, 9, 10, 3, 2, (0, 1, 1, 0), LanesConfig(1, 1), Epilogue(False, True), 1, 0.6, 4),
     (16, 4, 7, 7, 3, 1, (1, 1, 1, 1), LanesConfig(8, 8), Epilogue(True), 1, 0.5, 2),  # rows > map
     (16, 3, 10, 21, 3, 1, (1, 1, 1, 1), LanesConfig(2, 8), Epilogue(), 1, 1.0, 9),  # full taps
-    (16, 6, 11, 9, 5, 2, (2, 2, 2, 2), LanesConfig(2, 3), Epilogue(True, False, "relu"), 1, 0.4, 9),
+    (16, 6, 11, 9, 5, 2, (2, 2, 2, 2), LanesConfig(2, 3, prefetch=1), Epilogue(True, False, "relu"),
+     1, 0.4, 9),
     (16, 4, 8, 8, 1, 1, (0, 0, 0, 0), LanesConfig(4, 4), Epilogue(True), 1, 0.5, 1),  # 1x1
     (16, 4, 8, 8, 3, 1, (1, 1, 1, 1), None, Epilogue(True), 1, 0.0, 4),  # every kernel pruned
 ]
@@ -69,7 +73,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_kernel_matches_torch(case, lanes) -> None:
     o, c, h, w, k, stride, pad, cfg, epi, batch, keep, taps = case
-    cfg = cfg if cfg is None or cfg.cols <= lanes else LanesConfig(cfg.rows, lanes)
+    cfg = cfg if cfg is None or cfg.cols <= lanes else replace(cfg, cols=lanes)
     weight = random_pattern_weight(o, c, k, 8, keep, taps, seed=o + c + h, filter_group=lanes)
     rng = np.random.default_rng(h * w)
     x = rng.standard_normal((batch, c, h, w)).astype("float32")
@@ -93,6 +97,16 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
     assert cfg(28) == cfg(14) == LanesConfig(rows=2, cols=7)  # 7 * 2^k maps: 7 columns
     assert cfg(56, stride=2) == LanesConfig(rows=2, cols=7)  # 28 wide out
     assert cfg(7).cols == 7 and cfg(7).rows * 7 <= 24
+
+
+def test_prefetch_where_a_groups_input_rows_outgrow_l1() -> None:
+    def ahead(chans, size, keep=0.28):
+        geom = ConvGeometry(1, chans, size, size, 64, (3, 3), (1, 1), (1, 1, 1, 1))
+        return lanes_default_config(geom, kernels_per_filter=chans * keep).prefetch
+
+    assert ahead(128, 28) == ahead(256, 14) == ahead(64, 56) == 0  # ResNet-18: 18 KiB
+    assert ahead(512, 28) == ahead(512, 7) == ahead(64, 224) == 4  # 36-64 KiB
+    assert ahead(512, 28, keep=0.05) == 0
 
 
 def test_template_default_is_the_hand_kernel() -> None:
