@@ -100,13 +100,14 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
 
 
 def test_prefetch_where_a_groups_input_rows_outgrow_l1() -> None:
-    def ahead(chans, size, keep=0.28):
-        geom = ConvGeometry(1, chans, size, size, 64, (3, 3), (1, 1), (1, 1, 1, 1))
+    def ahead(chans, size, keep=0.28, stride=1):
+        geom = ConvGeometry(1, chans, size, size, 64, (3, 3), (stride, stride), (1, 1, 1, 1))
         return lanes_default_config(geom, kernels_per_filter=chans * keep).prefetch
 
     assert ahead(128, 28) == ahead(256, 14) == ahead(64, 56) == 0  # ResNet-18: 18 KiB
     assert ahead(512, 28) == ahead(512, 7) == ahead(64, 224) == 4  # 36-64 KiB
     assert ahead(512, 28, keep=0.05) == 0
+    assert ahead(64, 56, stride=2) == 4
 
 
 def test_template_default_is_the_hand_kernel() -> None:
