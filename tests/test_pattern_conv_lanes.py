@@ -95,7 +95,7 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
 
     assert cfg(56) == LanesConfig(rows=2, cols=8)  # 8 columns divide 56: 16 accumulators
     assert cfg(28) == cfg(14) == LanesConfig(rows=2, cols=7)  # 7 * 2^k maps: 7 columns
-    assert cfg(56, stride=2) == LanesConfig(rows=2, cols=7)  # 28 wide out
+    assert cfg(56, stride=2) == LanesConfig(rows=2, cols=7, prefetch=4)  # 28 wide out
     assert cfg(7).cols == 7 and cfg(7).rows * 7 <= 24
 
 
