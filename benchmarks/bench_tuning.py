@@ -86,12 +86,16 @@ def assert_matches_torch(net, x: np.ndarray, builds) -> None:
         np.testing.assert_allclose(cm(x), ref, rtol=1e-3, atol=1e-3 * scale)
 
 
-def layer_bounds(index: int, filter_group: int, work_dir: str, threads: int) -> dict:
+def layer_bounds(index: int, filter_group: int, work_dir: str, threads: int) -> dict | None:
     """What bounds ``LAYERS[index]``'s kernel at the config compile builds from ``work_dir``
-    (``kernel_bounds.py``: load ports, lanes, imbalance; the in-core ceiling)."""
+    (``kernel_bounds.py``: load ports, lanes, imbalance; the in-core ceiling); None for the
+    filters-in-lanes kernel (not modelled)."""
     _, o, c, size, stride = LAYERS[index]
     weight, x = layer_case(index, filter_group)
-    (cfg,) = applied_configs(Conv(weight, stride).eval(), x, work_dir).values()
+    configs = applied_configs(Conv(weight, stride).eval(), x, work_dir)
+    if not configs:
+        return None
+    (cfg,) = configs.values()
     geom = ConvGeometry(1, c, size, size, o, (3, 3), (stride, stride), (1, 1, 1, 1))
     packed = PatternWeight.from_dense(weight, num_shares=threads)
     return {**kernel_bounds(geom, cfg, packed), "config": dataclasses.asdict(cfg)}
@@ -305,7 +309,9 @@ def main() -> None:
             for r in payload["layers"]:
                 i = index[r["model"], r["shape"]]
                 group = payload.get("filter_group", 1)
-                r["bounds"] = layer_bounds(i, group, _layer_dir(args.work_dir, i), threads)
+                bounds = layer_bounds(i, group, _layer_dir(args.work_dir, i), threads)
+                if bounds is not None:
+                    r["bounds"] = bounds
         write_results(args.out, payload, render(payload, args.out))
         return
     layers = []
@@ -317,7 +323,9 @@ def main() -> None:
         wd = _layer_dir(args.work_dir, i)
         r = compare(net, x, wd, args.layer_trials, args.rounds, threads, args.quiet)
         r.update(model=model, shape=_shape(i))
-        r["bounds"] = layer_bounds(i, args.filter_group, wd, threads)
+        bounds = layer_bounds(i, args.filter_group, wd, threads)
+        if bounds is not None:
+            r["bounds"] = bounds
         layers.append(r)
         print(f"{r['shape']}: tuned {r['ms']['tuned']:.3f} ms, {r['tuned_vs_best_dense']:.2f}x",
               file=sys.stderr, flush=True)  # fmt: skip
