@@ -168,8 +168,9 @@ def pattern_conv2d_lanes_primfunc(
         out_shape = (n_img, filters, out_h, out_w)
         resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
         out = T.arg("out", T.buffer(out_shape, "float32"))
-        pad = T.alloc_buffer((shares, chans, 1, reach, row_w), "float32")  # an edge tile's
-        # (Staged as padded rows, any column one scalar load: no stride phases to gather.)
+        # An edge row tile's input rows, zero-padded (any column one scalar load: no stride
+        # phases to gather).
+        pad = T.alloc_buffer((shares, chans, 1, reach, row_w), "float32")
         staging = replace(geom, stride=(sh, 1))
         every = tirx.Ramp(0, 1, lanes)
         last_kernel = max(num_kernels, 1) - 1
