@@ -94,7 +94,8 @@ def layer_runners(
     weight, x = layer_case(index, filter_group)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), None, stride, 1)
     geom = ConvGeometry(1, c, size, size, o, (3, 3), (stride, stride), (1, 1, 1, 1))
-    group = PatternWeight.from_dense(weight, num_shares=2).filter_group
+    sparse = PatternWeight.from_dense(weight, num_shares=2)
+    group, per_filter = sparse.filter_group, sparse.num_kernels / o
     target = resolve_target("x86")
     lanes, registers = vector_lanes(target), vector_registers(target)
     runners = {}
@@ -102,7 +103,6 @@ def layer_runners(
         overrides = parse_variant(spec)
         with environment({k: v for k, v in overrides.items() if k.isupper()}):
             if in_lanes:
-                per_filter = PatternWeight.from_dense(weight).num_kernels / o
                 base = lanes_default_config(geom, registers, threads, per_filter)
             else:
                 tiles = tile_defaults(geom, registers, lanes)
