@@ -84,6 +84,9 @@ def lanes_default_config(
     return LanesConfig(rows=rows, cols=cols, shares=max(1, shares), prefetch=prefetch)
 
 
+PREFETCH_ABOVE_BYTES = 24 * 1024  # a group's input rows past this: prefetch (``_prefetch_ahead``)
+
+
 def _prefetch_ahead(geom: ConvGeometry, rows: int, kernels_per_filter: float) -> int:
     """Kernels ahead to prefetch: 4 on strided layers and where a group's input rows outgrow
     24 KiB (its kernels x the rows a row tile reads x the cache lines of an input row: what
@@ -95,9 +98,6 @@ def _prefetch_ahead(geom: ConvGeometry, rows: int, kernels_per_filter: float) ->
     lines = math.ceil(geom.width * 4 / 64)
     group_bytes = kernels_per_filter * ((rows - 1) * sh + kh) * lines * 64
     return 4 if sh > 1 or group_bytes > PREFETCH_ABOVE_BYTES else 0
-
-
-PREFETCH_ABOVE_BYTES = 24 * 1024
 
 
 def pattern_conv2d_lanes_primfunc(
