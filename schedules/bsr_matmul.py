@@ -26,6 +26,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .buffers import accumulator_rows
 from .pattern_conv2d import STACK_BYTES, Epilogue, activation
 from .tunable import Knobs, TunableKernel, register, template
 
@@ -273,7 +274,7 @@ def bsr_conv1x1_primfunc(
             # BCR: rows are indexed by row_idx, so one (r, width) buffer (memory), and the
             # block's kept rows accumulate in per-row register buffers first.
             if kept is None:
-                acc_rows = [T.alloc_buffer((width,), "float32") for _ in range(r)]
+                acc_rows = accumulator_rows(r, width)
                 dst = acc_rows
             else:
                 acc = T.alloc_buffer((r, width), "float32")
@@ -284,7 +285,7 @@ def bsr_conv1x1_primfunc(
             with T.serial(ptr[i], ptr[i + 1]) as b:
                 ch0 = T.Bind(bcol[b] * c)
                 if kept is not None:
-                    dst = [T.alloc_buffer((width,), "float32") for _ in range(sub_r)]
+                    dst = accumulator_rows(sub_r, width)
                     for row in dst:
                         with T.unroll(0, vectors) as v, T.vectorized(0, vec) as x:
                             T.buffer_store(row, ZERO, [v * vec + x])

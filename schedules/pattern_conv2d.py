@@ -78,6 +78,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .buffers import accumulator_rows
 from .tunable import PARAMS_ATTR, Knobs, TunableKernel, default_knobs, register, template
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
@@ -629,7 +630,7 @@ def pattern_conv2d_primfunc(
         def new_tile(count: int, first=None):
             """``count`` x rows accumulator rows, set to ``first(f, r, x)`` (default 0). Each row
             is < 1 KiB so TVM keeps it on the stack, where LLVM holds it in registers."""
-            acc = [[T.alloc_buffer((cols,), "float32") for _ in range(rows)] for _ in range(count)]
+            acc = [accumulator_rows(rows, cols) for _ in range(count)]
             for f in range(count):
                 for r in range(rows):
                     with T.unroll(0, cols // vec) as xo, T.vectorized(0, vec) as xi:

@@ -42,6 +42,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .buffers import accumulator_rows, allocated_view
 from .pattern_conv2d import (
     STACK_BYTES,
     ConvGeometry,
@@ -169,8 +170,10 @@ def pattern_conv2d_lanes_primfunc(
         resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
         out = T.arg("out", T.buffer(out_shape, "float32"))
         # An edge row tile's input rows, zero-padded (any column one scalar load: no stride
-        # phases to gather).
-        pad = T.alloc_buffer((shares, chans, 1, reach, row_w), "float32")
+        # phases to gather); none where every row tile reads in place (an unused view fails
+        # StorageRewrite).
+        staged_rows = len(inside_rows) < tiles_y
+        pad = allocated_view((shares, chans, 1, reach, row_w)) if staged_rows else None
         staging = replace(geom, stride=(sh, 1))
         every = tirx.Ramp(0, 1, lanes)
         last_kernel = max(num_kernels, 1) - 1
@@ -270,13 +273,13 @@ def pattern_conv2d_lanes_primfunc(
                 i0 = job % per_tile // tiles_x * lanes
                 y0 = tile * rows
                 inside = tvm.tirx.all(inside_rows.start <= tile, tile < inside_rows.stop)
-                if len(inside_rows) < tiles_y:  # a share's first job of an edge row tile
+                if staged_rows:  # a share's first job of an edge row tile
                     starts = tvm.tirx.any(j == 0, job % per_tile == 0)
                     with T.If(tvm.tirx.all(tvm.tirx.Not(inside), starts)), T.Then():
                         with T.serial(0, chans) as c:
                             rows_at = (tile * tile_row, reach)
                             _stage_rows(pad, (share, c), data, staging, n, rows_at, 1, False)
-                acc = [T.alloc_buffer((cols * lanes,), "float32") for _ in range(rows)]
+                acc = accumulator_rows(rows, cols * lanes)
                 for r in range(rows):
                     with T.unroll(0, cols) as x, T.vectorized(0, lanes) as f:
                         T.buffer_store(acc[r], tirx.const(0.0, "float32"), [x * lanes + f])
@@ -291,7 +294,7 @@ def pattern_conv2d_lanes_primfunc(
                         with T.Then():
                             y_in = T.Bind(tile * tile_row - pt)
                             in_place(acc, n, i0, y_in, x0, edge_cols)
-                        if len(inside_rows) < tiles_y:
+                        if staged_rows:
                             with T.Else():
                                 accumulate(acc, i0, staged)
                 for r in range(rows):

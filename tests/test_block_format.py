@@ -126,6 +126,30 @@ def test_choice_keeps_dense_when_dense_is_estimated_faster():
     assert choice.reason.startswith("dense by cost")
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    keep=st.sampled_from([0.05, 0.3, 0.7, 0.95]),
+    block=st.sampled_from(((4, 1), (8, 8))),
+    per_unit=st.tuples(*[st.sampled_from([0.5, 2.0, 8.0, 40.0])] * 3),
+    seed=st.integers(0, 999),
+)
+def test_candidates_skipped_by_their_bound_never_change_the_choice(keep, block, per_unit, seed):
+    """Candidates whose least work already loses to dense are not scanned: the choice equals
+    the one from every candidate's exact estimate (the same table without a dense entry)."""
+    mat = random_bsr(48, 64, block, keep, seed)
+    mat[np.random.default_rng(seed).random(mat.shape) < 0.1] = 0  # unstructured zeros too
+    blocks = dict(
+        fc_bsr_8x1=(0, per_unit[0]), fc_bsr_4x4=(0, per_unit[1] * 4), fc_bcr_8x8=(0, per_unit[2])
+    )
+    got = choose_block_format(mat, _table(fc_dense=(0, 1.0), **blocks), "fc", work=1)
+    exact = choose_block_format(mat, _table(**blocks), "fc", work=1)
+    dense_ms = mat.size * 1.0
+    best_ms = min(exact.estimates.values())
+    want = ("dense", None) if dense_ms <= best_ms else (exact.format, exact.block)
+    assert (got.format, got.block) == want
+    assert got.reason.startswith("dense by cost") == (want[0] == "dense")
+
+
 def test_no_table_means_no_block_format():
     choice = choose_block_format(np.zeros((8, 8), "float32"), _table(), "fc", work=1)
     assert choice.format == "dense" and "no cost table" in choice.reason

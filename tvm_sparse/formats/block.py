@@ -358,9 +358,23 @@ def choose_block_format(
     if fb_ms is not None:
         estimates[fallback] = fb_ms
     best: tuple[float, str, Block, BlockSparsity, str] | None = None
+    # A kernel's least work (every block it keeps full) bounds its estimate from below: a
+    # candidate whose bound loses to the fallback is not scanned (seconds on a VGG FC weight).
+    nonzeros = int(np.count_nonzero(mat))
+    skipped: list[tuple[float, str]] = []  # (lower bound ms, name) of candidates not scanned
+
+    def hopeless(kind: str, least_units: int, name: str) -> bool:
+        least = costs.estimate(kind, least_units * work)
+        if fb_ms is not None and least >= fb_ms:
+            skipped.append((least, name))
+            return True
+        return False
+
     for block in blocks:
         kind = f"{op}_bsr_{_kind_name(block)}"
         if kind not in costs.entries:
+            continue
+        if hopeless(kind, -(-nonzeros // (block[0] * block[1])), f"bsr {_kind_name(block)}"):
             continue
         stats = block_sparsity(mat, block)
         ms = costs.estimate(kind, stats.nonzero_blocks * work)
@@ -371,6 +385,8 @@ def choose_block_format(
         kind = f"{op}_bcr_{_kind_name(block)}"
         if kind not in costs.entries:
             continue
+        if hopeless(kind, nonzeros, f"bcr {_kind_name(block)}"):  # nb * nr * nc >= nonzeros
+            continue
         n_blocks, n_r, n_c = bcr_work(mat, block)
         ms = costs.estimate(kind, n_blocks * n_r * n_c * work)
         estimates[f"bcr {_kind_name(block)}"] = ms
@@ -378,6 +394,11 @@ def choose_block_format(
             stats = block_sparsity(mat, block)
             what = f"{n_r}x{n_c} of each block, {stats.block_density:.0%} of blocks"
             best = (ms, "bcr", block, stats, what)
+    if best is None and skipped:
+        least, name = min(skipped)
+        density = nonzeros / max(1, mat.size)
+        reason = f"{fallback} by cost: est {fb_ms:.3g} ms vs {name} >= {least:.3g} ms"
+        return BlockChoice(fallback, None, None, estimates, f"{reason} ({density:.0%} nonzero)")
     if best is None:
         return BlockChoice(fallback, None, None, estimates, f"no cost table for {op} block kernels")
     ms, fmt, block, stats, what = best

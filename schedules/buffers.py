@@ -1,0 +1,29 @@
+"""Buffers of the generated kernels accessed through views, which keeps their builds fast.
+
+An unrolled tile of FMAs loads and stores its accumulator rows thousands of times. TVM's
+``s_tir.CompactBufferAllocation`` (in every build pipeline) relaxes the region of each access
+to an allocated buffer over the enclosing loops and conditions: ~1 ms an access here, 3.5-7 s
+of a 4-8 s build for a filters-in-lanes layer with its four code paths (0.7-0.9 s after).
+Accesses through a declared view (``DeclBuffer``) are not analysed; the view's ``data``
+reference marks the whole allocation used, so nothing is compacted away (the kernels' buffers
+are exact already).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import tirx as T
+
+
+def allocated_view(shape: tuple, dtype: str = "float32") -> tirx.Buffer:
+    """A new buffer of ``shape`` (uninitialised), accessed through a view of its allocation.
+    The view must be accessed: StorageRewrite drops an unused allocation and then fails on
+    its view ("Buffer alias source must be registered")."""
+    buffer = T.alloc_buffer(shape, dtype)
+    return T.decl_buffer(shape, dtype, data=buffer.data)
+
+
+def accumulator_rows(count: int, width: int, dtype: str = "float32") -> list[tirx.Buffer]:
+    """``count`` rows of ``width`` elements, each its own allocation: TVM puts those under
+    1 KiB on the stack (``STACK_BYTES``), where LLVM keeps them in registers."""
+    return [allocated_view((width,), dtype) for _ in range(count)]
