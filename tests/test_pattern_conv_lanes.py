@@ -20,6 +20,7 @@ from schedules.pattern_conv2d import ConvGeometry, Epilogue
 from schedules.pattern_conv2d_lanes import (
     LanesConfig,
     _inside,
+    _lines_read,
     lanes_default_config,
     pattern_conv2d_lanes_primfunc,
     pattern_conv2d_lanes_template,
@@ -108,6 +109,28 @@ def test_prefetch_where_a_groups_input_rows_outgrow_l1() -> None:
     assert ahead(512, 28) == ahead(512, 7) == ahead(64, 224) == 4  # 36-64 KiB
     assert ahead(512, 28, keep=0.05) == 0
     assert ahead(64, 56, stride=2) == 4
+
+
+@pytest.mark.parametrize(
+    "reach, span, pitch, skipped",
+    [
+        (5, 15, 14, {0}),
+        (5, 15, 15, set()),
+        (4, 17, 56, set()),
+        (4, 9, 7, {0, 8}),
+        (3, 40, 224, {39}),
+    ],
+)
+def test_prefetches_touch_every_line_the_window_reads(reach, span, pitch, skipped) -> None:
+    """Whatever the window's alignment, each 64-byte line it reads holds a prefetched element,
+    and narrow rows sharing lines are not prefetched twice a row."""
+    read = [dy * pitch + dx for dy in range(reach) for dx in range(span) if dx not in skipped]
+    points = [dy * pitch + dx for dy, dx in _lines_read(reach, span, pitch, skipped)]
+    for base in range(16):  # the window's first element at each float of a line
+        assert {(base + at) // 16 for at in read} == {(base + at) // 16 for at in points}
+    assert len(points) <= 2 * reach * max(1, -(-span // 16))
+    if pitch < 16:  # rows narrower than a line: about one prefetch a line
+        assert len(points) <= -(-(reach * pitch) // 16) + 2
 
 
 def test_template_default_is_the_hand_kernel() -> None:
