@@ -24,6 +24,7 @@ from bench_conv_layers import LAYERS, Conv, layer_case
 
 import tvm_sparse
 from schedules.pattern_conv2d import ConvGeometry
+from schedules.pattern_conv2d_lanes import LanesConfig
 from tvm_sparse.benchmarking import (
     machine_description,
     markdown_table,
@@ -35,7 +36,7 @@ from tvm_sparse.benchmarking import (
     write_results,
 )
 from tvm_sparse.formats.pattern import PatternWeight
-from tvm_sparse.kernel_bounds import applied_configs, kernel_bounds
+from tvm_sparse.kernel_bounds import applied_configs, kernel_bounds, lanes_kernel_bounds
 from tvm_sparse.models import resnet18, vgg16_bn
 from tvm_sparse.testing import pattern_prune_model_, randomize_batchnorm_
 
@@ -88,8 +89,7 @@ def assert_matches_torch(net, x: np.ndarray, builds) -> None:
 
 def layer_bounds(index: int, filter_group: int, work_dir: str, threads: int) -> dict | None:
     """What bounds ``LAYERS[index]``'s kernel at the config compile builds from ``work_dir``
-    (``kernel_bounds.py``: load ports, lanes, imbalance; the in-core ceiling); None for the
-    filters-in-lanes kernel (not modelled)."""
+    (``kernel_bounds.py``: load ports, lanes, imbalance; the in-core ceiling)."""
     _, o, c, size, stride = LAYERS[index]
     weight, x = layer_case(index, filter_group)
     configs = applied_configs(Conv(weight, stride).eval(), x, work_dir)
@@ -98,7 +98,11 @@ def layer_bounds(index: int, filter_group: int, work_dir: str, threads: int) -> 
     (cfg,) = configs.values()
     geom = ConvGeometry(1, c, size, size, o, (3, 3), (stride, stride), (1, 1, 1, 1))
     packed = PatternWeight.from_dense(weight, num_shares=threads)
-    return {**kernel_bounds(geom, cfg, packed), "config": dataclasses.asdict(cfg)}
+    if isinstance(cfg, LanesConfig):
+        bounds = lanes_kernel_bounds(geom, cfg, packed)
+    else:
+        bounds = kernel_bounds(geom, cfg, packed)
+    return {**bounds, "config": dataclasses.asdict(cfg)}
 
 
 def _layer_dir(work_dir: str, index: int) -> str:
@@ -161,8 +165,11 @@ def render_bounds(layers: list[dict]) -> str:
     rows = []
     for r in layers:
         b, c = r["bounds"], r["bounds"]["config"]
-        tile = f"{c['rows']} x {b['vectors']} x {c['vector']}"
-        tile += f", {c['filters']} filters" if c["filters"] > 1 else ""
+        if "vector" in c:
+            tile = f"{c['rows']} x {b['vectors']} x {c['vector']}"
+            tile += f", {c['filters']} filters" if c["filters"] > 1 else ""
+        else:  # filters in lanes: rows x pixels, 16 filters a vector
+            tile = f"{c['rows']} x {c['cols']} x 16, filters in lanes"
         tile += f", fold {b['fold']}" if b["fold"] > 1 else ""
         tile += ", segmented" if c.get("segmented") else ""
         ort_gflops = r["flops_dense"] / r["ms"]["onnxruntime"] / 1e6

@@ -143,18 +143,7 @@ def pattern_conv2d_lanes_primfunc(
     inside_cols = _inside(cols * sw, span, pl, width, tiles_x)
     edge_cols = [t for t in range(tiles_x) if t not in inside_cols]
     num_p = len(patterns)
-    # Per pattern: each input pixel (staged row, column offset) the tile reads, and the
-    # (row, column, tap) accumulations that read it.
-    readers = []
-    for pattern in patterns:
-        pixels: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
-        for t, tap in enumerate(pattern):
-            dy, dx = divmod(tap, kw)
-            for r in range(rows):
-                for x in range(cols):
-                    key = (r * sh + dy, x * sw + dx)
-                    pixels.setdefault(key, []).append((r, x, t))
-        readers.append(sorted(pixels.items()))
+    readers = tile_readers(geom, patterns, rows, cols)
 
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
@@ -204,7 +193,7 @@ def pattern_conv2d_lanes_primfunc(
                         w = [_row(kval, (k - base, t)) for t in range(taps)]
                     if cfg.prefetch:
                         ahead = T.Bind(kchan[tvm.tirx.min(k + cfg.prefetch, last_kernel)])
-                        for dy, dx in _lines_read(reach, span, pitch, skipped):
+                        for dy, dx in lines_read(reach, span, pitch, skipped):
                             addr = tvm.tirx.address_of(load(ahead, dy, dx))
                             T.evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", addr, 0, 3, 1))
                     for (dy, dx), uses in readers[p]:
@@ -311,6 +300,22 @@ def pattern_conv2d_lanes_primfunc(
     return ib.get().without_attr("global_symbol")
 
 
+def tile_readers(geom: ConvGeometry, patterns, rows: int, cols: int) -> list[list]:
+    """Per pattern, each input pixel (row, column offset in the input window) a ``rows x
+    cols`` tile reads, and the (row, column, tap) accumulations that read it."""
+    (_, kw), (sh, sw) = geom.kernel, geom.stride
+    readers = []
+    for pattern in patterns:
+        pixels: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for t, tap in enumerate(pattern):
+            dy, dx = divmod(tap, kw)
+            for r in range(rows):
+                for x in range(cols):
+                    pixels.setdefault((r * sh + dy, x * sw + dx), []).append((r, x, t))
+        readers.append(sorted(pixels.items()))
+    return readers
+
+
 def transposed(pixels: list, lanes: int) -> list[tuple[tirx.PrimExpr, int]]:
     """The accumulators of a tile row (one vector per pixel, a filter per lane) transposed:
     per filter, (a vector, its first lane) holding the filter's pixels in order.
@@ -346,7 +351,7 @@ def transposed(pixels: list, lanes: int) -> list[tuple[tirx.PrimExpr, int]]:
     return [(final[f // per], f % per * count) for f in range(lanes)]
 
 
-def _lines_read(reach: int, span: int, pitch: int, skipped) -> list[tuple[int, int]]:
+def lines_read(reach: int, span: int, pitch: int, skipped) -> list[tuple[int, int]]:
     """(row, column) offsets touching each cache line of a tile's input window (``reach``
     rows ``pitch`` elements apart, of ``span`` columns, columns ``skipped`` not read): the
     first and last element of each run of elements read with gaps under a line (16), and

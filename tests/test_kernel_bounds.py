@@ -13,8 +13,9 @@ from schedules.pattern_conv2d import (
     default_config,
     tile_defaults,
 )
+from schedules.pattern_conv2d_lanes import LanesConfig, lanes_default_config
 from tvm_sparse.formats.pattern import PatternWeight
-from tvm_sparse.kernel_bounds import applied_configs, kernel_bounds
+from tvm_sparse.kernel_bounds import applied_configs, kernel_bounds, lanes_kernel_bounds
 from tvm_sparse.targets import num_cores, resolve_target, vector_lanes, vector_registers
 from tvm_sparse.testing import pattern_prune_model_
 
@@ -104,3 +105,47 @@ def test_segmented_rows_load_each_staged_row_once_and_never_split() -> None:
     assert seg["shuffles_per_fma"] == pytest.approx(2 / 12)
     phase = kernel_bounds(geom, PatternConvConfig(rows=1, vector=16), packed)
     assert phase["loads_per_fma"] == 1.0 and phase["split_share"] == 1.0
+
+
+def test_lanes_kernel_on_a_stride_2_map_is_one_broadcast_per_fma() -> None:
+    """Filters in lanes, 7x7 output of a 14x14 stride-2 input, tiles of 2 rows x 7 pixels,
+    taps (0, 0), (0, 1), (1, 0), (1, 1): the tile reads rows 0-3 x columns 0-13, 56 distinct
+    pixels for 56 FMAs; with 4 weight vectors (1.5 slots each) and the channel index 63 slots,
+    21 cycles, under the FMAs' 28. The 4th row tile computes a row past the map: 49 of 56."""
+    w = _weight(16, 1, (0, 1, 3, 4), np.ones((16, 1), bool))
+    geom = ConvGeometry(1, 1, 14, 14, 16, (3, 3), (2, 2), (1, 1, 1, 1))
+    packed = PatternWeight.from_dense(w, num_shares=2)
+    b = lanes_kernel_bounds(geom, LanesConfig(rows=2, cols=7, shares=2), packed)
+    assert b["fma_per_kernel"] == 56 and b["accumulators"] == 14
+    assert b["loads_per_fma"] == 1.0 and b["load_vs_fma"] == pytest.approx(21 / 28)
+    assert b["lanes_used"] == pytest.approx(49 / 56) and b["imbalance"] == 1.0
+    assert b["bound"] == "FMA" and b["ceiling"] == pytest.approx(49 / 56)
+    # Prefetching: the next kernel's channel and 6 lines (5 rows of 14 floats, contiguous).
+    pf = lanes_kernel_bounds(geom, LanesConfig(rows=2, cols=7, shares=2, prefetch=4), packed)
+    assert pf["load_vs_fma"] == pytest.approx(70 / 3 / 28)
+
+
+def test_lanes_kernel_taps_in_one_column_share_broadcasts() -> None:
+    """Taps (0, 1) and (1, 1) over 2 rows x 8 pixels at stride 1 read input rows 0-2 of 8
+    columns: 24 broadcasts for 32 FMAs."""
+    w = _weight(16, 1, (1, 4), np.ones((16, 1), bool))
+    geom = ConvGeometry(1, 1, 16, 16, 16, (3, 3), (1, 1), (1, 1, 1, 1))
+    b = lanes_kernel_bounds(geom, LanesConfig(rows=2, cols=8), PatternWeight.from_dense(w))
+    assert b["fma_per_kernel"] == 32 and b["loads_per_fma"] == pytest.approx(24 / 32)
+    assert b["lanes_used"] == 1.0
+
+
+@pytest.mark.skipif(vector_lanes(resolve_target("x86")) < 16, reason="no AVX-512 here")
+def test_applied_configs_of_the_lanes_kernel() -> None:
+    """Filters pruned per group of 16 on AVX-512 build the lanes kernel: its default config."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1))
+    net = pattern_prune_model_(conv, filter_group=16)
+    (cfg,) = applied_configs(net.eval(), np.zeros((1, 16, 28, 28), "float32"), None).values()
+    geom = ConvGeometry(1, 16, 28, 28, 32, (3, 3), (1, 1), (1, 1, 1, 1))
+    packed = PatternWeight.from_dense(net[0].weight.detach().numpy())
+    tgt = resolve_target("x86")
+    want = lanes_default_config(
+        geom, vector_registers(tgt), num_cores(tgt), packed.num_kernels / 32
+    )
+    assert cfg == want

@@ -20,8 +20,8 @@ from schedules.pattern_conv2d import ConvGeometry, Epilogue
 from schedules.pattern_conv2d_lanes import (
     LanesConfig,
     _inside,
-    _lines_read,
     lanes_default_config,
+    lines_read,
     pattern_conv2d_lanes_primfunc,
     pattern_conv2d_lanes_template,
 )
@@ -125,7 +125,7 @@ def test_prefetches_touch_every_line_the_window_reads(reach, span, pitch, skippe
     """Whatever the window's alignment, each 64-byte line it reads holds a prefetched element,
     and narrow rows sharing lines are not prefetched twice a row."""
     read = [dy * pitch + dx for dy in range(reach) for dx in range(span) if dx not in skipped]
-    points = [dy * pitch + dx for dy, dx in _lines_read(reach, span, pitch, skipped)]
+    points = [dy * pitch + dx for dy, dx in lines_read(reach, span, pitch, skipped)]
     for base in range(16):  # the window's first element at each float of a line
         assert {(base + at) // 16 for at in read} == {(base + at) // 16 for at in points}
     assert len(points) <= 2 * reach * max(1, -(-span // 16))

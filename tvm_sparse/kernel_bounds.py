@@ -18,7 +18,8 @@ are not counted (never stored, LLVM drops them). The in-core ceiling is the FMA 
 of the busiest of those limits, times the lanes used, over the imbalance: the fraction of the
 FMA peak the layer's useful FLOPs can reach with every load hitting L1. The rest (L1 misses,
 staging the input, storing the output) comes on top. ``applied_configs`` gives the configs
-``compile`` builds (tuned or default) to feed it.
+``compile`` builds (tuned or default) to feed it; ``lanes_kernel_bounds`` counts the same for the
+filters-in-lanes kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from schedules.pattern_conv2d import (
     tap_offset,
     tiling,
 )
+from schedules.pattern_conv2d_lanes import LanesConfig, lines_read, tile_readers
 from schedules.tunable import kernel_name, knobs_of, tunable_block
 from tvm_sparse.compiler import lower, prepare
 from tvm_sparse.formats.pattern import PatternWeight
@@ -118,6 +120,52 @@ def kernel_bounds(geom: ConvGeometry, cfg: PatternConvConfig, packed: PatternWei
     }
 
 
+def lanes_kernel_bounds(
+    geom: ConvGeometry, cfg: LanesConfig, packed: PatternWeight, lanes: int = LANES
+) -> dict:
+    """The same counts for the filters-in-lanes kernel (``schedules.pattern_conv2d_lanes``):
+    per kernel and tile, rows x cols x taps FMAs (a group's filters in the lanes) against one
+    broadcast per distinct input pixel the tile reads, a 64-byte weight vector per tap, the
+    channel index and the prefetches (the in-place path's: rows ``width`` apart). Lanes are
+    wasted only by tiles past the map's last row or column; no lane shifts, no split loads."""
+    (kh, _), (sh, sw) = geom.kernel, geom.stride
+    rows, cols = cfg.rows, cfg.cols
+    reach, span = (rows - 1) * sh + kh, (cols - 1) * sw + geom.kernel[1]
+    prefetch = 1 + len(lines_read(reach, span, geom.width, ())) if cfg.prefetch else 0
+    per_pattern = []  # (FMAs, loads, split loads, load slots, shuffles, cycles) per kernel, tile
+    for pattern, pixels in zip(
+        packed.patterns, tile_readers(geom, packed.patterns, rows, cols), strict=True
+    ):
+        fma = len(pattern) * rows * cols
+        slots = len(pixels) + len(pattern) * WIDE_LOAD + 1 + prefetch
+        cycles = max(fma / FMA_PER_CYCLE, slots / LOAD_SLOTS_PER_CYCLE, len(pattern) * FMA_LATENCY)
+        per_pattern.append((fma, len(pixels), 0, slots, 0, cycles))
+    counts = np.diff(packed.kernel_ptr, axis=1)[::lanes]  # kernels per group and pattern
+    fma, loads, _, slots, _, cycles = (counts @ np.array(per_pattern)).T  # per group
+    tiles_y, tiles_x = math.ceil(geom.out_height / rows), math.ceil(geom.out_width / cols)
+    # Jobs run row tile, group, column tile (``pattern_conv2d_lanes_primfunc``).
+    jobs = np.tile(np.repeat(cycles, tiles_x), tiles_y)
+    total_fma = float(fma.sum())
+    fma_cycles, load_cycles = total_fma / FMA_PER_CYCLE, float(slots.sum()) / LOAD_SLOTS_PER_CYCLE
+    in_core = fma_cycles / float(cycles.sum())
+    lanes_used = geom.out_height * geom.out_width / (tiles_y * rows * tiles_x * cols)
+    imbalance = _imbalance(jobs, cfg.shares)
+    return {
+        "fma_per_kernel": total_fma / float(counts.sum()),
+        "loads_per_fma": float(loads.sum()) / total_fma,
+        "load_vs_fma": load_cycles / fma_cycles,
+        "split_share": 0.0,
+        "lanes_used": lanes_used,
+        "imbalance": imbalance,
+        "vectors": cols,  # per tile row: one per output pixel
+        "fold": 1,
+        "accumulators": rows * cols,
+        "shuffles_per_fma": 0.0,
+        "bound": _bound(fma_cycles, 0.0, load_cycles, float(cycles.sum())),
+        "ceiling": in_core * lanes_used / imbalance,
+    }
+
+
 def _bound(fma: float, shuffles: float, load: float, cycles: float) -> str:
     """Which limit the in-core cycles come from (``fma``, ``load``: cycles of those ports'
     work; ``shuffles``: lane shifts, which take FMA-port slots)."""
@@ -149,10 +197,12 @@ def _imbalance(job_cost: Sequence[float], shares: int) -> float:
     return max(loads) / (sum(loads) / shares)
 
 
-def applied_configs(net, x: np.ndarray, work_dir: str | None) -> dict[str, PatternConvConfig]:
+def applied_configs(
+    net, x: np.ndarray, work_dir: str | None
+) -> dict[str, PatternConvConfig | LanesConfig]:
     """The config ``compile`` builds each pattern-conv kernel of ``net`` with (by kernel name):
     its tuned knobs from ``work_dir`` (unless the in-model check put it back at its default),
-    else the default."""
+    else the default; a ``LanesConfig`` for the filters-in-lanes kernel."""
     tgt = resolve_target("x86")
     prepared = prepare(net, (x,), tgt, True)[0]
     if work_dir is None:
@@ -165,7 +215,12 @@ def applied_configs(net, x: np.ndarray, work_dir: str | None) -> dict[str, Patte
     configs = {}
     for gv, func in lowered.functions.items():
         block = tunable_block(func)
-        if block is not None and kernel_name(block) == "pattern_conv2d":
-            chosen = func if workload_key(func) in reverted else applied[gv]
-            configs[gv.name_hint] = knobs_config(knobs_of(tunable_block(chosen)))
+        if block is None or kernel_name(block) not in ("pattern_conv2d", "pattern_conv2d_lanes"):
+            continue
+        chosen = func if workload_key(func) in reverted else applied[gv]
+        knobs = knobs_of(tunable_block(chosen))
+        if kernel_name(block) == "pattern_conv2d_lanes":
+            configs[gv.name_hint] = LanesConfig(**knobs)
+        else:
+            configs[gv.name_hint] = knobs_config(knobs)
     return configs
