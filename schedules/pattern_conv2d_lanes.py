@@ -357,7 +357,8 @@ def lines_read(reach: int, span: int, pitch: int, skipped) -> list[tuple[int, in
     first and last element of each run of elements read with gaps under a line (16), and
     every 16th between. Rows narrower than a line share lines: 6 prefetches, not 10 (two a
     row), for the 5 rows of 14 a stride-2 tile reads on a 14-wide map (1.03x there, 1.01x
-    on 7x7 maps, others the same: A/B on the AVX-512 VM)."""
+    on 7x7 maps, others the same: A/B on the AVX-512 VM). A point between rows comes back as
+    the (row, column) of the same address (``divmod`` by ``pitch``)."""
     read = [dx for dx in range(span) if dx not in skipped]
     offsets = [dy * pitch + dx for dy in range(reach) for dx in read]
     points: list[int] = []

@@ -128,9 +128,9 @@ def lanes_kernel_bounds(
     broadcast per distinct input pixel the tile reads, a 64-byte weight vector per tap, the
     channel index and the prefetches (the in-place path's: rows ``width`` apart). Lanes are
     wasted only by tiles past the map's last row or column; no lane shifts, no split loads."""
-    (kh, _), (sh, sw) = geom.kernel, geom.stride
+    (kh, kw), (sh, sw) = geom.kernel, geom.stride
     rows, cols = cfg.rows, cfg.cols
-    reach, span = (rows - 1) * sh + kh, (cols - 1) * sw + geom.kernel[1]
+    reach, span = (rows - 1) * sh + kh, (cols - 1) * sw + kw
     prefetch = 1 + len(lines_read(reach, span, geom.width, ())) if cfg.prefetch else 0
     per_pattern = []  # (FMAs, loads, split loads, load slots, shuffles, cycles) per kernel, tile
     for pattern, pixels in zip(
@@ -212,15 +212,12 @@ def applied_configs(
         lowered, applied, _ = lowered_with_records(prepared, tgt, work_dir)
         check = load_check(work_dir, prepared, tgt)
         reverted = set(check.reverted()) if check else set()
+    config_of = {"pattern_conv2d": knobs_config, "pattern_conv2d_lanes": lambda k: LanesConfig(**k)}
     configs = {}
     for gv, func in lowered.functions.items():
         block = tunable_block(func)
-        if block is None or kernel_name(block) not in ("pattern_conv2d", "pattern_conv2d_lanes"):
+        if block is None or kernel_name(block) not in config_of:
             continue
         chosen = func if workload_key(func) in reverted else applied[gv]
-        knobs = knobs_of(tunable_block(chosen))
-        if kernel_name(block) == "pattern_conv2d_lanes":
-            configs[gv.name_hint] = LanesConfig(**knobs)
-        else:
-            configs[gv.name_hint] = knobs_config(knobs)
+        configs[gv.name_hint] = config_of[kernel_name(block)](knobs_of(tunable_block(chosen)))
     return configs
