@@ -6,7 +6,8 @@ input channel, one pattern) loads its taps' weights as one vector per tap (the g
 side by side, ``lane_values``), and every input pixel the tile's taps read is loaded once as a
 scalar broadcast and multiplied into each accumulator that reads it::
 
-    parallel for share h (a contiguous run of the (row tile, filter group, column tile) jobs):
+    parallel for share h (its own filter groups, or a contiguous run of the (row tile, filter
+                          group, column tile) jobs: ``share_split``):
         for job (tile, g) of the share:
             if the tile's rows read padding and it is the share's first job of that row tile:
                 pad[h, c, Y, q] = the tile's input rows, zero-padded (``_stage_rows``)
@@ -129,10 +130,11 @@ def pattern_conv2d_lanes_primfunc(
     out_h, out_w = geom.out_height, geom.out_width
     tiles_y, tiles_x = math.ceil(out_h / rows), math.ceil(out_w / cols)
     groups = filters // lanes
-    per_tile = tiles_x * groups
-    total = tiles_y * per_tile
-    shares = max(1, min(cfg.shares, total))
-    per_share = math.ceil(total / shares)
+    group_shares, job_shares = share_split(geom, groups, tiles_y * tiles_x, cfg.shares)
+    shares, share_groups = group_shares * job_shares, groups // group_shares
+    per_tile = tiles_x * share_groups
+    total = tiles_y * per_tile  # jobs of a group share
+    per_share = math.ceil(total / job_shares)
     tile_row, reach = rows * sh, (rows - 1) * sh + kh  # input rows: tile to tile, one tile's
     span = (cols - 1) * sw + kw  # input columns one tile reads
     row_w = (tiles_x * cols - 1) * sw + kw  # padded input columns of a staged row
@@ -251,7 +253,8 @@ def pattern_conv2d_lanes_primfunc(
                     put(f, row, tirx.Ramp(x0, 1, width))
 
         with T.serial(0, n_img) as n, T.parallel(0, shares) as share:
-            lo = T.Bind(tvm.tirx.min(share * per_share, total))
+            first_group = T.Bind(share // job_shares * share_groups)
+            lo = T.Bind(tvm.tirx.min(share % job_shares * per_share, total))
             count = T.Bind(tvm.tirx.min(lo + per_share, total) - lo)
             # (Loops holding the allocations start at 0: see ``_channel_blocked``.)
             with T.serial(0, count) as j:
@@ -260,7 +263,7 @@ def pattern_conv2d_lanes_primfunc(
                 # Column tiles innermost: a group's kernels and input rows stay in L1 across
                 # its tiles (groups innermost: 0.80-0.92x, the rows of every channel outgrow L1).
                 x0 = job % tiles_x * cols
-                i0 = job % per_tile // tiles_x * lanes
+                i0 = (first_group + job % per_tile // tiles_x) * lanes
                 y0 = tile * rows
                 inside = tvm.tirx.all(inside_rows.start <= tile, tile < inside_rows.stop)
                 if staged_rows:  # a share's first job of an edge row tile
@@ -298,6 +301,32 @@ def pattern_conv2d_lanes_primfunc(
                                 with T.Else():
                                     store_row(acc[r], n, y, x0, i0, tail)
     return ib.get().without_attr("global_symbol")
+
+
+SHARED_INPUT_BYTES = 4 << 20  # inputs up to this: shares split by filter groups (``share_split``)
+
+
+def share_split(geom: ConvGeometry, groups: int, tiles: int, shares: int) -> tuple[int, int]:
+    """(group shares, job shares) of the parallel loop over ``groups`` filter groups x
+    ``tiles`` output tiles: the groups split evenly over the cores where they divide and the
+    input is at most ``SHARED_INPUT_BYTES`` (the packing balances contiguous group shares:
+    ``balanced_filter_order``), else each core a contiguous run of the (row tile, group,
+    column tile) jobs.
+
+    Split by row tiles, both cores write the cache line where each output plane's halves meet,
+    and a store to a line the other core holds stalls the store stream: 0.012 of the 0.019 ms
+    left outside the kernel loops of ResNet-18's stride-2 layer on 14x14 (512 planes of 49
+    pixels). Split by groups, each core reads the whole input instead of its rows: 0.95x on
+    VGG-16's 64x64 on 224x224 (12.8 MB of input), where the planes are big and few. A/B on the
+    AVX-512 VM: 1.09-1.14x on 7x7 outputs, 1.12x on VGG's 512x512 on 14x14, 1.03-1.06x on its
+    28x28 and 56x56 layers, 0.98-1.02x on ResNet's 28x28 and 56x56 ones. (The
+    ``pattern_conv2d`` kernel keeps runs of jobs: each core would stage every input row, 0.72-
+    1.00x on ResNet-18's layers at 4 filters a group.)"""
+    shares = max(1, min(shares, groups * tiles))
+    input_bytes = geom.in_channels * geom.height * geom.width * 4
+    if groups % shares == 0 and input_bytes <= SHARED_INPUT_BYTES:
+        return shares, 1
+    return 1, shares
 
 
 def tile_readers(geom: ConvGeometry, patterns, rows: int, cols: int) -> list[list]:

@@ -18,12 +18,14 @@ import tvm_sparse
 from relay_passes.pattern_conv2d import RewriteConv2D
 from schedules.pattern_conv2d import ConvGeometry, Epilogue
 from schedules.pattern_conv2d_lanes import (
+    SHARED_INPUT_BYTES,
     LanesConfig,
     _inside,
     lanes_default_config,
     lines_read,
     pattern_conv2d_lanes_primfunc,
     pattern_conv2d_lanes_template,
+    share_split,
 )
 from schedules.tunable import kernel_name, realize, tunable_block
 from tvm_sparse.formats import PatternWeight
@@ -66,6 +68,9 @@ CASES = [
      1, 0.4, 9),
     (16, 4, 8, 8, 1, 1, (0, 0, 0, 0), LanesConfig(4, 4), Epilogue(True), 1, 0.5, 1),  # 1x1
     (16, 4, 8, 8, 3, 1, (1, 1, 1, 1), None, Epilogue(True), 1, 0.0, 4),  # every kernel pruned
+    (64, 5, 9, 9, 3, 2, (1, 1, 1, 1), LanesConfig(2, 4, shares=4, prefetch=2),
+     Epilogue(True, True, "relu"), 2, 0.5, 4),  # 4 cores, each its own groups
+    (48, 5, 9, 9, 3, 1, (1, 1, 1, 1), LanesConfig(2, 4, shares=2), Epilogue(True), 1, 0.5, 4),
 ]
 # fmt: on
 
@@ -87,6 +92,16 @@ def test_kernel_matches_torch(case, lanes) -> None:
     ref = torch_conv(x, weight, stride, pad, bias if epi.bias else None,
                      residual if epi.residual else None, epi.activation)  # fmt: skip
     np.testing.assert_allclose(got, ref, **TOL)
+
+
+def test_cores_take_whole_filter_groups_unless_the_input_is_big() -> None:
+    small = ConvGeometry(1, 256, 14, 14, 512, (3, 3), (2, 2), (1, 1, 1, 1))
+    assert share_split(small, 32, 4, 2) == (2, 1)  # each core its own output planes
+    assert share_split(small, 3, 4, 2) == (1, 2)  # groups that do not divide: runs of jobs
+    assert share_split(small, 1, 1, 4) == (1, 1)  # one job: one share
+    big = ConvGeometry(1, 64, 224, 224, 64, (3, 3), (1, 1), (1, 1, 1, 1))
+    assert big.in_channels * big.height * big.width * 4 > SHARED_INPUT_BYTES
+    assert share_split(big, 4, 28 * 28, 2) == (1, 2)  # each core reads only its rows
 
 
 def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:

@@ -39,7 +39,7 @@ from schedules.pattern_conv2d import (
     tap_offset,
     tiling,
 )
-from schedules.pattern_conv2d_lanes import LanesConfig, lines_read, tile_readers
+from schedules.pattern_conv2d_lanes import LanesConfig, lines_read, share_split, tile_readers
 from schedules.tunable import kernel_name, knobs_of, tunable_block
 from tvm_sparse.compiler import lower, prepare
 from tvm_sparse.formats.pattern import PatternWeight
@@ -143,13 +143,17 @@ def lanes_kernel_bounds(
     counts = np.diff(packed.kernel_ptr, axis=1)[::lanes]  # kernels per group and pattern
     fma, loads, _, slots, _, cycles = (counts @ np.array(per_pattern)).T  # per group
     tiles_y, tiles_x = math.ceil(geom.out_height / rows), math.ceil(geom.out_width / cols)
-    # Jobs run row tile, group, column tile (``pattern_conv2d_lanes_primfunc``).
+    # Jobs run row tile, group, column tile (``pattern_conv2d_lanes_primfunc``), each core
+    # the groups of its share where the groups split (``share_split``), else a run of them.
+    group_shares, _ = share_split(geom, len(cycles), tiles_y * tiles_x, cfg.shares)
     jobs = np.tile(np.repeat(cycles, tiles_x), tiles_y)
+    if group_shares > 1:
+        jobs = cycles.reshape(group_shares, -1).sum(1)
     total_fma = float(fma.sum())
     fma_cycles, load_cycles = total_fma / FMA_PER_CYCLE, float(slots.sum()) / LOAD_SLOTS_PER_CYCLE
     in_core = fma_cycles / float(cycles.sum())
     lanes_used = geom.out_height * geom.out_width / (tiles_y * rows * tiles_x * cols)
-    imbalance = _imbalance(jobs, cfg.shares)
+    imbalance = _imbalance(jobs, group_shares if group_shares > 1 else cfg.shares)
     return {
         "fma_per_kernel": total_fma / float(counts.sum()),
         "loads_per_fma": float(loads.sum()) / total_fma,
