@@ -9,21 +9,21 @@ scalar broadcast and multiplied into each accumulator that reads it::
     parallel for share h (its own filter groups, or a contiguous run of the (row tile, filter
                           group, column tile) jobs: ``share_split``):
         for job (tile, g) of the share:
-            if the tile's rows read padding and it is the share's first job of that row tile:
-                pad[h, c, Y, q] = the tile's input rows, zero-padded (``_stage_rows``)
             acc[r, x, :] = 0                                   # rows x cols vectors
             for pattern p:                                     # one code path per pattern
                 for k in kernel_ptr[g * lanes, p] .. kernel_ptr[g * lanes, p + 1]:
                     w_t = kernel_values[k', t, :]              # the group's filters
                     for each input pixel (iy, ix) the tile reads (unrolled):
-                        b = broadcast(data[n, c, iy, ix])      # (or pad[h, c, ...])
+                        b = broadcast(data[n, c, iy, ix])
                         acc[r, x, :] += w_t * b  for every (r, x, t) reading it
             out[filter_order[g * lanes + f], y0 + r, x0 + x] = epilogue(acc[r, x, f])
 
-Row tiles clear of the padding read the input in place, the first and last column tiles
-through their own code paths that skip the padding columns (compile-time positions); only
-row tiles reading padding rows stage theirs. Against staging every row per share: 0.87-0.98x
-the time on ResNet-18's 3x3 layers, 0.81-0.98x on VGG-16's (the most on the widest maps).
+Every tile reads the input in place: the tiles clear of the padding through one code path,
+each row tile and column tile reading padding through its own (compile-time positions, a
+code path per combination), which skips the padding's loads and FMAs and those of output
+rows past the map. Against staging the padded rows of those row tiles (sessions 12-18): 1.05-
+1.11x on ResNet-18's stride-2 layers and 7x7 map (A/B on the AVX-512 VM, one process), where
+a share copied 80-170 KB of rows for 0.07-0.12 ms of work.
 
 Every lane computes an output (no lanes past a row's end, no lane shifts, no transposed
 staging: the ``pattern_conv2d`` kernel's costs on 7 * 2^k-wide maps); each broadcast feeds up
@@ -43,14 +43,13 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .buffers import accumulator_rows, allocated_view
+from .buffers import accumulator_rows
 from .pattern_conv2d import (
     STACK_BYTES,
     ConvGeometry,
     Epilogue,
     _geom,
     _params,
-    _stage_rows,
     activation,
 )
 from .tunable import Knobs, TunableKernel, register, template
@@ -137,12 +136,11 @@ def pattern_conv2d_lanes_primfunc(
     per_share = math.ceil(total / job_shares)
     tile_row, reach = rows * sh, (rows - 1) * sh + kh  # input rows: tile to tile, one tile's
     span = (cols - 1) * sw + kw  # input columns one tile reads
-    row_w = (tiles_x * cols - 1) * sw + kw  # padded input columns of a staged row
     (pt, pl, _, _), height, width = geom.padding, geom.height, geom.width
-    # Tiles reading no padding read the input in place; the others, padded rows staged per
-    # row tile (rows) or code paths that skip the padding columns (columns).
+    # Tiles reading padding: code paths that skip it (and any rows past the map).
     inside_rows = _inside(tile_row, reach, pt, height, tiles_y)
     inside_cols = _inside(cols * sw, span, pl, width, tiles_x)
+    edge_rows = [t for t in range(tiles_y) if t not in inside_rows]
     edge_cols = [t for t in range(tiles_x) if t not in inside_cols]
     num_p = len(patterns)
     readers = tile_readers(geom, patterns, rows, cols)
@@ -160,12 +158,6 @@ def pattern_conv2d_lanes_primfunc(
         out_shape = (n_img, filters, out_h, out_w)
         resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
         out = T.arg("out", T.buffer(out_shape, "float32"))
-        # An edge row tile's input rows, zero-padded (any column one scalar load: no stride
-        # phases to gather); none where every row tile reads in place (an unused view fails
-        # StorageRewrite).
-        staged_rows = len(inside_rows) < tiles_y
-        pad = allocated_view((shares, chans, 1, reach, row_w)) if staged_rows else None
-        staging = replace(geom, stride=(sh, 1))
         every = tirx.Ramp(0, 1, lanes)
         last_kernel = max(num_kernels, 1) - 1
 
@@ -178,11 +170,11 @@ def pattern_conv2d_lanes_primfunc(
             with T.serial(0, lanes) as f:
                 T.buffer_store(acc[r], acc[r][x * lanes + f] + w[f] * b, [x * lanes + f])
 
-        def accumulate(acc, i0, load, pitch: int, skipped=frozenset()) -> None:
+        def accumulate(acc, i0, load, edge: _Edge) -> None:
             """acc += the kernels of the group at packed filter i0 times the input: ``load(ch,
             dy, dx)`` reads channel ch at row / column dy / dx of the tile's input window, whose
-            rows lie ``pitch`` elements apart; columns ``skipped`` are padding (zeros: no load,
-            no FMA)."""
+            rows lie ``width`` elements apart; ``edge``'s padding (no load, no FMA) and output
+            rows past the map (no FMA) skipped."""
             # The group's kernels sit lanes-to-a-row from its first (``lane_values``).
             base = T.Bind(kptr[i0, 0] - kptr[i0, 0] // lanes)
             for p in range(num_p):
@@ -195,38 +187,59 @@ def pattern_conv2d_lanes_primfunc(
                         w = [_row(kval, (k - base, t)) for t in range(taps)]
                     if cfg.prefetch:
                         ahead = T.Bind(kchan[tvm.tirx.min(k + cfg.prefetch, last_kernel)])
-                        for dy, dx in lines_read(reach, span, pitch, skipped):
+                        for dy, dx in lines_read(reach, span, width, edge.cols, edge.rows):
                             addr = tvm.tirx.address_of(load(ahead, dy, dx))
                             T.evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", addr, 0, 3, 1))
                     for (dy, dx), uses in readers[p]:
-                        if dx in skipped:
+                        live = [(r, x, t) for r, x, t in uses if r < edge.live]
+                        if dx in edge.cols or dy in edge.rows or not live:
                             continue
                         b = T.Bind(load(ch, dy, dx))
-                        for r, x, t in uses:
+                        for r, x, t in live:
                             fma(acc, r, x, w[t], b)
 
-        def in_place(acc, n, i0, y_in, x0, columns: list[int]) -> None:
-            """accumulate() reading ``data`` itself from input row y_in: one code path per
-            column tile of ``columns`` (x0 a constant: the padding columns skipped), then one
-            for the rest (none if ``columns`` are all of them)."""
+        def column_paths(acc, n, i0, y_in, x0, columns: list[int], rows_edge: _Edge) -> None:
+            """accumulate() from input row y_in: one code path per column tile of ``columns``
+            (x0 a constant: the padding columns skipped), then one for the rest (none if
+            ``columns`` are all of them)."""
             if not columns:
                 x_in = T.Bind(x0 * sw - pl)
-                accumulate(acc, i0, lambda ch, dy, dx: data[n, ch, y_in + dy, x_in + dx], width)
+                load = lambda ch, dy, dx: data[n, ch, y_in + dy, x_in + dx]  # noqa: E731
+                accumulate(acc, i0, load, rows_edge)
                 return
             at = columns[0] * cols * sw - pl
-            skipped = {dx for dx in range(span) if not 0 <= at + dx < width}
+            skipped = frozenset(dx for dx in range(span) if not 0 <= at + dx < width)
+            edge = replace(rows_edge, cols=skipped)
 
             def load(ch, dy, dx):
                 return data[n, ch, y_in + dy, at + dx]
 
             if len(columns) == 1 and len(inside_cols) == 0:
-                accumulate(acc, i0, load, width, skipped)
+                accumulate(acc, i0, load, edge)
                 return
             with T.If(x0 == columns[0] * cols):
                 with T.Then():
-                    accumulate(acc, i0, load, width, skipped)
+                    accumulate(acc, i0, load, edge)
                 with T.Else():
-                    in_place(acc, n, i0, y_in, x0, columns[1:])
+                    column_paths(acc, n, i0, y_in, x0, columns[1:], rows_edge)
+
+        def row_paths(acc, n, i0, tile, x0, tiles: list[int]) -> None:
+            """column_paths() per row tile of ``tiles`` (a constant: its padding rows and
+            output rows past the map skipped), then for the rest (none if ``tiles`` are all)."""
+            if not tiles:
+                column_paths(acc, n, i0, T.Bind(tile * tile_row - pt), x0, edge_cols, _Edge(rows))
+                return
+            y_in = tiles[0] * tile_row - pt
+            padding = frozenset(dy for dy in range(reach) if not 0 <= y_in + dy < height)
+            edge = _Edge(min(rows, out_h - tiles[0] * rows), padding)
+            if len(tiles) == 1 and len(inside_rows) == 0:
+                column_paths(acc, n, i0, y_in, x0, edge_cols, edge)
+                return
+            with T.If(tile == tiles[0]):
+                with T.Then():
+                    column_paths(acc, n, i0, y_in, x0, edge_cols, edge)
+                with T.Else():
+                    row_paths(acc, n, i0, tile, x0, tiles[1:])
 
         def store_row(acc, n, y, x0, i0, width: int) -> None:
             """out[n, filter f's, y, x0 .. x0 + width] = epilogue(acc[f] of those pixels)."""
@@ -265,31 +278,12 @@ def pattern_conv2d_lanes_primfunc(
                 x0 = job % tiles_x * cols
                 i0 = (first_group + job % per_tile // tiles_x) * lanes
                 y0 = tile * rows
-                inside = tvm.tirx.all(inside_rows.start <= tile, tile < inside_rows.stop)
-                if staged_rows:  # a share's first job of an edge row tile
-                    starts = tvm.tirx.any(j == 0, job % per_tile == 0)
-                    with T.If(tvm.tirx.all(tvm.tirx.Not(inside), starts)), T.Then():
-                        with T.serial(0, chans) as c:
-                            rows_at = (tile * tile_row, reach)
-                            _stage_rows(pad, (share, c), data, staging, n, rows_at, 1, False)
                 acc = accumulator_rows(rows, cols * lanes)
                 for r in range(rows):
                     with T.unroll(0, cols) as x, T.vectorized(0, lanes) as f:
                         T.buffer_store(acc[r], tirx.const(0.0, "float32"), [x * lanes + f])
 
-                def staged(ch, dy, dx):
-                    return pad[share, ch, 0, dy, x0 * sw + dx]
-
-                if len(inside_rows) == 0:
-                    accumulate(acc, i0, staged, row_w)
-                else:
-                    with T.If(inside):
-                        with T.Then():
-                            y_in = T.Bind(tile * tile_row - pt)
-                            in_place(acc, n, i0, y_in, x0, edge_cols)
-                        if staged_rows:
-                            with T.Else():
-                                accumulate(acc, i0, staged, row_w)
+                row_paths(acc, n, i0, tile, x0, edge_rows)
                 for r in range(rows):
                     y = y0 + r
                     with T.If(y < out_h), T.Then():
@@ -380,16 +374,19 @@ def transposed(pixels: list, lanes: int) -> list[tuple[tirx.PrimExpr, int]]:
     return [(final[f // per], f % per * count) for f in range(lanes)]
 
 
-def lines_read(reach: int, span: int, pitch: int, skipped) -> list[tuple[int, int]]:
+def lines_read(
+    reach: int, span: int, pitch: int, skipped=frozenset(), skipped_rows=frozenset()
+) -> list[tuple[int, int]]:
     """(row, column) offsets touching each cache line of a tile's input window (``reach``
-    rows ``pitch`` elements apart, of ``span`` columns, columns ``skipped`` not read): the
+    rows ``pitch`` elements apart, of ``span`` columns; columns ``skipped`` and rows
+    ``skipped_rows`` not read): the
     first and last element of each run of elements read with gaps under a line (16), and
     every 16th between. Rows narrower than a line share lines: 6 prefetches, not 10 (two a
     row), for the 5 rows of 14 a stride-2 tile reads on a 14-wide map (1.03x there, 1.01x
     on 7x7 maps, others the same: A/B on the AVX-512 VM). A point between rows comes back as
     the (row, column) of the same address (``divmod`` by ``pitch``)."""
     read = [dx for dx in range(span) if dx not in skipped]
-    offsets = [dy * pitch + dx for dy in range(reach) for dx in read]
+    offsets = [dy * pitch + dx for dy in range(reach) if dy not in skipped_rows for dx in read]
     points: list[int] = []
     start = 0
     for i, at in enumerate(offsets):
@@ -397,6 +394,16 @@ def lines_read(reach: int, span: int, pitch: int, skipped) -> list[tuple[int, in
             points += [*range(offsets[start], at, 16), at]
             start = i + 1
     return [divmod(at, pitch) for at in points]
+
+
+@dataclass(frozen=True)
+class _Edge:
+    """What a tile's code path skips: output rows from ``live`` on (past the map), and the
+    padding ``rows`` / ``cols`` of its input window."""
+
+    live: int
+    rows: frozenset = frozenset()
+    cols: frozenset = frozenset()
 
 
 def _inside(step: int, reach: int, before: int, size: int, count: int) -> range:
