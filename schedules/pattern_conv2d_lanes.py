@@ -66,14 +66,31 @@ class LanesConfig:
     prefetch: int = 0
 
 
+STORE_BOUND_KERNELS = 2.0  # kernels per filter under this: tiles of one cache-line-wide row
+LINE_FLOATS = 16  # fp32 values in a 64-byte cache line
+
+
 def lanes_default_config(
-    geom: ConvGeometry, registers: int = 32, shares: int = 2, kernels_per_filter: float = 0.0
+    geom: ConvGeometry,
+    registers: int = 32,
+    shares: int = 2,
+    kernels_per_filter: float | None = None,
 ) -> LanesConfig:
     """Columns dividing the output width (8, else 7: ResNet's 7 * 2^k maps), and the most rows
     within ``registers - 8`` accumulators (the rest hold the taps' weights and broadcasts) that
     divide the output height, keeping >= 12 accumulators (FMA latency) where one does; the
-    prefetch distance from ``kernels_per_filter`` (``_prefetch_ahead``)."""
+    prefetch distance from ``kernels_per_filter`` (``_prefetch_ahead``; None: not known).
+
+    Under ``STORE_BOUND_KERNELS`` kernels per filter the epilogue outweighs the FMAs: tiles of
+    one row of 16 columns (a cache line of each filter's row per store, where 16 divide the
+    width). VGG-16's 3-channel first layer (~0.5 kernels a filter, 12.8 MB of output): 1.35x
+    against 2 x 8 tiles, whose two column tiles write each line in halves (A/B on the AVX-512
+    VM); on layers of 16 kernels a filter and more, 16 columns take 2.1-2.6x the time (a
+    1 KiB accumulator row leaves the registers)."""
     out_h, out_w = geom.out_height, geom.out_width
+    store_bound = kernels_per_filter is not None and kernels_per_filter < STORE_BOUND_KERNELS
+    if store_bound and out_w % LINE_FLOATS == 0:
+        return LanesConfig(rows=1, cols=LINE_FLOATS, shares=max(1, shares))
     cols = next((c for c in (8, 7) if out_w % c == 0), min(8, out_w))
     budget = max(1, (registers - 8) // cols)
     rows = max(1, min(out_h, 16 // cols))
@@ -81,7 +98,7 @@ def lanes_default_config(
         if out_h % r == 0 and r * cols >= 12:
             rows = r
             break
-    prefetch = _prefetch_ahead(geom, rows, kernels_per_filter)
+    prefetch = _prefetch_ahead(geom, rows, kernels_per_filter or 0.0)
     return LanesConfig(rows=rows, cols=cols, shares=max(1, shares), prefetch=prefetch)
 
 
@@ -313,7 +330,7 @@ def share_split(geom: ConvGeometry, groups: int, tiles: int, shares: int) -> tup
     pixels). Split by groups, each core reads the whole input instead of its rows: 0.95x on
     VGG-16's 64x64 on 224x224 (12.8 MB of input), where the planes are big and few. A/B on the
     AVX-512 VM: 1.09-1.14x on 7x7 outputs, 1.12x on VGG's 512x512 on 14x14, 1.03-1.06x on its
-    28x28 and 56x56 layers, 0.98-1.02x on ResNet's 28x28 and 56x56 ones. (The
+    28x28 and 56x56 layers, 1.00-1.03x on ResNet's 28x28 and 56x56 ones. (The
     ``pattern_conv2d`` kernel keeps runs of jobs: each core would stage every input row, 0.72-
     1.00x on ResNet-18's layers at 4 filters a group.)"""
     shares = max(1, min(shares, groups * tiles))

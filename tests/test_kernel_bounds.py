@@ -111,15 +111,18 @@ def test_lanes_kernel_on_a_stride_2_map_is_one_broadcast_per_fma() -> None:
     """Filters in lanes, 7x7 output of a 14x14 stride-2 input, tiles of 2 rows x 7 pixels,
     taps (0, 0), (0, 1), (1, 0), (1, 1): the tile reads rows 0-3 x columns 0-13, 56 distinct
     pixels for 56 FMAs; with 4 weight vectors (1.5 slots each) and the channel index 63 slots,
-    21 cycles, under the FMAs' 28. The 4th row tile computes a row past the map: 49 of 56."""
+    21 cycles, under the FMAs' 28. The 4th row tile skips its row past the map: no lane idle."""
     w = _weight(16, 1, (0, 1, 3, 4), np.ones((16, 1), bool))
     geom = ConvGeometry(1, 1, 14, 14, 16, (3, 3), (2, 2), (1, 1, 1, 1))
     packed = PatternWeight.from_dense(w, num_shares=2)
     b = lanes_kernel_bounds(geom, LanesConfig(rows=2, cols=7, shares=2), packed)
     assert b["fma_per_kernel"] == 56 and b["accumulators"] == 14
     assert b["loads_per_fma"] == 1.0 and b["load_vs_fma"] == pytest.approx(21 / 28)
-    assert b["lanes_used"] == pytest.approx(49 / 56) and b["imbalance"] == 1.0
-    assert b["bound"] == "FMA" and b["ceiling"] == pytest.approx(49 / 56)
+    assert b["lanes_used"] == 1.0 and b["imbalance"] == 1.0
+    assert b["bound"] == "FMA" and b["ceiling"] == 1.0
+    # 8 columns on the 7-wide map: the 8th of each tile row computes past the map.
+    wide = lanes_kernel_bounds(geom, LanesConfig(rows=2, cols=8, shares=2), packed)
+    assert wide["lanes_used"] == pytest.approx(7 / 8)
     # Prefetching: the next kernel's channel and 6 lines (5 rows of 14 floats, contiguous).
     pf = lanes_kernel_bounds(geom, LanesConfig(rows=2, cols=7, shares=2, prefetch=4), packed)
     assert pf["load_vs_fma"] == pytest.approx(70 / 3 / 28)

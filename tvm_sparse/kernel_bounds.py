@@ -127,7 +127,8 @@ def lanes_kernel_bounds(
     per kernel and tile, rows x cols x taps FMAs (a group's filters in the lanes) against one
     broadcast per distinct input pixel the tile reads, a 64-byte weight vector per tap, the
     channel index and the prefetches (the in-place path's: rows ``width`` apart). Lanes are
-    wasted only by tiles past the map's last row or column; no lane shifts, no split loads."""
+    wasted only by tiles past the map's last column (rows past the map are skipped); no lane
+    shifts, no split loads."""
     (kh, kw), (sh, sw) = geom.kernel, geom.stride
     rows, cols = cfg.rows, cfg.cols
     reach, span = (rows - 1) * sh + kh, (cols - 1) * sw + kw
@@ -152,7 +153,7 @@ def lanes_kernel_bounds(
     total_fma = float(fma.sum())
     fma_cycles, load_cycles = total_fma / FMA_PER_CYCLE, float(slots.sum()) / LOAD_SLOTS_PER_CYCLE
     in_core = fma_cycles / float(cycles.sum())
-    lanes_used = geom.out_height * geom.out_width / (tiles_y * rows * tiles_x * cols)
+    lanes_used = geom.out_width / (tiles_x * cols)
     imbalance = _imbalance(jobs, group_shares if group_shares > 1 else cfg.shares)
     return {
         "fma_per_kernel": total_fma / float(counts.sum()),
