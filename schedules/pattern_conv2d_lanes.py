@@ -221,8 +221,11 @@ def pattern_conv2d_lanes_primfunc(
             ``columns`` are all of them)."""
             if not columns:
                 x_in = T.Bind(x0 * sw - pl)
-                load = lambda ch, dy, dx: data[n, ch, y_in + dy, x_in + dx]  # noqa: E731
-                accumulate(acc, i0, load, rows_edge)
+
+                def inner(ch, dy, dx):
+                    return data[n, ch, y_in + dy, x_in + dx]
+
+                accumulate(acc, i0, inner, rows_edge)
                 return
             at = columns[0] * cols * sw - pl
             skipped = frozenset(dx for dx in range(span) if not 0 <= at + dx < width)
