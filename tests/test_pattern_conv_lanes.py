@@ -109,14 +109,15 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
         geom = ConvGeometry(1, 64, size, size, 64, (3, 3), (stride, stride), (1, 1, 1, 1))
         return lanes_default_config(geom, registers=32)
 
-    assert cfg(56) == LanesConfig(rows=2, cols=8)  # 8 columns divide 56: 16 accumulators
-    assert cfg(28) == cfg(14) == LanesConfig(rows=2, cols=7)  # 7 * 2^k maps: 7 columns
-    assert cfg(56, stride=2) == LanesConfig(rows=2, cols=7, prefetch=4)  # 28 wide out
-    assert cfg(7).cols == 7 and cfg(7).rows * 7 <= 24
+    assert cfg(56) == LanesConfig(rows=3, cols=8)  # 8 columns divide 56: 24 accumulators
+    assert cfg(28) == cfg(14) == LanesConfig(rows=3, cols=7)  # 7 * 2^k maps: 7 columns
+    assert cfg(56, stride=2) == LanesConfig(rows=3, cols=7, prefetch=4)  # 28 wide out
+    assert cfg(7) == LanesConfig(rows=3, cols=7)  # 3 rows of 7 do not divide 7: still 3
+    assert cfg(2).rows == 2  # never more rows than the map
     # ~1 kernel a filter (VGG's 3-channel layer): one row of a cache line's 16 columns.
     first = ConvGeometry(1, 3, 224, 224, 64, (3, 3), (1, 1), (1, 1, 1, 1))
     assert lanes_default_config(first, kernels_per_filter=0.5) == LanesConfig(rows=1, cols=16)
-    assert lanes_default_config(first, kernels_per_filter=2.0) == LanesConfig(rows=2, cols=8)
+    assert lanes_default_config(first, kernels_per_filter=2.0) == LanesConfig(rows=3, cols=8)
 
 
 def test_prefetch_where_a_groups_input_rows_outgrow_l1() -> None:
