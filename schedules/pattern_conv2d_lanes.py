@@ -21,9 +21,10 @@ scalar broadcast and multiplied into each accumulator that reads it::
 Every tile reads the input in place: the tiles clear of the padding through one code path,
 each row tile and column tile reading padding through its own (compile-time positions, a
 code path per combination), which skips the padding's loads and FMAs and those of output
-rows past the map. Against staging the padded rows of those row tiles (sessions 12-18): 1.05-
-1.11x on ResNet-18's stride-2 layers and 7x7 map (A/B on the AVX-512 VM, one process), where
-a share copied 80-170 KB of rows for 0.07-0.12 ms of work.
+rows past the map. Against staging the padded rows of those row tiles (sessions 12-18), where
+a share copied 80-170 KB of rows for 0.05-0.1 ms of work: 1.28x on ResNet-18's stride-2 layer
+on 14x14, 1.26x on its 7x7 map, 1.04-1.15x on 14- to 56-wide maps (back-to-back runs of both
+builds on the AVX-512 VM; the staging alone, left out by a diagnostic build: 1.05-1.11x).
 
 Every lane computes an output (no lanes past a row's end, no lane shifts, no transposed
 staging: the ``pattern_conv2d`` kernel's costs on 7 * 2^k-wide maps); each broadcast feeds up
