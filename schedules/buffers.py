@@ -3,7 +3,8 @@
 An unrolled tile of FMAs loads and stores its accumulator rows thousands of times. TVM's
 ``s_tir.CompactBufferAllocation`` (in every build pipeline) relaxes the region of each access
 to an allocated buffer over the enclosing loops and conditions: ~1 ms an access here, 3.5-7 s
-of a 4-8 s build for a filters-in-lanes layer with its four code paths (0.6-0.8 s after).
+of a 4-8 s build for a filters-in-lanes layer with its four code paths (0.6-0.8 s after;
+session 19's edge-tile code paths, up to nine, take it to ~1.3 s).
 Accesses through a declared view (``DeclBuffer``) are not analysed; the view's ``data``
 reference marks the whole allocation used, so nothing is compacted away (the kernels' buffers
 are exact already).
