@@ -147,9 +147,10 @@ def lanes_kernel_bounds(
     # Jobs run row tile, group, column tile (``pattern_conv2d_lanes_primfunc``), each core
     # the groups of its share where the groups split (``share_split``), else a run of them.
     group_shares, _ = share_split(geom, len(cycles), tiles_y * tiles_x, cfg.shares)
-    jobs = np.tile(np.repeat(cycles, tiles_x), tiles_y)
     if group_shares > 1:
-        jobs = cycles.reshape(group_shares, -1).sum(1)
+        jobs = cycles.reshape(group_shares, -1).sum(1)  # one per core
+    else:
+        jobs = np.tile(np.repeat(cycles, tiles_x), tiles_y)
     total_fma = float(fma.sum())
     fma_cycles, load_cycles = total_fma / FMA_PER_CYCLE, float(slots.sum()) / LOAD_SLOTS_PER_CYCLE
     in_core = fma_cycles / float(cycles.sum())
