@@ -29,9 +29,10 @@ builds on the AVX-512 VM; the staging alone, left out by a diagnostic build: 1.0
 Every lane computes an output (no lanes past a row's end, no lane shifts, no transposed
 staging: the ``pattern_conv2d`` kernel's costs on 7 * 2^k-wide maps); each broadcast feeds up
 to taps FMAs. The output is transposed in registers (``transposed``: 24 shuffles per 8-pixel
-row of 16 filters). Measured on the AVX-512 VM in-core (every load an L1 hit, staging and
-stores excluded): 410-510 useful GFLOP/s on ResNet-18's 3x3 layers, 85-100 % of the FMA peak,
-against ~340 for 4 filters together.
+row of 16 filters), each filter's row stored as a whole vector where the next column tile
+rewrites what it writes past the tile (``_overlap_width``). Measured on the AVX-512 VM
+in-core (every load an L1 hit, staging and stores excluded): 410-510 useful GFLOP/s on
+ResNet-18's 3x3 layers, 85-100 % of the FMA peak, against ~340 for 4 filters together.
 """
 
 from __future__ import annotations
@@ -283,6 +284,22 @@ def pattern_conv2d_lanes_primfunc(
                     row = tirx.Shuffle([vec], list(range(at, at + width)))
                     put(f, row, tirx.Ramp(x0, 1, width))
 
+        def store_tile_row(acc, n, y, x0, i0, widths: list[int]) -> None:
+            """store_row() at the first of ``widths`` the row has room for at x0."""
+            with T.If(x0 + widths[0] <= out_w):
+                with T.Then():
+                    store_row(acc, n, y, x0, i0, widths[0])
+                if widths[1:]:
+                    with T.Else():
+                        store_tile_row(acc, n, y, x0, i0, widths[1:])
+
+        # Widths a tile row is stored at, the first that fits: the tile's rounded up to a power
+        # of two where the next column tile rewrites the pixels past it (``_overlap_width``),
+        # the tile's, the map's last columns.
+        overlap = _overlap_width(cols, tiles_x, per_share) if vectorize else cols
+        widths = [cols] if overlap == cols else [overlap, cols]
+        if out_w % cols:
+            widths.append(out_w % cols)
         with T.serial(0, n_img) as n, T.parallel(0, shares) as share:
             first_group = T.Bind(share // job_shares * share_groups)
             lo = T.Bind(tvm.tirx.min(share % job_shares * per_share, total))
@@ -305,13 +322,7 @@ def pattern_conv2d_lanes_primfunc(
                 for r in range(rows):
                     y = y0 + r
                     with T.If(y < out_h), T.Then():
-                        tail = out_w % cols
-                        with T.If(x0 + cols <= out_w):
-                            with T.Then():
-                                store_row(acc[r], n, y, x0, i0, cols)
-                            if tail:
-                                with T.Else():
-                                    store_row(acc[r], n, y, x0, i0, tail)
+                        store_tile_row(acc[r], n, y, x0, i0, widths)
     return ib.get().without_attr("global_symbol")
 
 
@@ -412,6 +423,22 @@ def lines_read(
             points += [*range(offsets[start], at, 16), at]
             start = i + 1
     return [divmod(at, pitch) for at in points]
+
+
+def _overlap_width(cols: int, tiles_x: int, per_share: int) -> int:
+    """The width to store a tile's rows at: ``cols`` rounded up to a power of two (the width of
+    a filter's row in the ``transposed`` vectors) where each share's jobs hold whole runs of
+    column tiles (``per_share`` a multiple of ``tiles_x``: the tile after this one is the
+    same core's next job and rewrites the extra pixels), else ``cols``. The last column tile
+    of a row keeps ``cols`` (its extra pixels would land in the next output row).
+
+    A row of 7 filters' pixels is one 8-wide store (after an extract for the upper half of a
+    vector) instead of LLVM's 4 + 2 + 1 stores and the extracts and shuffles between them:
+    ``[no kernels]`` 0.0124 -> 0.0106 ms, the whole kernel 1.03-1.05x on ResNet-18's stride-2
+    layer on 56x56 (28x28 output: 3 of its 4 column tiles), 1.01-1.04x on its 28- and 14-wide
+    layers (A/B on the AVX-512 VM, two runs)."""
+    padded = 1 << max(0, (cols - 1).bit_length())
+    return padded if tiles_x > 1 and per_share % tiles_x == 0 else cols
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from schedules.pattern_conv2d_lanes import (
     SHARED_INPUT_BYTES,
     LanesConfig,
     _inside,
+    _overlap_width,
     lanes_default_config,
     lines_read,
     pattern_conv2d_lanes_primfunc,
@@ -71,6 +72,8 @@ CASES = [
     (64, 5, 9, 9, 3, 2, (1, 1, 1, 1), LanesConfig(2, 4, shares=4, prefetch=2),
      Epilogue(True, True, "relu"), 2, 0.5, 4),  # 4 cores, each its own groups
     (48, 5, 9, 9, 3, 1, (1, 1, 1, 1), LanesConfig(2, 4, shares=2), Epilogue(True), 1, 0.5, 4),
+    (48, 5, 12, 14, 3, 1, (1, 1, 1, 1), LanesConfig(3, 7, shares=2), Epilogue(True, True, "relu"),
+     1, 0.5, 4),  # runs of jobs holding whole rows of column tiles: 8-wide stores of 7 columns
 ]
 # fmt: on
 
@@ -118,6 +121,15 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
     first = ConvGeometry(1, 3, 224, 224, 64, (3, 3), (1, 1), (1, 1, 1, 1))
     assert lanes_default_config(first, kernels_per_filter=0.5) == LanesConfig(rows=1, cols=16)
     assert lanes_default_config(first, kernels_per_filter=2.0) == LanesConfig(rows=3, cols=8)
+
+
+def test_rows_are_stored_wide_only_where_the_next_job_rewrites_the_extra_pixels() -> None:
+    assert _overlap_width(cols=7, tiles_x=4, per_share=160) == 8  # a 28-wide map
+    assert _overlap_width(cols=5, tiles_x=3, per_share=30) == 8
+    assert _overlap_width(cols=3, tiles_x=2, per_share=6) == 4
+    assert _overlap_width(cols=8, tiles_x=7, per_share=70) == 8  # already a power of two
+    assert _overlap_width(cols=7, tiles_x=1, per_share=10) == 7  # no next column tile
+    assert _overlap_width(cols=7, tiles_x=2, per_share=15) == 7  # a share ends mid-row
 
 
 def test_prefetch_where_a_groups_input_rows_outgrow_l1() -> None:
