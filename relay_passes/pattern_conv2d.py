@@ -7,8 +7,9 @@ to a kernel from ``schedules.pattern_conv2d``:
 - a pattern-sparse weight (few distinct tap sets, most FLOPs pruned) is packed as ``PatternWeight``;
   where its filters share kernels in groups of the target's 16 lanes (AVX-512), the kernel from
   ``schedules.pattern_conv2d_lanes`` computes a group's filters in the lanes of each vector;
-- any other weight runs the same kernel with one full pattern (a dense direct conv with a sound
-  vectorized schedule instead of TVM's untuned default).
+- any other weight runs the same kernels with one full pattern (a dense direct conv with a sound
+  vectorized schedule instead of TVM's untuned default; in lanes where that measured faster:
+  ``_lanes_format``).
 
 Everything else (grouped / dilated convs, other ops) is left on TVM's path. What was decided for
 each conv, and why, is appended to ``records`` (the compile report).
@@ -82,6 +83,25 @@ def _geometry(call: relax.Call) -> ConvGeometry:
     )
 
 
+NARROW_MAP = 8  # output widths up to this: dense 1x1 convs in lanes too (``_lanes_format``)
+
+
+def _lanes_format(fmt: str, geom: ConvGeometry) -> bool:
+    """Whether a conv packed as ``fmt`` (its filters grouped by the target's 16 lanes) runs on
+    the filters-in-lanes kernel: pattern-sparse ones; dense 3x3 ones; dense 1x1 ones on maps
+    at most ``NARROW_MAP`` wide (filters in lanes measured on AVX-512 only: AVX2 / NEON keep
+    the per-pixel kernel). Dense against the per-pixel kernel on the AVX-512 VM, 2 threads:
+    3x3 layers 1.5-2.6x (350-400 GFLOP/s: ResNet-18's 64x64 on 56x56, 256x256 on 14x14,
+    512x512 on 7x7); ResNet-18's 512x256 stride-2 shortcut (7x7 output) 2.8x alone, 0.221 ->
+    0.079 ms in the model; its wider 1x1 shortcuts 0.95-1.05x alone but 0.76-0.90x in the
+    model, and ResNet-50's stride-1 1x1 layers 0.97-1.3x alone; the 7x7 stem 0.78x (a tile's
+    49 taps unroll past the instruction cache)."""
+    if fmt == "pattern":
+        return True
+    (kh, kw), narrow = geom.kernel, geom.out_width <= NARROW_MAP
+    return fmt == "dense" and ((kh, kw) == (3, 3) or ((kh, kw) == (1, 1) and narrow))
+
+
 def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
     num_threads: int = 1,
     sparse: bool = True,
@@ -127,8 +147,7 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         nonempty = packed.num_kernels > 0
         o, c, kh, kw = stats.shape
         name = f"{fmt}_conv2d_{o}x{c}x{kh}x{kw}"
-        # Filters in lanes: measured on AVX-512 only (AVX2 / NEON keep the kernel below).
-        in_lanes = fmt == "pattern" and lanes == 16 and group % lanes == 0
+        in_lanes = lanes == 16 and group % lanes == 0 and _lanes_format(fmt, geom)
         if in_lanes:
             reason += "; filters computed in vector lanes"
             per_filter = packed.num_kernels / o

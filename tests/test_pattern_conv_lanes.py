@@ -31,7 +31,12 @@ from schedules.pattern_conv2d_lanes import (
 from schedules.tunable import kernel_name, realize, tunable_block
 from tvm_sparse.formats import PatternWeight
 from tvm_sparse.targets import resolve_target, vector_lanes
-from tvm_sparse.testing import pattern_conv_kernel, pattern_prune_model_, random_pattern_weight
+from tvm_sparse.testing import (
+    pattern_conv_kernel,
+    pattern_prune_model_,
+    random_pattern_weight,
+    randomize_batchnorm_,
+)
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 AVX512 = vector_lanes(resolve_target("x86")) == 16
@@ -176,9 +181,9 @@ def test_template_default_is_the_hand_kernel() -> None:
     tvm.ir.assert_structural_equal(realized, expected)
 
 
-def _conv_module(weight: np.ndarray) -> tvm.IRModule:
+def _conv_module(weight: np.ndarray, size: int = 10) -> tvm.IRModule:
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, weight.shape[1], 10, 10), "float32"))
+    x = relax.Var("x", relax.TensorType((1, weight.shape[1], size, size), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1))
@@ -232,6 +237,46 @@ def test_compiled_model_with_filter_groups_of_16_matches_pytorch() -> None:
     x = np.random.default_rng(0).standard_normal((1, 16, 14, 14)).astype("float32")
     cm = tvm_sparse.compile(net, (x,))
     assert sum("in vector lanes" in r.reason for r in cm.layers) == 2
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(x), net(torch.from_numpy(x)).numpy(), **TOL)
+
+
+@pytest.mark.parametrize(
+    "kernel, size, expected",
+    [
+        (3, 10, "pattern_conv2d_lanes"),
+        (1, 6, "pattern_conv2d_lanes"),  # 8 columns out
+        (1, 10, "pattern_conv2d"),  # 12 columns out
+        (7, 10, "pattern_conv2d"),
+    ],
+)
+def test_dense_convs_take_the_lanes_kernel_where_it_is_faster(kernel, size, expected) -> None:
+    """A dense weight (every kernel, one full pattern) of 32 filters at 16 lanes: in lanes if
+    3x3, or 1x1 on a map at most 8 wide; else (the 49-tap 7x7) the per-pixel kernel."""
+    w = np.random.default_rng(kernel).standard_normal((32, 8, kernel, kernel)).astype("float32")
+    records = []
+    rewrite = RewriteConv2D(num_threads=2, records=records, registers=32, lanes=16)
+    after = rewrite(_conv_module(w, size))
+    assert records[0].format == "dense"
+    assert kernel_name(tunable_block(after[f"dense_conv2d_32x8x{kernel}x{kernel}"])) == expected
+    assert ("in vector lanes" in records[0].reason) == (expected == "pattern_conv2d_lanes")
+
+
+@pytest.mark.skipif(not AVX512, reason="the lanes kernel is chosen on AVX-512 targets only")
+@pytest.mark.parametrize("sparse", [True, False])
+def test_compiled_dense_model_in_lanes_matches_pytorch(sparse) -> None:
+    """Unpruned 3x3 and stride-2 1x1 convs (ResNet's block and its shortcut on a 7x7 map) on
+    the lanes kernel, whether the weights are read for sparsity or not."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 48, 1, stride=2),
+    )  # fmt: skip
+    net = randomize_batchnorm_(net).eval()
+    x = np.random.default_rng(1).standard_normal((1, 16, 14, 14)).astype("float32")
+    cm = tvm_sparse.compile(net, (x,), sparse=sparse)
+    assert [r.format for r in cm.layers] == ["dense", "dense"]
+    assert all("in vector lanes" in r.reason for r in cm.layers)
     with torch.no_grad():
         np.testing.assert_allclose(cm(x), net(torch.from_numpy(x)).numpy(), **TOL)
 
