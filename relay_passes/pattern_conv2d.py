@@ -88,18 +88,18 @@ NARROW_MAP = 8  # output widths up to this: dense 1x1 convs in lanes too (``_lan
 
 def _lanes_format(fmt: str, geom: ConvGeometry) -> bool:
     """Whether a conv packed as ``fmt`` (its filters grouped by the target's 16 lanes) runs on
-    the filters-in-lanes kernel: pattern-sparse ones; dense 3x3 ones; dense 1x1 ones on maps
-    at most ``NARROW_MAP`` wide (filters in lanes measured on AVX-512 only: AVX2 / NEON keep
-    the per-pixel kernel). Dense against the per-pixel kernel on the AVX-512 VM, 2 threads:
-    3x3 layers 1.5-2.6x (350-400 GFLOP/s: ResNet-18's 64x64 on 56x56, 256x256 on 14x14,
-    512x512 on 7x7); ResNet-18's 512x256 stride-2 shortcut (7x7 output) 2.8x alone, 0.221 ->
-    0.079 ms in the model; its wider 1x1 shortcuts 0.95-1.05x alone but 0.76-0.90x in the
-    model, and ResNet-50's stride-1 1x1 layers 0.97-1.3x alone; the 7x7 stem 0.78x (a tile's
-    49 taps unroll past the instruction cache)."""
+    the filters-in-lanes kernel: pattern-sparse ones; dense ones but 1x1 convs on maps wider
+    than ``NARROW_MAP`` (filters in lanes measured on AVX-512 only: AVX2 / NEON keep the
+    per-pixel kernel). Dense against the per-pixel kernel on the AVX-512 VM, 2 threads: 3x3
+    layers 1.5-2.6x (350-400 GFLOP/s: ResNet-18's 64x64 on 56x56, 256x256 on 14x14, 512x512
+    on 7x7); its 7x7 stem 1.34x (0.72 ms, with ``most_accumulators``' tiles); its 512x256
+    stride-2 shortcut (7x7 output) 2.8x alone, 0.221 -> 0.079-0.090 ms in the model; its wider
+    1x1 shortcuts 0.95-1.05x alone but 0.76-0.90x in the model, and ResNet-50's stride-1 1x1
+    layers 0.97-1.3x alone (one broadcast per FMA: both kernels load-bound there)."""
     if fmt == "pattern":
         return True
-    (kh, kw), narrow = geom.kernel, geom.out_width <= NARROW_MAP
-    return fmt == "dense" and ((kh, kw) == (3, 3) or ((kh, kw) == (1, 1) and narrow))
+    pointwise, narrow = geom.kernel == (1, 1), geom.out_width <= NARROW_MAP
+    return fmt == "dense" and (not pointwise or narrow)
 
 
 def RewriteConv2D(  # noqa: N802 (TVM's pass naming)

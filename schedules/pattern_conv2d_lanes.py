@@ -70,6 +70,17 @@ class LanesConfig:
 
 STORE_BOUND_KERNELS = 2.0  # kernels per filter under this: tiles of one cache-line-wide row
 LINE_FLOATS = 16  # fp32 values in a 64-byte cache line
+TILE_FMAS = 400  # a kernel's FMAs in one code path (taps x accumulators), at most
+
+
+def most_accumulators(geom: ConvGeometry) -> int:
+    """The accumulators a tile may hold within ``TILE_FMAS`` unrolled FMAs per kernel (at the
+    kernel's every tap). Dense 7x7 stem (3 x 224 x 224, stride 2, on the AVX-512 VM, 2
+    threads): 1 x 8 tiles 0.72 ms, 2 x 4 0.75, 2 x 8 0.83, 3 x 8 1.22, 1 x 16 1.46, the
+    per-pixel kernel 0.97: a 49-tap tile unrolls past the instruction cache from ~16
+    accumulators. 3x3 layers stay within the registers' 24."""
+    (kh, kw) = geom.kernel
+    return max(1, TILE_FMAS // (kh * kw))
 
 
 def lanes_default_config(
@@ -79,7 +90,8 @@ def lanes_default_config(
     kernels_per_filter: float | None = None,
 ) -> LanesConfig:
     """Columns dividing the output width (8, else 7: ResNet's 7 * 2^k maps), and the most rows
-    within ``registers - 8`` accumulators (the rest hold the taps' weights and broadcasts;
+    within ``registers - 8`` accumulators and ``most_accumulators`` (the rest of the registers
+    hold the taps' weights and broadcasts;
     rows past the map cost nothing: their FMAs are skipped); the prefetch distance from
     ``kernels_per_filter`` (``_prefetch_ahead``; None: not known). 3 rows instead of the 2
     that divided every height: 1.00-1.05x on ResNet-18's 3x3 layers, 1.03-1.06x on VGG-16's
@@ -92,11 +104,12 @@ def lanes_default_config(
     VM); on layers of 16 kernels a filter and more, 16 columns take 2.1-2.6x the time (a
     1 KiB accumulator row leaves the registers)."""
     out_h, out_w = geom.out_height, geom.out_width
+    most = min(registers - 8, most_accumulators(geom))
     store_bound = kernels_per_filter is not None and kernels_per_filter < STORE_BOUND_KERNELS
-    if store_bound and out_w % LINE_FLOATS == 0:
+    if store_bound and out_w % LINE_FLOATS == 0 and most_accumulators(geom) >= LINE_FLOATS:
         return LanesConfig(rows=1, cols=LINE_FLOATS, shares=max(1, shares))
     cols = next((c for c in (8, 7) if out_w % c == 0), min(8, out_w))
-    rows = max(1, min(out_h, (registers - 8) // cols))
+    rows = max(1, min(out_h, most // cols))
     prefetch = _prefetch_ahead(geom, rows, kernels_per_filter or 0.0)
     return LanesConfig(rows=rows, cols=cols, shares=max(1, shares), prefetch=prefetch)
 
@@ -488,13 +501,15 @@ def _build(params: dict, knobs: Knobs, vectorize: bool = True) -> tirx.PrimFunc:
 
 def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
     """Tiles of 1-8 rows x 4-16 columns (1 KiB of stack per accumulator row; tiles past ~28
-    accumulators spill: slow, still right), prefetch 0 / 2 / 4 / 8 kernels ahead; ``shares``
+    accumulators spill: slow, still right), fewer where ``most_accumulators`` caps them (a
+    7x7 kernel: 1-2 rows x 4-8 columns), prefetch 0 / 2 / 4 / 8 kernels ahead; ``shares``
     stays at its default (one per core)."""
     geom = _geom(params)
-    most = STACK_BYTES // (4 * params["lanes"])
+    most = most_accumulators(geom)
+    cols = min(STACK_BYTES // (4 * params["lanes"]), most, geom.out_width)
     return {
-        "rows": list(range(1, min(geom.out_height, 8) + 1)),
-        "cols": list(range(4, min(most, max(4, geom.out_width)) + 1)),
+        "rows": list(range(1, max(1, min(geom.out_height, 8, most // 4)) + 1)),
+        "cols": list(range(4, max(4, cols) + 1)),
         "shares": [default["shares"]],
         "prefetch": sorted({0, 2, 4, 8, default.get("prefetch", 0)}),
     }

@@ -122,6 +122,9 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
     assert cfg(56, stride=2) == LanesConfig(rows=3, cols=7, prefetch=4)  # 28 wide out
     assert cfg(7) == LanesConfig(rows=3, cols=7)  # 3 rows of 7 do not divide 7: still 3
     assert cfg(2).rows == 2  # never more rows than the map
+    # A 7x7 stem: 8 accumulators of 49 unrolled taps (bigger tiles outgrow the i-cache).
+    stem = ConvGeometry(1, 3, 224, 224, 64, (7, 7), (2, 2), (3, 3, 3, 3))
+    assert lanes_default_config(stem, kernels_per_filter=3.0) == LanesConfig(1, 8, prefetch=4)
     # ~1 kernel a filter (VGG's 3-channel layer): one row of a cache line's 16 columns.
     first = ConvGeometry(1, 3, 224, 224, 64, (3, 3), (1, 1), (1, 1, 1, 1))
     assert lanes_default_config(first, kernels_per_filter=0.5) == LanesConfig(rows=1, cols=16)
@@ -247,12 +250,12 @@ def test_compiled_model_with_filter_groups_of_16_matches_pytorch() -> None:
         (3, 10, "pattern_conv2d_lanes"),
         (1, 6, "pattern_conv2d_lanes"),  # 8 columns out
         (1, 10, "pattern_conv2d"),  # 12 columns out
-        (7, 10, "pattern_conv2d"),
+        (7, 10, "pattern_conv2d_lanes"),
     ],
 )
 def test_dense_convs_take_the_lanes_kernel_where_it_is_faster(kernel, size, expected) -> None:
-    """A dense weight (every kernel, one full pattern) of 32 filters at 16 lanes: in lanes if
-    3x3, or 1x1 on a map at most 8 wide; else (the 49-tap 7x7) the per-pixel kernel."""
+    """A dense weight (every kernel, one full pattern) of 32 filters at 16 lanes: in lanes but
+    1x1 convs on maps more than 8 wide (the per-pixel kernel)."""
     w = np.random.default_rng(kernel).standard_normal((32, 8, kernel, kernel)).astype("float32")
     records = []
     rewrite = RewriteConv2D(num_threads=2, records=records, registers=32, lanes=16)
@@ -265,17 +268,18 @@ def test_dense_convs_take_the_lanes_kernel_where_it_is_faster(kernel, size, expe
 @pytest.mark.skipif(not AVX512, reason="the lanes kernel is chosen on AVX-512 targets only")
 @pytest.mark.parametrize("sparse", [True, False])
 def test_compiled_dense_model_in_lanes_matches_pytorch(sparse) -> None:
-    """Unpruned 3x3 and stride-2 1x1 convs (ResNet's block and its shortcut on a 7x7 map) on
-    the lanes kernel, whether the weights are read for sparsity or not."""
+    """Unpruned 7x7 stem, 3x3 and stride-2 1x1 convs (ResNet's shortcut on a 7x7 map) on the
+    lanes kernel, whether the weights are read for sparsity or not."""
     torch.manual_seed(1)
     net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 7, stride=2, padding=3), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
         torch.nn.Conv2d(32, 48, 1, stride=2),
     )  # fmt: skip
     net = randomize_batchnorm_(net).eval()
-    x = np.random.default_rng(1).standard_normal((1, 16, 14, 14)).astype("float32")
+    x = np.random.default_rng(1).standard_normal((1, 3, 28, 28)).astype("float32")
     cm = tvm_sparse.compile(net, (x,), sparse=sparse)
-    assert [r.format for r in cm.layers] == ["dense", "dense"]
+    assert [r.format for r in cm.layers] == ["dense"] * 3
     assert all("in vector lanes" in r.reason for r in cm.layers)
     with torch.no_grad():
         np.testing.assert_allclose(cm(x), net(torch.from_numpy(x)).numpy(), **TOL)
