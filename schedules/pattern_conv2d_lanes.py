@@ -1,5 +1,6 @@
 """Pattern conv with filters in vector lanes: for layers whose filters share kernels in groups of
-a vector's lanes (connectivity and patterns pruned per group of 16 filters on AVX-512).
+a vector's lanes (connectivity and patterns pruned per group of 16 filters on AVX-512; dense
+convs, one full pattern: ``relay_passes.pattern_conv2d._lanes_format``).
 
 Each accumulator vector holds one output pixel of the group's ``lanes`` filters; a kernel (one
 input channel, one pattern) loads its taps' weights as one vector per tap (the group's filters
