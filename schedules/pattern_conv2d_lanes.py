@@ -105,12 +105,12 @@ def lanes_default_config(
     VM); on layers of 16 kernels a filter and more, 16 columns take 2.1-2.6x the time (a
     1 KiB accumulator row leaves the registers)."""
     out_h, out_w = geom.out_height, geom.out_width
-    most = min(registers - 8, most_accumulators(geom))
+    unrolled = most_accumulators(geom)
     store_bound = kernels_per_filter is not None and kernels_per_filter < STORE_BOUND_KERNELS
-    if store_bound and out_w % LINE_FLOATS == 0 and most_accumulators(geom) >= LINE_FLOATS:
+    if store_bound and out_w % LINE_FLOATS == 0 and unrolled >= LINE_FLOATS:
         return LanesConfig(rows=1, cols=LINE_FLOATS, shares=max(1, shares))
     cols = next((c for c in (8, 7) if out_w % c == 0), min(8, out_w))
-    rows = max(1, min(out_h, most // cols))
+    rows = max(1, min(out_h, min(registers - 8, unrolled) // cols))
     prefetch = _prefetch_ahead(geom, rows, kernels_per_filter or 0.0)
     return LanesConfig(rows=rows, cols=cols, shares=max(1, shares), prefetch=prefetch)
 
