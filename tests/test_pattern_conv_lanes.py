@@ -28,7 +28,7 @@ from schedules.pattern_conv2d_lanes import (
     pattern_conv2d_lanes_template,
     share_split,
 )
-from schedules.tunable import kernel_name, realize, tunable_block
+from schedules.tunable import kernel_name, knob_space, realize, tunable_block
 from tvm_sparse.formats import PatternWeight
 from tvm_sparse.targets import resolve_target, vector_lanes
 from tvm_sparse.testing import (
@@ -125,6 +125,17 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
     # A 7x7 stem: 8 accumulators of 49 unrolled taps (bigger tiles outgrow the i-cache).
     stem = ConvGeometry(1, 3, 224, 224, 64, (7, 7), (2, 2), (3, 3, 3, 3))
     assert lanes_default_config(stem, kernels_per_filter=3.0) == LanesConfig(1, 8, prefetch=4)
+    # ... and its search space stays within 2 x 8 (a 3x3 layer's: up to 8 x 16).
+    small = replace(stem, height=40, width=40, out_channels=16)
+    full = tuple(range(49))
+    stem_cfg = lanes_default_config(small, kernels_per_filter=3.0)
+    template = pattern_conv2d_lanes_template(small, (full,), 48, 49, 16, Epilogue(), stem_cfg, "s")
+    space = knob_space(template)
+    assert sorted(space["rows"]) == [1, 2] and sorted(space["cols"]) == list(range(4, 9))
+    layer = ConvGeometry(1, 8, 20, 20, 16, (3, 3), (1, 1), (1, 1, 1, 1))
+    pats, cfg3 = ((0, 1, 4, 5),), lanes_default_config(layer)
+    space = knob_space(pattern_conv2d_lanes_template(layer, pats, 32, 4, 16, Epilogue(), cfg3, "k"))
+    assert max(space["rows"]) == 8 and max(space["cols"]) == 16
     # ~1 kernel a filter (VGG's 3-channel layer): one row of a cache line's 16 columns.
     first = ConvGeometry(1, 3, 224, 224, 64, (3, 3), (1, 1), (1, 1, 1, 1))
     assert lanes_default_config(first, kernels_per_filter=0.5) == LanesConfig(rows=1, cols=16)
