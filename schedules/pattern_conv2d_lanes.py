@@ -389,7 +389,7 @@ def transposed(pixels: list, lanes: int) -> list[tuple[tirx.PrimExpr, int]]:
     A network of two-source shuffles (X pixels padded to a power of two P: log2 P stages of P
     shuffles, 24 for 8 pixels, each one ``vpermt2ps``), each stage's vectors bound once;
     LLVM lowers one shuffle of all X vectors per filter to ~7 permutes per filter instead."""
-    count = 1 << max(0, (len(pixels) - 1).bit_length())
+    count = _row_width(len(pixels))
     if count > lanes:
         raise ValueError(f"{len(pixels)} pixels do not fit a {lanes}-lane vector")
     zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
@@ -439,6 +439,12 @@ def lines_read(
     return [divmod(at, pitch) for at in points]
 
 
+def _row_width(pixels: int) -> int:
+    """The lanes a filter's row of ``pixels`` takes in the ``transposed`` vectors: the next
+    power of two."""
+    return 1 << max(0, (pixels - 1).bit_length())
+
+
 def _overlap_width(cols: int, tiles_x: int, per_share: int) -> int:
     """The width to store a tile's rows at: ``cols`` rounded up to a power of two (the width of
     a filter's row in the ``transposed`` vectors) where each share's jobs hold whole runs of
@@ -446,12 +452,12 @@ def _overlap_width(cols: int, tiles_x: int, per_share: int) -> int:
     same core's next job and rewrites the extra pixels), else ``cols``. The last column tile
     of a row keeps ``cols`` (its extra pixels would land in the next output row).
 
-    A row of 7 filters' pixels is one 8-wide store (after an extract for the upper half of a
+    A filter's row of 7 pixels is one 8-wide store (after an extract for the upper half of a
     vector) instead of LLVM's 4 + 2 + 1 stores and the extracts and shuffles between them:
     ``[no kernels]`` 0.0124 -> 0.0106 ms, the whole kernel 1.03-1.05x on ResNet-18's stride-2
     layer on 56x56 (28x28 output: 3 of its 4 column tiles), 1.01-1.04x on its 28- and 14-wide
     layers (A/B on the AVX-512 VM, two runs)."""
-    padded = 1 << max(0, (cols - 1).bit_length())
+    padded = _row_width(cols)
     return padded if tiles_x > 1 and per_share % tiles_x == 0 else cols
 
 
