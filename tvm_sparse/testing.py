@@ -23,7 +23,9 @@ def random_pattern_weight(
     seed: int = 0,
     filter_group: int = 1,
 ) -> np.ndarray:
-    """An OIHW weight: ``num_patterns`` random tap patterns, ``kernel_keep`` of kernels kept.
+    """An OIHW weight: ``num_patterns`` random tap patterns, ``kernel_keep`` of kernels kept
+    (exactly that fraction of the (filter group, channel) pairs, rounded, at random places, as
+    ``tvm_sparse.prune``'s global top-k keeps: a layer's FLOPs cut is the same for every seed).
 
     ``filter_group`` > 1: kept kernels and their patterns are drawn per group of that many
     consecutive filters (the structure ``tvm_sparse.prune``'s filter groups give).
@@ -34,7 +36,9 @@ def random_pattern_weight(
     library = [candidates[i] for i in chosen]
     flat = np.zeros((out_channels, in_channels, kernel * kernel), dtype=np.float32)
     groups = -(-out_channels // filter_group)
-    keep = rng.random((groups, in_channels)) < kernel_keep
+    keep = np.zeros(groups * in_channels, dtype=bool)
+    keep[rng.choice(keep.size, round(kernel_keep * keep.size), replace=False)] = True
+    keep = keep.reshape(groups, in_channels)
     which = rng.integers(len(library), size=(groups, in_channels))
     keep, which = (np.repeat(a, filter_group, axis=0)[:out_channels] for a in (keep, which))
     scale = np.sqrt(2.0 / max(1.0, in_channels * kernel_keep * taps))
