@@ -13,6 +13,7 @@ from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
 from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
+from relay_passes.max_pool2d import RewriteMaxPool2d
 from relay_passes.pattern_conv2d import RewriteConv2D
 from relay_passes.staged_layout import PairStagedLayouts
 from schedules.tunable import RealizeTunableKernels
@@ -35,7 +36,8 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
 
     The block-sparse passes run first and take the FC / 1x1 layers whose BSR kernel is estimated
     faster (the target's cost table); the others go on to the dense / pattern passes, whose
-    records then get the block decision's reason (``_merge_block_notes``).
+    records then get the block decision's reason (``_merge_block_notes``). Stride-2 max-pools
+    take their own kernel (``RewriteMaxPool2d``).
     """
     notes: list[tuple[str, str, str]] = []
     order: list[tuple[str, str]] = []
@@ -58,6 +60,7 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
             ),
             PairStagedLayouts(),
             RewriteDenseMatmul(records=records, lanes=vector_lanes(tgt)),
+            RewriteMaxPool2d(lanes=vector_lanes(tgt), shares=num_cores(tgt)),
             _merge_block_notes(records, notes, order),
         ],
         name="tvm_sparse",
