@@ -82,7 +82,8 @@ def max_pool2d_primfunc(
 
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
-        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        # Scheduled already: tuning and TVM's default schedules leave it alone.
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
         data = T.arg("data", T.buffer((n_img, chans, height, width), "float32"))
         out = T.arg("out", T.buffer((n_img, chans, out_h, out_w), "float32"))
         # A root block: Relax's RewriteDataflowReshape inspects every one-input call_tir's

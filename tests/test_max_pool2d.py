@@ -94,3 +94,21 @@ def test_resnet_stem_and_pool_in_a_compiled_model():
     np.testing.assert_allclose(cm(x), ref, rtol=1e-4, atol=1e-4)
     names = [k.name for k in cm.profile(x, runs=1).kernels]
     assert any(name.startswith("max_pool2d_s2") for name in names), names
+
+
+def test_tuning_leaves_the_pool_kernel_alone():
+    """The kernel is final (``tirx.is_scheduled``): no tuning task (MetaSchedule's FLOP
+    estimator has no rule for its shuffles), while TVM's own kernels and templates stay."""
+    from tvm_sparse.compiler import lower, prepare
+    from tvm_sparse.tuning import tuning_tasks
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 7, 2, 3), torch.nn.MaxPool2d(3, 2, 1), torch.nn.Sigmoid()
+    ).eval()
+    x = np.zeros((1, 3, 64, 64), "float32")
+    target = resolve_target("x86")
+    mod = lower(prepare(net, (x,), target, True)[0], target)
+    assert "max_pool2d_s2" in [gv.name_hint for gv in mod.get_global_vars()]
+    names = [t.task_name for t in tuning_tasks(mod, target)]
+    assert any("conv2d" in n for n in names) and any("sigmoid" in n for n in names), names
+    assert not any("pool" in n for n in names), names

@@ -173,11 +173,7 @@ def tune(
     tgt = resolve_target(target)
     prepared, _records, inputs = prepare(model, example_inputs, tgt, sparse)
     mod = lower(prepared, tgt)
-    extracted = [
-        t
-        for t in ms.relax_integration.extract_tasks(mod, tgt)
-        if tvm_kernels or tunable_block(_main(t.dispatched[0])) is not None
-    ]
+    extracted = tuning_tasks(mod, tgt, tvm_kernels)
     tracker = (*split_addr(rpc), key) if rpc is not None else None
     if rpc is not None:
         connect(tracker=rpc, key=key)  # fail fast, naming the device
@@ -268,8 +264,27 @@ def tune(
     return result
 
 
+def tuning_tasks(mod: tvm.IRModule, tgt: tvm.target.Target, tvm_kernels: bool = True) -> list:
+    """MetaSchedule's tasks of a lowered module that ``tune`` searches: tvm-sparse's
+    templates, and TVM's own kernels unless ``tvm_kernels`` is False; never a final hand
+    kernel (``_scheduled``)."""
+    return [
+        t
+        for t in ms.relax_integration.extract_tasks(mod, tgt)
+        if not _scheduled(_main(t.dispatched[0]))
+        and (tvm_kernels or tunable_block(_main(t.dispatched[0])) is not None)
+    ]
+
+
 def _main(mod: tvm.IRModule):
     return next(iter(mod.functions.values()))
+
+
+def _scheduled(func) -> bool:
+    """A final hand kernel (``tirx.is_scheduled``, TVM's mark, as MetaSchedule's own task
+    conversion skips): nothing to search, and its vector body would stop MetaSchedule's FLOP
+    estimator (no rule for broadcasts and shuffles)."""
+    return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))
 
 
 def _budgets(tasks: list[TaskResult], trials: int, floor: int) -> list[int]:
