@@ -96,9 +96,8 @@ def max_pool2d_primfunc(
                 plane, oy = row // out_h, row % out_h
                 n, c = plane // chans, plane % chans
                 line = allocated_view((line_len,))
-                for at in _chunks(pl, lanes, whole=False) + list(
-                    range(pl + width, line_len - lanes + 1, lanes)
-                ):
+                fills = [*range(0, pl, lanes), *range(pl + width, line_len - lanes + 1, lanes)]
+                for at in fills:  # the padding (the left one's overrun rewritten below)
                     T.buffer_store(line, lowest, [tirx.Ramp(at, 1, lanes)])
                 first = T.Bind(tvm.tirx.max(oy * 2 - pt, 0))
                 end = T.Bind(tvm.tirx.min(oy * 2 - pt + kh, height))
@@ -124,11 +123,10 @@ def max_pool2d_primfunc(
     return ib.get().without_attr("global_symbol")
 
 
-def _chunks(size: int, lanes: int, whole: bool = True) -> list[int]:
-    """Starts of ``lanes``-wide chunks covering ``size`` elements: every ``lanes``-th, the last
-    moved back to end at ``size`` (``whole``: size >= lanes), or, not ``whole``, chunks from 0
-    past ``size`` (for -inf fills that may run over)."""
-    starts = list(range(0, size - lanes + 1, lanes)) if whole else list(range(0, size, lanes))
-    if whole and size % lanes:
+def _chunks(size: int, lanes: int) -> list[int]:
+    """Starts of ``lanes``-wide chunks covering ``size >= lanes`` elements: every ``lanes``-th,
+    the last moved back to end at ``size``."""
+    starts = list(range(0, size - lanes + 1, lanes))
+    if size % lanes:
         starts.append(size - lanes)
     return starts
