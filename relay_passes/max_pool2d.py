@@ -26,8 +26,10 @@ def pool_geometry(call: relax.Call, lanes: int) -> PoolGeometry | str:
         return "input is not a static-shape 4-D float32 tensor"
     if attrs.layout != "NCHW" or attrs.out_layout != "NCHW":
         return f"layout {attrs.layout} (only NCHW)"
-    if tuple(attrs.strides) != (2, 2) or tuple(attrs.dilation) != (1, 1) or attrs.ceil_mode:
-        return f"strides {tuple(attrs.strides)} (only 2, no dilation, no ceil_mode)"
+    strides, dilation = tuple(attrs.strides), tuple(attrs.dilation)
+    if strides != (2, 2) or dilation != (1, 1) or attrs.ceil_mode:
+        mode = f"ceil_mode {attrs.ceil_mode}"
+        return f"strides {strides}, dilation {dilation}, {mode} (only 2, 1, off)"
     geom = PoolGeometry(
         *shape,
         kernel=tuple(int(k) for k in attrs.pool_size),
