@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import tvm_sparse
+from schedules.max_pool2d import PoolGeometry, pool_unsupported
 from tvm_sparse.benchmarking import onnx_bytes
 from tvm_sparse.models import resnet18
+from tvm_sparse.targets import resolve_target, vector_lanes
 from tvm_sparse.testing import pattern_prune_model_
 
 
@@ -56,11 +58,14 @@ def test_profile_lists_every_kernel_of_the_model(model_file):
     res = _cli("profile", str(path), "--runs", "3")
     assert res.returncode == 0, res.stderr
     rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()[1:-1]}
-    # 16 pattern-pruned 3x3 convs (several share a kernel), the dense 7x7 stem, the max-pool.
+    # 16 pattern-pruned 3x3 convs (several share a kernel), the dense 7x7 stem, the max-pool:
+    # tvm-sparse's kernel where the 8-wide pooled map fills a vector (8 lanes), else TVM's.
     pattern_calls = sum(int(r[1]) for name, r in rows.items() if name.startswith("pattern_conv2d"))
     assert pattern_calls == 16
     assert any(name.startswith("dense_conv2d_8x3x7x7") for name in rows)
-    assert "max_pool2d" in rows
+    pool = PoolGeometry(1, 8, 16, 16, kernel=(3, 3), padding=(1, 1, 1, 1))
+    lanes = vector_lanes(resolve_target("x86"))
+    assert ("max_pool2d_s2" if pool_unsupported(pool, lanes) is None else "max_pool2d") in rows
     shares = [float(r[3].rstrip("%")) for r in rows.values()]
     assert abs(sum(shares) - 100.0) < 1.0 and all(float(r[2]) >= 0 for r in rows.values())
     assert res.stdout.splitlines()[-1].startswith("sum of kernels")
@@ -79,3 +84,53 @@ def test_builtin_filter_grouped_model_packs_groups_of_four():
     assert res.stdout.count("groups of 4") == 16  # every pattern-pruned 3x3 conv
     res = _cli("inspect", "builtin:nope")
     assert res.returncode == 2 and "unknown built-in model 'builtin:nope'" in res.stderr
+
+
+def _one_error_line(res) -> str:
+    """The CLI failed as a user should see it: exit 2, one line on stderr, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tvm-sparse: error: "), res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("inspect", "m.onnx", "--input-shape", "1,3,abc"), "--input-shape: expected positive"),
+        (("tune", "m.onnx", "--trials", "0"), "--trials: expected a positive integer, got '0'"),
+        (("tune", "m.onnx", "--trials", "-1"), "--trials: expected a positive integer"),
+        (("inspect", "m.onnx", "--target", "cuda"), "target: unknown name 'cuda'"),
+        (("inspect", "m.onnx", "--target", "llvm -mcpu=nope"), "does not know the CPU 'nope'"),
+        (("demo", "--threads", "0"), "--threads: expected a positive integer"),
+        (("compile", "m.onnx"), "required: -o/--output"),
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(model_file, args, expected):
+    path, _, _ = model_file
+    args = tuple(str(path) if a == "m.onnx" else a for a in args)
+    assert expected in _one_error_line(_cli(*args))
+
+
+def test_unwritable_output_is_reported_before_compiling(model_file, tmp_path):
+    path, _, _ = model_file
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "nodir" / "m.so", tmp_path / "afile" / "m.so"):
+        line = _one_error_line(_cli("compile", str(path), "-o", str(out)))
+        assert f"cannot export to {out}" in line and "[tvm-sparse]" not in line
+
+
+def test_debug_shows_the_traceback(model_file):
+    path, _, _ = model_file
+    res = _cli("--debug", "inspect", str(path), "--target", "cuda")
+    assert res.returncode == 2 and "Traceback (most recent call last)" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("tvm-sparse: error: target:")
+
+
+def test_demo_shows_progress_and_no_third_party_warnings():
+    res = _cli("demo", "--image", "32", "--width", "8", "--rounds", "2")
+    assert res.returncode == 0, res.stderr
+    assert "round 1/2" in res.stderr and "round 2/2" in res.stderr
+    assert "Warning" not in res.stderr, res.stderr
+    assert "| tvm-sparse |" in res.stdout and "AVX" in res.stdout  # the machine and its ISA

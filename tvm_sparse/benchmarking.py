@@ -38,8 +38,11 @@ def machine_description() -> dict[str, Any]:
     try:
         import tvm
 
+        from .targets import isa_name, resolve_target
+
         info["tvm"] = tvm.__version__
         info["llvm_cpu"] = str(tvm.target.codegen.llvm_get_system_cpu())
+        info["isa"] = isa_name(resolve_target("x86"))
     except ImportError:
         pass
     for mod in ("torch", "onnxruntime"):
@@ -60,6 +63,7 @@ def time_interleaved(
     inner: int = 10,
     settle_s: float | None = None,
     window_s: float = 0.03,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Median over interleaved rounds of each runner's mean milliseconds per call.
 
@@ -74,6 +78,7 @@ def time_interleaved(
     read 2x slower on a 0.6 ms layer here, TVM 1.7x, PyTorch up to 5x). The untimed calls
     then wake the cores and the runtime's own pool. Default wait: 1 s
     (``TVM_SPARSE_BENCH_SETTLE_S``); with it each runtime read as it does when run alone.
+    ``progress(rounds_done, medians_so_far)`` is called after every round.
     """
     if settle_s is None:
         settle_s = float(os.environ.get("TVM_SPARSE_BENCH_SETTLE_S", "1.0"))
@@ -85,7 +90,21 @@ def time_interleaved(
             time.sleep(settle_s)
             _call_for(runners[name], warm, window_s)
             samples[name].append(_call_for(runners[name], inner, window_s))
+        if progress is not None:
+            progress(r + 1, {n: statistics.median(s) for n, s in samples.items()})
     return {n: statistics.median(s) for n, s in samples.items()}
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Any:
+    """Silence the deprecation / future warnings torch, ONNX and TVM print while exporting and
+    importing models (the user's own code is not affected outside the block)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.simplefilter("ignore", category)
+        yield
 
 
 def _call_for(run: Callable[[], Any], min_calls: int, min_s: float) -> float:

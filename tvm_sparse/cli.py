@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from .errors import TvmSparseError
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(d) for d in text.replace("x", ",").split(","))
+    """``--input-shape``: "1,3,224,224" or "1x3x224x224"."""
+    dims = text.replace("x", ",").split(",")
+    if not all(d.strip().isdigit() and int(d) > 0 for d in dims):
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (e.g. 1,3,224,224), got {text!r}"
+        )
+    return tuple(int(d) for d in dims)
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.strip().lstrip("+").isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``tvm-sparse: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        where = self.prog.removeprefix("tvm-sparse").strip()
+        where = f"{where}: " if where else ""
+        self.exit(2, f"tvm-sparse: error: {where}{message} (see {self.prog} --help)\n")
 
 
 def _load(args: argparse.Namespace):
@@ -19,7 +47,7 @@ def _load(args: argparse.Namespace):
     model = args.model
     inputs = None
     if args.input_shape:
-        inputs = (np.zeros(_shape(args.input_shape), dtype="float32"),)
+        inputs = (np.zeros(args.input_shape, dtype="float32"),)
     if model.startswith("builtin:"):
         from .demo import build_demo_model
 
@@ -40,8 +68,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from .compiled_model import check_export_path
     from .compiler import compile as compile_model
 
+    check_export_path(args.output)  # before minutes of compiling
     model, inputs = _load(args)
     cm = compile_model(
         model, inputs, target=args.target, sparse=not args.dense, tuning=args.tuning, verbose=True
@@ -126,21 +156,34 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(image=args.image, rounds=args.rounds, filter_group=args.filter_group)
+    run_demo(
+        image=args.image,
+        width=args.width,
+        rounds=args.rounds,
+        filter_group=args.filter_group,
+        threads=args.threads,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tvm-sparse", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="tvm-sparse", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "model",
             help="ONNX file, torch.export .pt2 file, or builtin:resnet18-pattern[-g4]",
         )
-        p.add_argument("--input-shape", help="e.g. 1,3,224,224 (ONNX files carry their own)")
-        p.add_argument("--target", default="x86", help="x86 (this host), arm64 or android")
+        p.add_argument(
+            "--input-shape", type=_shape, help="e.g. 1,3,224,224 (ONNX files carry their own)"
+        )
+        p.add_argument(
+            "--target",
+            default="x86",
+            help="x86 (this host), x86-avx2, x86-avx512, arm64, android, or 'llvm -mcpu=...'",
+        )
 
     p = sub.add_parser("inspect", help="sparsity report: format chosen per layer, no build")
     model_args(p)
@@ -153,12 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("tune", help="MetaSchedule-tune every kernel; records resume on rerun")
     model_args(p)
-    p.add_argument("--trials", type=int, default=200, help="measurements in all")
+    p.add_argument("--trials", type=_positive_int, default=200, help="measurements in all")
     p.add_argument("--work-dir", default="tvm-sparse-tuning", help="records (JSON database)")
     p.add_argument("--rpc", help="measure on a device: tracker HOST:PORT (with --key)")
     p.add_argument("--key", help="device key registered with the tracker (default android)")
     p.add_argument("--sparse-only", action="store_true", help="skip TVM's own kernels")
-    p.add_argument("--verify", type=int, default=3,
+    p.add_argument("--verify", type=_count, default=3,
                    help="re-time each task's best N records and its default, keep the fastest "
                         "(0: trust one measurement per candidate)")  # fmt: skip
     p.add_argument("--no-model-check", action="store_true",
@@ -171,33 +214,58 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(target="arm64")
         p.add_argument("--rpc", help="tracker HOST:PORT (with --key) or server HOST:PORT")
         p.add_argument("--key", help="device key registered with the tracker (e.g. android)")
-        p.add_argument("--repeat", type=int, default=5)
+        p.add_argument("--repeat", type=_positive_int, default=5)
         p.add_argument("--tuning", help="a tune work directory: apply its best records")
         p.set_defaults(func=cmd_remote)
     p = sub.add_parser("profile", help="time every kernel of a forward pass on this host")
     model_args(p)
     p.add_argument("--dense", action="store_true", help="ignore sparsity (dense baseline)")
     p.add_argument("--tuning", help="a tune work directory: apply its best records")
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--top", type=int, default=0, help="only the N slowest kernels")
+    p.add_argument("--runs", type=_positive_int, default=10)
+    p.add_argument("--top", type=_count, default=0, help="only the N slowest kernels")
     p.set_defaults(func=cmd_profile)
     p = sub.add_parser("demo", help="pruned ResNet-18: sparse vs dense vs PyTorch vs ONNX Runtime")
-    p.add_argument("--image", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--image", type=_positive_int, default=224, help="input height and width")
+    p.add_argument("--width", type=_positive_int, default=64, help="channels of the first stage")
+    p.add_argument("--rounds", type=_positive_int, default=15)
     p.add_argument(
-        "--filter-group", type=int, default=1, help="patterns + connectivity per group of filters"
+        "--filter-group",
+        type=_positive_int,
+        default=1,
+        help="patterns + connectivity per group of filters",
     )
+    p.add_argument("--threads", type=_positive_int, help="PyTorch / ONNX Runtime threads")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Every error is one line on stderr and exit code 2 (``--debug``: the
+    traceback too); Ctrl-C exits with 130."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except TvmSparseError as err:
-        print(f"tvm-sparse: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("tvm-sparse: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 (the CLI's one place that reports every failure)
+        if args.debug:
+            traceback.print_exc()
+        print(f"tvm-sparse: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: the project's own errors as they are, others with their type
+    and the last line of TVM's multi-line messages."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    if isinstance(err, TvmSparseError):
+        return " ".join(lines) if len(lines) <= 3 else text
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or text}"
+    hint = " (rerun with --debug for the traceback)"
+    return f"{type(err).__name__}: {text}{hint}" if text else f"{type(err).__name__}{hint}"
 
 
 if __name__ == "__main__":

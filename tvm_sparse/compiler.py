@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -20,10 +21,12 @@ from schedules.tunable import RealizeTunableKernels
 from schedules.tvm_ops import DefaultCPUSchedules
 
 from .compiled_model import CompiledModel
+from .errors import InputError
 from .formats.block import load_cost_table
 from .frontend import import_model
 from .report import LayerRecord, format_report
 from .targets import num_cores, resolve_target, vector_lanes, vector_registers
+from .validation import check_bool
 
 
 def _progress(msg: str, verbose: bool) -> None:
@@ -181,6 +184,7 @@ def compile(  # noqa: A001 (the public name users expect)
     ``tuning`` is a ``tune()`` work directory whose best records replace the default schedules.
     """
     t0 = time.perf_counter()
+    _check_options(sparse=sparse, verbose=verbose, tuning=tuning)
     tgt = resolve_target(target)
     mod, records, inputs = prepare(model, example_inputs, tgt, sparse, verbose)
     if tuning is not None:
@@ -203,6 +207,19 @@ def compile(  # noqa: A001 (the public name users expect)
         target=tgt,
         compile_seconds=time.perf_counter() - t0,
     )
+
+
+def _check_options(*, sparse: Any, verbose: Any, tuning: Any) -> None:
+    """``compile``'s options, checked before any work (errors name the argument)."""
+    check_bool("sparse", sparse)
+    check_bool("verbose", verbose)
+    if tuning is None:
+        return
+    if not isinstance(tuning, str | os.PathLike):
+        raise InputError(f"tuning: expected a tune() work directory path, got {tuning!r}")
+    if not os.path.isdir(tuning):
+        what = "is not a directory" if os.path.exists(tuning) else "does not exist"
+        raise InputError(f"tuning: {os.fspath(tuning)} {what} (a tune() work_dir is expected)")
 
 
 def build_executable(scheduled: tvm.IRModule, target: tvm.target.Target) -> Any:

@@ -13,16 +13,26 @@ from .benchmarking import (
     markdown_table,
     onnx_bytes,
     ort_runner,
+    quiet_third_party,
     time_interleaved,
     torch_runner,
     tvm_runner,
 )
+from .validation import check_int
 
 TOLERANCE = {"rtol": 1e-3, "atol": 1e-3}  # float32, different summation order over ~5k terms
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _round_done(rounds: int) -> Any:
+    def report(done: int, medians: dict[str, float]) -> None:
+        so_far = ", ".join(f"{name.split(' (')[0]} {ms:.2f}" for name, ms in medians.items())
+        _say(f"  round {done}/{rounds}: median ms so far: {so_far}")
+
+    return report
 
 
 def build_demo_model(
@@ -49,11 +59,19 @@ def run_demo(
     filter_group: int = 1,
 ) -> dict:
     """Compile, check numerics against PyTorch, and print the latency table. Returns the numbers."""
+    for name, value in (("image", image), ("width", width), ("rounds", rounds),
+                        ("filter_group", filter_group), ("threads", threads)):  # fmt: skip
+        if value is not None:
+            check_int(name, value)
+    with quiet_third_party():
+        return _run_demo(image, width, rounds, threads or os.cpu_count() or 1, filter_group)
+
+
+def _run_demo(image: int, width: int, rounds: int, threads: int, filter_group: int) -> dict:
     import torch
 
     import tvm_sparse
 
-    threads = threads or os.cpu_count() or 1
     model = build_demo_model(width, filter_group=filter_group)
     x = np.random.default_rng(0).standard_normal((1, 3, image, image)).astype("float32")
     with torch.no_grad():
@@ -82,7 +100,7 @@ def run_demo(
         errors[name] = float(np.max(np.abs(out - reference)))
         np.testing.assert_allclose(out, reference, **TOLERANCE, err_msg=f"{name} vs PyTorch")
     _say(f"timing {len(runners)} runtimes, {rounds} interleaved rounds, {threads} threads ...")
-    ms = time_interleaved(runners, rounds=rounds)
+    ms = time_interleaved(runners, rounds=rounds, progress=_round_done(rounds))
     kept = sum(r.flops_kept for r in sparse.layers)
     dense_flops = sum(r.flops_dense for r in sparse.layers)
     best_dense = min(v for k, v in ms.items() if k != "tvm-sparse")
@@ -104,7 +122,9 @@ def run_demo(
         f"ResNet-18, 1x3x{image}x{image}, FLOPs kept (conv + FC) {kept / 1e9:.2f} of "
         f"{dense_flops / 1e9:.2f} G ({dense_flops / kept:.1f}x fewer); {threads} threads"
     )
-    print(f"machine: {machine_description()['cpu']}, {threads} threads")
+    machine = machine_description()
+    print(f"machine: {machine['cpu']} ({machine.get('llvm_cpu')}, {machine.get('isa')}), "
+          f"{threads} threads")  # fmt: skip
     print(table)
     print(
         f"numerics: every runtime matches PyTorch within rtol={TOLERANCE['rtol']}, "

@@ -10,7 +10,8 @@ for its triple and returns an `fcompile` for `executable.export_library(path, fc
 - x86_64 (host): the host C compiler ($CXX/$CC, g++, gcc, clang, cc).
 
 `-nostdlib` is enough because TVM's kernels call nothing outside the TVM runtime, whose process
-provides libc/libm at load time. Nothing found raises `ToolchainError` naming what to install.
+provides libc/libm at load time. Nothing found raises `ToolchainError` naming what to install;
+a linker that fails raises it with the tool and the first error line of its output.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ __all__ = [
     "export_library",
     "fcompile_for",
     "find_linker",
+    "host_linker",
+    "summarize_tool_output",
     "triple_of",
 ]
 
@@ -45,14 +48,34 @@ _API = re.compile(r"android(\d+)-clang$")
 
 
 class ToolchainError(TvmSparseError, RuntimeError):
-    """No linker for the requested target is installed; the message says what to install."""
+    """No linker for the requested target is installed (the message says what to install), or
+    the linker failed (the message names the tool and its first error line)."""
+
+
+# Lines of a compiler driver's output that say what went wrong, most telling first.
+_ERROR_WORDS = ("error", "cannot", "undefined reference", "no such file", "not found")
+
+
+def summarize_tool_output(text: str, limit: int = 240) -> str:
+    """One line out of a compiler / linker failure (TVM's "Compilation error:" text): the first
+    line that reads as an error, else the first line of the tool's own output."""
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [ln for ln in lines if ln and ln != "Compilation error:"]
+    lines = [ln for ln in lines if not ln.startswith("Command line:")] or ["no output"]
+    for word in _ERROR_WORDS:
+        hit = next((ln for ln in lines if word in ln.lower()), None)
+        if hit:
+            return hit[:limit]
+    return lines[0][:limit]
 
 
 def triple_of(target: str | tvm.target.Target) -> str:
     """The LLVM triple of a target (host triple when the target sets none)."""
     triple = resolve_target(target).attrs.get("mtriple", "")
-    if triple:
-        return str(triple)
+    return str(triple) if triple else _system_triple()
+
+
+def _system_triple() -> str:
     from tvm.target import codegen
 
     return str(codegen.llvm_get_system_triple())
@@ -71,10 +94,15 @@ class Linker:
     triple: str = ""
 
     def __call__(self, output: str, objects: list[str], options: list[str] | None = None) -> None:
+        tool = os.path.basename(self.cc)
         try:
             _cc.create_shared(output, objects, [*self.options, *(options or [])], cc=self.cc)
+        except OSError as err:  # the driver itself cannot be started
+            raise ToolchainError(f"{tool} cannot be run ({self.cc}): {err.strerror}") from err
         except RuntimeError as err:
-            raise ToolchainError(f"linking {output} with {self.cc} failed: {err}") from err
+            raise ToolchainError(
+                f"{tool} failed to link {output}: {summarize_tool_output(str(err))}"
+            ) from err
 
     def fcompile(self) -> Callable[..., None]:
         """The `fcompile` function `export_library` expects (with output_format, triple)."""
@@ -138,12 +166,20 @@ def find_linker(target: str | tvm.target.Target, path: str | None = None) -> Lin
             "libc6-dev-arm64-cross (or: apt-get install -y clang lld)"
         )
     if triple.startswith(("x86_64", "i686", "i386")):
-        for name in [os.environ.get("CXX"), os.environ.get("CC"), "g++", "gcc", "clang", "cc"]:
-            found = _which(name, path) if name else None
-            if found:
-                return Linker(found, [], triple)
-        raise ToolchainError(f"no C compiler for {triple}: apt-get install -y gcc (or clang)")
+        return host_linker(path, triple)
     raise ToolchainError(f"no known linker for triple {triple!r}")
+
+
+def host_linker(path: str | None = None, triple: str = "") -> Linker:
+    """This machine's C compiler ($CXX, $CC, g++, gcc, clang, cc: first found) as a `Linker`
+    for code that runs here; `path` replaces $PATH in the search."""
+    for name in [os.environ.get("CXX"), os.environ.get("CC"), "g++", "gcc", "clang", "cc"]:
+        found = _which(name, path) if name else None
+        if found:
+            return Linker(found, [], triple or _system_triple())
+    raise ToolchainError(
+        f"no C compiler for {triple or _system_triple()}: apt-get install -y gcc (or clang)"
+    )
 
 
 def fcompile_for(target: str | tvm.target.Target, path: str | None = None) -> Callable[..., None]:
