@@ -79,6 +79,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .buffers import accumulator_rows
+from .epilogue import activation
 from .tunable import PARAMS_ATTR, Knobs, TunableKernel, default_knobs, register, template
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
@@ -485,15 +486,6 @@ def tap_offset(
     if shifted:  # one pre-shifted copy per tap column
         return dx, dy, 0
     return dx % sw, dy, dx // sw  # (segmented: staged vectors, ``segmented_vector``)
-
-
-def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
-    """Apply the epilogue's activation to a TIR value."""
-    if epilogue.activation in ("relu", "relu6"):
-        value = tvm.tirx.max(value, tvm.tirx.const(0.0, "float32"))
-    if epilogue.activation == "relu6":
-        value = tvm.tirx.min(value, tvm.tirx.const(6.0, "float32"))
-    return value
 
 
 def tile_defaults(geom: ConvGeometry, registers: int, lanes: int) -> dict:

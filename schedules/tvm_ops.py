@@ -17,17 +17,23 @@ Functions already scheduled (tvm-sparse's generated kernels, MetaSchedule's reco
 alone; stride-2 max-pools have their own kernel since (``schedules.max_pool2d``: 0.25 -> 0.05
 ms on that pool, whose stride-2 and padding loads this schedule takes lane by lane). Tuning
 (``tvm_sparse.tune``) replaces these schedules with searched ones.
+
+Before scheduling, every kernel's float ``max(x, c)`` / ``min(x, c)`` against a constant (a
+legalized ``relu``, ``clip``) is rewritten to keep NaN as PyTorch does (``schedules.epilogue``).
 """
 
 from __future__ import annotations
 
 import math
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
+
+from .epilogue import KeepNaNClamps
 
 MIN_PARALLEL_WORK = 1 << 15
 
@@ -128,7 +134,10 @@ class CPUFallback(CPUScheduleRule):
         sch.decompose_reduction(block, reduction[0])
 
 
-def DefaultCPUSchedules() -> dlight.ApplyDefaultSchedule:  # noqa: N802 (TVM's pass naming)
-    """The module pass: ``CPUFallback`` on every not-yet-scheduled PrimFunc (run it under the
-    target, after legalization)."""
-    return dlight.ApplyDefaultSchedule(CPUFallback())
+def DefaultCPUSchedules() -> tvm.transform.Pass:  # noqa: N802 (TVM's pass naming)
+    """The module pass: NaN-keeping clamps (``KeepNaNClamps``: a legalized ``relu`` / ``clip``
+    returns NaN for NaN, as PyTorch's do) in every PrimFunc, then ``CPUFallback`` on every
+    not-yet-scheduled one (run it under the target, after legalization)."""
+    return tvm.transform.Sequential(
+        [KeepNaNClamps, dlight.ApplyDefaultSchedule(CPUFallback())], name="DefaultCPUSchedules"
+    )

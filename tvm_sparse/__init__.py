@@ -1,7 +1,7 @@
 """tvm-sparse: compile pattern- and block-sparse (pruned) CNNs with Apache TVM.
 
-``compile`` / ``load`` / ``CompiledModel`` are imported lazily so that the graph passes
-(``relay_passes``) can use ``tvm_sparse.formats`` without a circular import.
+``compile`` / ``analyze`` / ``load`` / ``CompiledModel`` are imported lazily so that the graph
+passes (``relay_passes``) can use ``tvm_sparse.formats`` without a circular import.
 """
 
 import os
@@ -10,10 +10,11 @@ from typing import Any
 # TVM's thread pool counts 1 core on some VMs; use every core unless the user chose.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-from .errors import InputError, ModelLoadError, TvmSparseError  # noqa: E402
+from .errors import ExportError, InputError, ModelLoadError, TvmSparseError  # noqa: E402
 
 _LAZY = {
     "compile": "compiler",
+    "analyze": "compiler",
     "tune": "tuning",
     "load": "compiled_model",
     "CompiledModel": "compiled_model",
@@ -30,9 +31,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CompiledModel",
+    "ExportError",
     "InputError",
     "ModelLoadError",
     "TvmSparseError",
+    "analyze",
     "compile",
     "load",
     "tune",

@@ -1,0 +1,88 @@
+"""The fused epilogue's activation, and clamps that keep NaN as PyTorch does.
+
+PyTorch's ``relu``, ``relu6``, ``hardtanh`` and ``clamp`` return NaN for a NaN input. TIR's
+``max(x, 0)`` / ``min(x, 6)`` do not: LLVM lowers them to a compare and select that returns the
+constant for NaN, so a NaN before a ReLU would silently become 0. ``clamp`` writes the bounds
+as ``select(x < lo, lo, x)`` / ``select(x > hi, hi, x)``, which keep NaN (the comparison is
+false); on x86 they compile to the same single ``vmaxps`` / ``vminps`` (operands swapped).
+
+Every generated kernel applies its ``Epilogue``'s activation through ``activation``;
+``keep_nan_clamps`` rewrites the ``max`` / ``min`` against a float constant in TVM's own kernels
+(legalized ``relu``, ``clip``) the same way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+if TYPE_CHECKING:
+    from .pattern_conv2d import Epilogue
+
+
+def _const_like(value: tirx.PrimExpr, c: float) -> tirx.PrimExpr:
+    """The float ``c`` in ``value``'s dtype (broadcast to its lanes)."""
+    dtype = value.ty.dtype
+    scalar = tirx.const(c, str(dtype.with_lanes(1)))
+    return scalar if dtype.lanes == 1 else tirx.Broadcast(scalar, dtype.lanes)
+
+
+def clamp(value: tirx.PrimExpr, lo: float | None = None, hi: float | None = None) -> tirx.PrimExpr:
+    """``value`` clamped to [lo, hi] (either may be None), NaN kept (see the module)."""
+    if hi is not None:
+        bound = _const_like(value, hi)
+        value = tirx.Select(value > bound, bound, value)
+    if lo is not None:
+        bound = _const_like(value, lo)
+        value = tirx.Select(value < bound, bound, value)
+    return value
+
+
+def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
+    """Apply the epilogue's activation to a TIR value (scalar or vector), NaN kept."""
+    if epilogue.activation == "relu":
+        return clamp(value, 0.0)
+    if epilogue.activation == "relu6":
+        return clamp(value, 0.0, 6.0)
+    return value
+
+
+def _float_const(expr: tirx.PrimExpr) -> float | None:
+    """The value of a float constant (or a broadcast one), else None."""
+    if isinstance(expr, tirx.Broadcast):
+        expr = expr.value
+    return float(expr.value) if isinstance(expr, tirx.FloatImm) else None
+
+
+def _keep_nan(expr: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``max`` / ``min`` of a float value and a constant as a NaN-keeping ``clamp``."""
+    if not expr.ty.dtype.is_float:
+        return expr
+    for value, other in ((expr.a, expr.b), (expr.b, expr.a)):
+        bound = _float_const(other)
+        if bound is not None and _float_const(value) is None:
+            if isinstance(expr, tirx.Max):
+                return clamp(value, lo=bound)
+            return clamp(value, hi=bound)
+    return expr
+
+
+def keep_nan_clamps(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with every float ``max(x, c)`` / ``min(x, c)`` (c a constant) written as a
+    NaN-keeping ``clamp``: TVM's legalized ``relu`` / ``clip`` then match PyTorch on NaN."""
+    return tvm_ffi.structural_map(func, ((tirx.Max, tirx.Min), _keep_nan))
+
+
+@tvm.transform.module_pass(opt_level=0, name="KeepNaNClamps")
+def KeepNaNClamps(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: N802
+    """``keep_nan_clamps`` on every PrimFunc of the module (a copy; ``mod`` is left as it is)."""
+    out = mod.clone()
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            kept = keep_nan_clamps(func)
+            if not kept.same_as(func):
+                out.update_func(gv, kept)
+    return out
