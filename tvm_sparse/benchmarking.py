@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .frontend import quiet_third_party
+
 
 def machine_description() -> dict[str, Any]:
     """CPU model, core count, memory and library versions, for result files."""
@@ -95,18 +97,6 @@ def time_interleaved(
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
-@contextlib.contextmanager
-def quiet_third_party() -> Any:
-    """Silence the deprecation / future warnings torch, ONNX and TVM print while exporting and
-    importing models (the user's own code is not affected outside the block)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        for category in (FutureWarning, DeprecationWarning, UserWarning):
-            warnings.simplefilter("ignore", category)
-        yield
-
-
 def _call_for(run: Callable[[], Any], min_calls: int, min_s: float) -> float:
     """Call ``run`` at least ``min_calls`` times and for at least ``min_s``; mean ms per call."""
     t0 = time.perf_counter()
@@ -139,7 +129,8 @@ def onnx_bytes(model: Any, inputs: tuple) -> bytes:
 
     buf = io.BytesIO()
     tensors = tuple(torch.as_tensor(np.asarray(x)) for x in inputs)
-    torch.onnx.export(model, tensors, buf, dynamo=False, opset_version=17)
+    with quiet_third_party():
+        torch.onnx.export(model, tensors, buf, dynamo=False, opset_version=17)
     return buf.getvalue()
 
 

@@ -66,6 +66,18 @@ class ImportedModel:
     layer_names: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Silence the deprecation / future warnings torch, ONNX and TVM print while exporting and
+    importing models (the user's own code is not affected outside the block)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.simplefilter("ignore", category)
+        yield
+
+
 def _as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()
@@ -409,7 +421,13 @@ def _prepare(mod: tvm.IRModule) -> tvm.IRModule:
 
 def import_model(model: Any, example_inputs: Any = None) -> ImportedModel:
     """Import a ``torch.nn.Module``, a ``torch.export.ExportedProgram``, a ``.pt2`` file
-    (``torch.export.save``), an ONNX path or an ``onnx.ModelProto``."""
+    (``torch.export.save``), an ONNX path or an ``onnx.ModelProto`` (torch's and TVM's
+    deprecation chatter silenced)."""
+    with quiet_third_party():
+        return _import_any(model, example_inputs)
+
+
+def _import_any(model: Any, example_inputs: Any) -> ImportedModel:
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         suffix = os.path.splitext(path)[1].lower()
