@@ -28,6 +28,9 @@ import tvm
 from tvm import s_tir, tirx
 
 PARAMS_ATTR = "tvm_sparse.params"
+# A template's FLOPs, which MetaSchedule's estimator (EstimateTIRFlops) reads instead of walking
+# the body (``tvm_sparse.tuning.flops``); dropped, with the params, from the realized kernel.
+FLOPS_ATTR = "estimated_flops"
 KNOB_PREFIX = "tvm_sparse.knob."
 DEFAULT_PREFIX = "tvm_sparse.default."
 RULE_PREFIX = "tvm_sparse."
@@ -130,7 +133,7 @@ def realize(func: tirx.PrimFunc) -> tirx.PrimFunc:
     params = json.loads(str(func.attrs[PARAMS_ATTR]))
     built = kernel(kernel_name(block)).build(params, knobs_of(block))
     for key, value in func.attrs.items():
-        if key != PARAMS_ATTR:
+        if key not in (PARAMS_ATTR, FLOPS_ATTR):
             built = built.with_attr(key, value)
     return built
 

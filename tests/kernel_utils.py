@@ -39,3 +39,13 @@ def torch_conv(x, weight, stride, padding, bias=None, residual=None, activation=
     if activation in ("relu", "relu6"):
         y = torch.relu(y) if activation == "relu" else torch.nn.functional.relu6(y)
     return y.numpy()
+
+
+def assert_matches_torch(cm, net, x: np.ndarray, tol: float = 1e-4) -> None:
+    """A compiled model's output against PyTorch's: float32 both sides, another summation
+    order, so within ``tol`` relative to the largest output (absolute below 1)."""
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    got = cm(x)
+    assert got.shape == ref.shape
+    assert np.max(np.abs(got - ref)) <= tol * max(1.0, float(np.abs(ref).max()))

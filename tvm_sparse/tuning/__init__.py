@@ -5,13 +5,14 @@
 
 Every kernel of the lowered model is a task: the sparse (and dense-direct) kernels of tvm-sparse
 are knob-sampled templates (``schedules/tunable.py``), TVM's own kernels get MetaSchedule's
-default rules. Tasks are tuned one after another (budget split by their share of the measured
-default time) with one XGBoost cost model. Records go to MetaSchedule's JSON database in
-``work_dir`` as they are measured: a killed run keeps them, and a new run skips the trials a task
-already has. Each task's best few records and its default are then re-timed in interleaved
-rounds and the winner kept in ``work_dir/verified`` (``verify.py``), which compile prefers.
-Last, the tuned kernels are compared with their defaults inside the model, and those slower there
-go back to the default (``model_check.py``).
+default rules. Templates carry their useful FLOPs for MetaSchedule's estimator (``flops.py``);
+a kernel it cannot analyse, and a final hand kernel, are no tasks. Tasks are tuned one after
+another (budget split by their share of the measured default time) with one XGBoost cost model.
+Records go to MetaSchedule's JSON database in ``work_dir`` as they are measured: a killed run
+keeps them, and a new run skips the trials a task already has. Each task's best few records and
+its default are then re-timed in interleaved rounds and the winner kept in ``work_dir/verified``
+(``verify.py``), which compile prefers. Last, the tuned kernels are compared with their defaults
+inside the model, and those slower there go back to the default (``model_check.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from tvm_sparse.compiler import lower
 from tvm_sparse.frontend import random_inputs
 from tvm_sparse.rpc import connect, split_addr
 from tvm_sparse.targets import num_cores, resolve_target
+from tvm_sparse.validation import check_int, check_work_dir
 
+from .flops import UntunableKernelWarning, annotate_flops, estimate_flops
 from .measure import make_builder, make_runner, real_arguments
 from .model_check import ModelCheck, check_model, load_check, store_check, workload_key
 from .progress import Progress, mean_ms
@@ -47,6 +50,7 @@ __all__ = [
     "TaskResult",
     "TuningResult",
     "UnmatchedRecordsWarning",
+    "UntunableKernelWarning",
     "apply_records",
     "lower",
     "tune",
@@ -58,6 +62,7 @@ class TaskResult:
     name: str
     weight: int  # calls per model run
     template: bool  # a tvm-sparse kernel (knob space) rather than a TVM kernel
+    flops: float = 1.0  # per call, as MetaSchedule estimates it (templates: the useful FLOPs)
     trials: int = 0  # measured records in the database
     default_ms: float | None = None
     best_ms: float | None = None  # MetaSchedule's best single measurement
@@ -74,12 +79,13 @@ class TuningResult:
 
     def table(self) -> str:
         head = "task                                      calls trials  default ms   best ms"
-        rows = [head + "  re-timed ms (kept)"]
+        rows = [head + "  GFLOP/s  re-timed ms (kept)"]
         for t in self.tasks:
             d = f"{t.default_ms:10.3f}" if t.default_ms else "         -"
             b = f"{t.best_ms:9.3f}" if t.best_ms else "        -"
+            g = f"{t.flops / t.best_ms / 1e6:8.1f}" if t.best_ms else "       -"
             v = f"{t.verified_ms:9.3f} ({t.verified})" if t.verified_ms else ""
-            rows.append(f"{t.name[:40]:40s} {t.weight:6d} {t.trials:6d} {d} {b}  {v}")
+            rows.append(f"{t.name[:40]:40s} {t.weight:6d} {t.trials:6d} {d} {b} {g}  {v}")
         if self.model_check is not None:
             rows.append(self.model_check.table())
         return "\n".join(rows)
@@ -93,7 +99,7 @@ def lowered_with_records(
     records = database = open_database(work_dir, create=False)
     if has_verified(work_dir):
         database = ms.database.OrderedUnionDatabase(open_verified(work_dir), records)
-    lowered = lower(mod, target)
+    lowered = annotate_flops(lower(mod, target))  # the workloads as tune() recorded them
     with target, database, tvm.transform.PassContext(opt_level=3):
         applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
     return lowered, applied, records
@@ -146,7 +152,7 @@ def tune(
     target: Any = "x86",
     *,
     trials: int = 200,
-    work_dir: str = "tvm-sparse-tuning",
+    work_dir: str | os.PathLike = "tvm-sparse-tuning",
     rpc: str | None = None,
     key: str = "android",
     sparse: bool = True,
@@ -166,7 +172,13 @@ def tune(
     rounds and keep the lowest median (0: trust MetaSchedule's one measurement per candidate).
     ``model_check``: then compare the tuned kernels with their defaults inside the model and keep
     the faster per kernel (``model_check.py``; over RPC: the faster of the whole builds).
+    Raises ``InputError`` naming the argument when ``trials`` or ``min_task_trials`` is not a
+    positive int, ``verify`` not an int >= 0, or ``work_dir`` cannot be a writable directory.
     """
+    trials = check_int("trials", trials)
+    min_task_trials = check_int("min_task_trials", min_task_trials)
+    verify = check_int("verify", verify, minimum=0)
+    work_dir = check_work_dir(work_dir)
     from tvm_sparse.compiler import prepare
 
     t0 = time.perf_counter()
@@ -200,8 +212,9 @@ def tune(
         )
         contexts.append(ctx)
         info = TaskResult(
-            task.task_name, int(task.weight), tunable_block(_main(task_mod)) is not None
-        )
+            task.task_name, int(task.weight), tunable_block(_main(task_mod)) is not None,
+            flops=estimate_flops(task_mod),
+        )  # fmt: skip
         info.trials = trials_done(database, task_mod)
         result.tasks.append(info)
 
@@ -266,14 +279,33 @@ def tune(
 
 def tuning_tasks(mod: tvm.IRModule, tgt: tvm.target.Target, tvm_kernels: bool = True) -> list:
     """MetaSchedule's tasks of a lowered module that ``tune`` searches: tvm-sparse's
-    templates, and TVM's own kernels unless ``tvm_kernels`` is False; never a final hand
-    kernel (``_scheduled``)."""
-    return [
+    templates (FLOPs annotated: ``annotate_flops``), and TVM's own kernels unless
+    ``tvm_kernels`` is False; never a final hand kernel (``_scheduled``), nor a kernel whose
+    FLOPs MetaSchedule cannot estimate (warned: ``UntunableKernelWarning``)."""
+    tasks = [
         t
-        for t in ms.relax_integration.extract_tasks(mod, tgt)
+        for t in ms.relax_integration.extract_tasks(annotate_flops(mod), tgt)
         if not _scheduled(_main(t.dispatched[0]))
         and (tvm_kernels or tunable_block(_main(t.dispatched[0])) is not None)
     ]
+    return [t for t in tasks if _analysable(t)]
+
+
+def _analysable(task) -> bool:
+    """Whether MetaSchedule's task scheduler can estimate the task's FLOPs (else it stops the
+    whole run); warns when not."""
+    try:
+        estimate_flops(task.dispatched[0])
+    except RuntimeError as err:  # tvm.error.InternalError: no rule for a node
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        warnings.warn(
+            f"{task.task_name}: left out of tuning (built at its default schedule): "
+            f"MetaSchedule cannot estimate its FLOPs ({reason})",
+            UntunableKernelWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _main(mod: tvm.IRModule):
