@@ -113,6 +113,23 @@ def test_bad_arguments_are_one_line_and_exit_2(model_file, args, expected):
     assert expected in _one_error_line(_cli(*args))
 
 
+def test_pt2_file_is_inspected_and_compiled_with_its_own_shapes(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU())
+    net = pattern_prune_model_(net).eval()
+    x = torch.randn(1, 8, 12, 12)
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(net, (x,)), str(path))
+    res = _cli("inspect", str(path))
+    assert res.returncode == 0, res.stderr
+    assert " pattern " in res.stdout
+    out = tmp_path / "m.so"
+    assert _cli("compile", str(path), "-o", str(out)).returncode == 0
+    with torch.no_grad():
+        ref = net(x).numpy()
+    np.testing.assert_allclose(tvm_sparse.load(out)(x.numpy()), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_unwritable_output_is_reported_before_compiling(model_file, tmp_path):
     path, _, _ = model_file
     (tmp_path / "afile").write_text("")
