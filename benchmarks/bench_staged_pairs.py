@@ -24,7 +24,7 @@ from bench_conv_layers import LAYERS, layer_case
 from bench_models import FILTER_GROUPS, MODELS
 
 import tvm_sparse
-import tvm_sparse.compiler
+import tvm_sparse.pipeline
 from schedules.pattern_conv2d import (
     ConvGeometry,
     Epilogue,
@@ -92,12 +92,12 @@ def model_runners(name: str) -> dict:
     net = randomize_batchnorm_(net).eval()
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
     with_pass = tvm_sparse.compile(net, (x,))
-    keep = tvm_sparse.compiler.PairStagedLayouts
-    tvm_sparse.compiler.PairStagedLayouts = lambda: tvm.transform.Sequential([])
+    keep = tvm_sparse.pipeline.PairStagedLayouts
+    tvm_sparse.pipeline.PairStagedLayouts = lambda: tvm.transform.Sequential([])
     try:
         without = tvm_sparse.compile(net, (x,))
     finally:
-        tvm_sparse.compiler.PairStagedLayouts = keep
+        tvm_sparse.pipeline.PairStagedLayouts = keep
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
     scale = max(1.0, float(np.abs(ref).max()))

@@ -26,8 +26,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .buffers import accumulator_rows
-from .pattern_conv2d import STACK_BYTES, Epilogue, activation
+from .buffers import STACK_BYTES, accumulator_rows
+from .epilogue import Epilogue, optional_load
 from .tunable import Knobs, TunableKernel, register, template
 
 ZERO = tvm.tirx.const(0.0, "float32")
@@ -86,8 +86,7 @@ def bsr_matmul_primfunc(
             cidx = T.arg("col_idx", T.buffer((max(num_blocks, 1), sub_c), "int32"))
         vals = T.arg("block_values", T.buffer((max(num_blocks, 1), sub_c, sub_r), "float32"))
         order = T.arg("row_order", T.buffer((n_rows,), "int32"))
-        bias = T.arg("bias", T.buffer((n_rows * r,), "float32")) if epilogue.bias else None
-        resid = T.arg("residual", T.buffer((m, n), "float32")) if epilogue.residual else None
+        bias, resid = epilogue.declare_args((n_rows * r,), (m, n))
         out = T.arg("out", T.buffer((m, n), "float32"))
         with T.parallel(0, shares * m_tiles) as job:
             share = job // m_tiles
@@ -118,12 +117,12 @@ def bsr_matmul_primfunc(
                 with T.serial(0, rows) as mr, T.serial(0, r) as ii:
                     conds = [m0 + mr < m] + ([o0 + ii < n] if n % r else [])
                     with T.If(tvm.tirx.all(*conds)), T.Then():
-                        value = acc[mr, ii]
-                        if bias is not None:
-                            value = value + bias[o0 + ii]
-                        if resid is not None:
-                            value = value + resid[m0 + mr, o0 + ii]
-                        T.buffer_store(out, activation(value, epilogue), [m0 + mr, o0 + ii])
+                        value = epilogue.apply(
+                            acc[mr, ii],
+                            optional_load(bias, o0 + ii),
+                            optional_load(resid, m0 + mr, o0 + ii),
+                        )
+                        T.buffer_store(out, value, [m0 + mr, o0 + ii])
     return ib.get().without_attr("global_symbol")
 
 
@@ -235,9 +234,8 @@ def bsr_conv1x1_primfunc(
         sub_r, sub_c = kept if kept is not None else (r, c)
         vals = T.arg("block_values", T.buffer((nb, sub_c, sub_r), "float32"))
         order = T.arg("row_order", T.buffer((n_rows,), "int32"))
-        bias = T.arg("bias", T.buffer((n_rows * r,), "float32")) if epilogue.bias else None
         out_shape = (n_img, outs, geom.out_height, geom.out_width)
-        resid = T.arg("residual", T.buffer(out_shape, "float32")) if epilogue.residual else None
+        bias, resid = epilogue.declare_args((n_rows * r,), out_shape)
         out = T.arg("out", T.buffer(out_shape, "float32"))
         # Pixels as one axis: (N, C|O, H*W) views of the same memory (no copy).
         flat = (n_img, outs, pixels)
@@ -308,12 +306,12 @@ def bsr_conv1x1_primfunc(
 
             def store(ii, p):
                 o = o0 + ii
-                value = acc_rows[ii][p - p0]
-                if bias is not None:
-                    value = value + bias[o]
-                if resid is not None:
-                    value = value + resid[n, o, p]
-                T.buffer_store(out, activation(value, epilogue), [n, o, p])
+                value = epilogue.apply(
+                    acc_rows[ii][p - p0],
+                    optional_load(bias, o),
+                    optional_load(resid, n, o, p),
+                )
+                T.buffer_store(out, value, [n, o, p])
 
             for ii in range(r):
                 with _when(o0 + ii < outs if outs % r and ii >= outs % r else None):

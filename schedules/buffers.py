@@ -4,7 +4,7 @@ An unrolled tile of FMAs loads and stores its accumulator rows thousands of time
 ``s_tir.CompactBufferAllocation`` (in every build pipeline) relaxes the region of each access
 to an allocated buffer over the enclosing loops and conditions: ~1 ms an access here, 3.5-7 s
 of a 4-8 s build for a filters-in-lanes layer with its four code paths (0.6-0.8 s after;
-session 19's edge-tile code paths, up to nine, take it to ~1.3 s).
+~1.3 s with the edge tiles' code paths, up to nine).
 Accesses through a declared view (``DeclBuffer``) are not analysed; the view's ``data``
 reference marks the whole allocation used, so nothing is compacted away (the kernels' buffers
 are exact already).
@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
+
+# TVM keeps a CPU allocation inside a parallel loop on the stack (not the workspace heap, where
+# LLVM cannot prove it unaliased and keep it in registers) only when it is below this size.
+STACK_BYTES = 1024
 
 
 def allocated_view(shape: tuple, dtype: str = "float32") -> tirx.Buffer:

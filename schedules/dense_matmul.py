@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .pattern_conv2d import Epilogue, activation
+from .epilogue import Epilogue, optional_load
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,7 @@ def dense_matmul_primfunc(
         T.func_attr({"tir.noalias": True, "op_pattern": 8})
         x = T.arg("x", T.buffer((m, k), "float32"))
         w = T.arg("weight", T.buffer((col_blocks, k, block), "float32"))
-        bias = T.arg("bias", T.buffer((n_pad,), "float32")) if epilogue.bias else None
-        resid = T.arg("residual", T.buffer((m, n), "float32")) if epilogue.residual else None
+        bias, resid = epilogue.declare_args((n_pad,), (m, n))
         out = T.arg("out", T.buffer((m, n), "float32"))
         with T.parallel(0, row_tiles * col_blocks) as job:
             m0 = job // col_blocks * rows
@@ -87,10 +86,10 @@ def dense_matmul_primfunc(
                         T.buffer_store(acc, value, [r, col])
             with T.serial(0, rows) as r, T.serial(0, block) as col:
                 with T.If(tvm.tirx.all(m0 + r < m, n0 + col < n)), T.Then():
-                    value = acc[r, col]
-                    if bias is not None:
-                        value = value + bias[n0 + col]
-                    if resid is not None:
-                        value = value + resid[m0 + r, n0 + col]
-                    T.buffer_store(out, activation(value, epilogue), [m0 + r, n0 + col])
+                    value = epilogue.apply(
+                        acc[r, col],
+                        optional_load(bias, n0 + col),
+                        optional_load(resid, m0 + r, n0 + col),
+                    )
+                    T.buffer_store(out, value, [m0 + r, n0 + col])
     return ib.get().without_attr("global_symbol")

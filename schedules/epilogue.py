@@ -1,4 +1,5 @@
-"""The fused epilogue's activation, and clamps that keep NaN as PyTorch does.
+"""The fused epilogue (``Epilogue``: bias, residual add, activation) every generated kernel
+applies to its accumulators, and clamps that keep NaN as PyTorch does.
 
 PyTorch's ``relu``, ``relu6``, ``hardtanh`` and ``clamp`` return NaN for a NaN input. TIR's
 ``max(x, 0)`` / ``min(x, 6)`` do not: LLVM lowers them to a compare and select that returns the
@@ -6,21 +7,64 @@ constant for NaN, so a NaN before a ReLU would silently become 0. ``clamp`` writ
 as ``select(x < lo, lo, x)`` / ``select(x > hi, hi, x)``, which keep NaN (the comparison is
 false); on x86 they compile to the same single ``vmaxps`` / ``vminps`` (operands swapped).
 
-Every generated kernel applies its ``Epilogue``'s activation through ``activation``;
-``keep_nan_clamps`` rewrites the ``max`` / ``min`` against a float constant in TVM's own kernels
+Every generated kernel declares its epilogue's inputs with ``Epilogue.declare_args`` and
+applies it with ``Epilogue.apply`` (its activation: ``activation``, NaN kept); ``keep_nan_clamps``
+rewrites the ``max`` / ``min`` against a float constant in TVM's own kernels
 (legalized ``relu``, ``clip``) the same way.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import tvm
 import tvm_ffi
 from tvm import tirx
+from tvm.script.ir_builder import tirx as T
 
-if TYPE_CHECKING:
-    from .pattern_conv2d import Epilogue
+EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What is fused after the conv: per-filter bias, residual add, activation (in that order)."""
+
+    bias: bool = False
+    residual: bool = False
+    activation: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.activation not in EPILOGUE_ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}")
+
+    def apply(
+        self,
+        value: tirx.PrimExpr,
+        bias: tirx.PrimExpr | None = None,
+        residual: tirx.PrimExpr | None = None,
+    ) -> tirx.PrimExpr:
+        """``act(value + bias + residual)`` on a TIR value (scalar or vector): ``bias`` /
+        ``residual`` are the loads to add, None where the epilogue fuses none."""
+        if bias is not None:
+            value = value + bias
+        if residual is not None:
+            value = value + residual
+        return activation(value, self)
+
+    def declare_args(
+        self, bias_shape: tuple, residual_shape: tuple
+    ) -> tuple[tirx.Buffer | None, tirx.Buffer | None]:
+        """The kernel's ``bias`` and ``residual`` arguments (``T.arg``, in that order, inside an
+        open ``T.prim_func``), None for each the epilogue does not fuse."""
+        bias = T.arg("bias", T.buffer(bias_shape, "float32")) if self.bias else None
+        resid = T.arg("residual", T.buffer(residual_shape, "float32")) if self.residual else None
+        return bias, resid
+
+
+def optional_load(buffer: tirx.Buffer | None, *index: tirx.PrimExpr) -> tirx.PrimExpr | None:
+    """``buffer[index]``, or None without the buffer (an epilogue input the kernel does not
+    fuse): the ``bias`` / ``residual`` arguments of ``Epilogue.apply``."""
+    return None if buffer is None else buffer[index]
 
 
 def _const_like(value: tirx.PrimExpr, c: float) -> tirx.PrimExpr:

@@ -11,7 +11,7 @@ from torch import nn
 from tvm import relax
 
 import tvm_sparse
-import tvm_sparse.compiler as compiler
+import tvm_sparse.pipeline as pipeline
 from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from schedules.bsr_matmul import (
@@ -209,7 +209,7 @@ def _check(cm, net, x):
 
 
 def test_block_pruned_model_compiles_to_bsr_and_matches_torch(monkeypatch):
-    monkeypatch.setattr(compiler, "load_cost_table", lambda cpu: BSR_WINS)
+    monkeypatch.setattr(pipeline, "load_cost_table", lambda cpu: BSR_WINS)
     net = _block_net()
     x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype("float32")
     cm = tvm_sparse.compile(net, (x,))

@@ -99,7 +99,7 @@ def test_resnet_stem_and_pool_in_a_compiled_model():
 def test_tuning_leaves_the_pool_kernel_alone():
     """The kernel is final (``tirx.is_scheduled``): no tuning task (MetaSchedule's FLOP
     estimator has no rule for its shuffles), while TVM's own kernels and templates stay."""
-    from tvm_sparse.compiler import lower, prepare
+    from tvm_sparse.pipeline import lower, prepare
     from tvm_sparse.tuning import tuning_tasks
 
     net = torch.nn.Sequential(

@@ -21,8 +21,8 @@ from schedules.pattern_conv2d import (
     tile_defaults,
     with_staged_layouts,
 )
-from tvm_sparse.compiler import prepare
 from tvm_sparse.formats import PatternWeight
+from tvm_sparse.pipeline import prepare
 from tvm_sparse.targets import resolve_target
 from tvm_sparse.testing import random_pattern_weight
 

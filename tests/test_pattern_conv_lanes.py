@@ -20,10 +20,10 @@ from schedules.pattern_conv2d import ConvGeometry, Epilogue
 from schedules.pattern_conv2d_lanes import (
     SHARED_INPUT_BYTES,
     LanesConfig,
-    _inside,
-    _overlap_width,
+    inside_tiles,
     lanes_default_config,
     lines_read,
+    overlap_width,
     pattern_conv2d_lanes_primfunc,
     pattern_conv2d_lanes_template,
     share_split,
@@ -143,12 +143,12 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
 
 
 def test_rows_are_stored_wide_only_where_the_next_job_rewrites_the_extra_pixels() -> None:
-    assert _overlap_width(cols=7, tiles_x=4, per_share=160) == 8  # a 28-wide map
-    assert _overlap_width(cols=5, tiles_x=3, per_share=30) == 8
-    assert _overlap_width(cols=3, tiles_x=2, per_share=6) == 4
-    assert _overlap_width(cols=8, tiles_x=7, per_share=70) == 8  # already a power of two
-    assert _overlap_width(cols=7, tiles_x=1, per_share=10) == 7  # no next column tile
-    assert _overlap_width(cols=7, tiles_x=2, per_share=15) == 7  # a share ends mid-row
+    assert overlap_width(cols=7, tiles_x=4, per_share=160) == 8  # a 28-wide map
+    assert overlap_width(cols=5, tiles_x=3, per_share=30) == 8
+    assert overlap_width(cols=3, tiles_x=2, per_share=6) == 4
+    assert overlap_width(cols=8, tiles_x=7, per_share=70) == 8  # already a power of two
+    assert overlap_width(cols=7, tiles_x=1, per_share=10) == 7  # no next column tile
+    assert overlap_width(cols=7, tiles_x=2, per_share=15) == 7  # a share ends mid-row
 
 
 def test_prefetch_where_a_groups_input_rows_outgrow_l1() -> None:
@@ -298,10 +298,10 @@ def test_compiled_dense_model_in_lanes_matches_pytorch(sparse) -> None:
 
 def test_only_tiles_reading_padding_leave_the_input_in_place() -> None:
     # ResNet-18's 56x56 3x3 pad 1 layer, 2-row tiles: the first / last row tile read padding rows.
-    assert _inside(2, 4, 1, 56, 28) == range(1, 27)
+    assert inside_tiles(2, 4, 1, 56, 28) == range(1, 27)
     # Stride 2 on 56x56 (28x28 out): only the top reads padding (row 55 is the last read).
-    assert _inside(4, 5, 1, 56, 14) == range(1, 14)
+    assert inside_tiles(4, 5, 1, 56, 14) == range(1, 14)
     # 7-wide columns on a 7x7 map: the one column tile reads both padding columns.
-    assert _inside(7, 9, 1, 7, 1) == range(1, 1)
+    assert inside_tiles(7, 9, 1, 7, 1) == range(1, 1)
     # A tail tile past the map's end reads past it too.
-    assert _inside(8, 10, 1, 21, 3) == range(1, 2)
+    assert inside_tiles(8, 10, 1, 21, 3) == range(1, 2)

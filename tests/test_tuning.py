@@ -34,12 +34,12 @@ from schedules.pattern_conv2d import (
     pattern_conv2d_template,
 )
 from schedules.tunable import RealizeTunableKernels, knob_space, realize, template, tunable_block
-from tvm_sparse import tuning
-from tvm_sparse.compiler import lower, prepare
 from tvm_sparse.kernel_bounds import applied_configs
+from tvm_sparse.pipeline import lower, prepare
 from tvm_sparse.rpc import RPCError
 from tvm_sparse.targets import resolve_target, vector_lanes
-from tvm_sparse.tuning.model_check import (
+from tvm_sparse.tuning.apply import apply_records, lowered_with_records
+from tvm_sparse.tuning.model_check_store import (
     BUILDS,
     KernelChoice,
     ModelCheck,
@@ -226,7 +226,7 @@ def test_in_model_check_decides_which_kernels_compile_tunes(tuned_dir, tmp_path)
     key = workload_key(_first(rec.workload.mod))
     name = next(
         gv.name_hint
-        for gv, f in tuning.lowered_with_records(prepared, tgt, work)[0].functions.items()
+        for gv, f in lowered_with_records(prepared, tgt, work)[0].functions.items()
         if isinstance(f, tvm.tirx.PrimFunc) and workload_key(f) == key
     )
 
@@ -234,7 +234,7 @@ def test_in_model_check_decides_which_kernels_compile_tunes(tuned_dir, tmp_path)
         """Whether compile builds that kernel at its default schedule under ``check``."""
         if check is not None:
             store_check(work, prepared, tgt, check)
-        mod, loaded = tuning.apply_records(prepared, tgt, work)
+        mod, loaded = apply_records(prepared, tgt, work)
         assert (loaded is None) == (check is None)
         return tvm_ffi.structural_equal(mod[name], default[name])
 
@@ -247,7 +247,7 @@ def test_in_model_check_decides_which_kernels_compile_tunes(tuned_dir, tmp_path)
 
     verified.commit_tuning_record(rec)  # the records change: the stored check is stale
     assert load_check(work, prepared, tgt) is None
-    mod, loaded = tuning.apply_records(prepared, tgt, work)
+    mod, loaded = apply_records(prepared, tgt, work)
     assert loaded is None and not tvm_ffi.structural_equal(mod[name], default[name])
 
 

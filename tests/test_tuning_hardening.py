@@ -18,8 +18,8 @@ import tvm_sparse
 from schedules.bsr_matmul import BSRConvConfig, Conv1x1Geometry, bsr_conv1x1_template
 from schedules.pattern_conv2d import Epilogue
 from schedules.tunable import FLOPS_ATTR, realize, tunable_block
-from tvm_sparse.compiler import lower, prepare
 from tvm_sparse.demo import build_demo_model
+from tvm_sparse.pipeline import lower, prepare
 from tvm_sparse.targets import has_avx512, resolve_target
 from tvm_sparse.testing import every_kernel_model, pattern_prune_model_
 from tvm_sparse.tuning import UntunableKernelWarning, tuning_tasks

@@ -10,8 +10,8 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from schedules.tvm_ops import DefaultCPUSchedules
-from tvm_sparse.compiler import lower
 from tvm_sparse.frontend import import_model
+from tvm_sparse.pipeline import lower
 from tvm_sparse.targets import resolve_target
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

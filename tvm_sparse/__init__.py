@@ -1,9 +1,13 @@
 """tvm-sparse: compile pattern- and block-sparse (pruned) CNNs with Apache TVM.
 
-``compile`` / ``analyze`` / ``load`` / ``CompiledModel`` are imported lazily so that the graph
-passes (``relay_passes``) can use ``tvm_sparse.formats`` without a circular import.
+``compile`` / ``analyze`` / ``tune`` / ``load`` / ``CompiledModel`` are attributes resolved on
+first use (PEP 562), for two reasons. ``relay_passes`` and ``schedules`` sit beside this package
+and import ``tvm_sparse.formats``, which runs this file first: importing the compiler here would
+import those passes again while they are half initialized. And the compiler imports TVM (seconds),
+which ``import tvm_sparse`` and ``tvm-sparse --help`` do not need.
 """
 
+import importlib
 import os
 from typing import Any
 
@@ -23,8 +27,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'tvm_sparse' has no attribute {name!r}")
 

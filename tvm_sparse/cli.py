@@ -1,4 +1,8 @@
-"""The ``tvm-sparse`` command line: inspect, compile, tune, run / bench over RPC, demo."""
+"""The ``tvm-sparse`` command line: inspect, compile, tune, run / bench over RPC, demo.
+
+Each command imports what it runs: importing TVM takes seconds, which ``--help`` and usage
+errors do not wait for.
+"""
 
 from __future__ import annotations
 

@@ -41,11 +41,11 @@ from schedules.pattern_conv2d import (
 )
 from schedules.pattern_conv2d_lanes import LanesConfig, lines_read, share_split, tile_readers
 from schedules.tunable import kernel_name, knobs_of, tunable_block
-from tvm_sparse.compiler import lower, prepare
 from tvm_sparse.formats.pattern import PatternWeight
+from tvm_sparse.pipeline import lower, prepare
 from tvm_sparse.targets import resolve_target
-from tvm_sparse.tuning import lowered_with_records
-from tvm_sparse.tuning.model_check import load_check, workload_key
+from tvm_sparse.tuning.apply import lowered_with_records
+from tvm_sparse.tuning.model_check_store import load_check, workload_key
 
 LINE = 16  # floats per cache line
 LANES = 16  # fp32 lanes of the widest vector (AVX-512): 8-lane FMAs run at half the peak

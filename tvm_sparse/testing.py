@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
+
+NOTEBOOK_QUICK_ENV = "TVM_SPARSE_NB_QUICK"
+
+
+def notebook_quick() -> bool:
+    """Whether the notebooks run on small budgets: ``TVM_SPARSE_NB_QUICK=1`` (the tests set it)."""
+    return os.environ.get(NOTEBOOK_QUICK_ENV) == "1"
 
 
 def centre_patterns(kernel: int = 3, taps: int = 4) -> list[tuple[int, ...]]:
@@ -136,6 +144,7 @@ def pattern_conv_kernel(
     staged_input=None,
     staged_output=None,
     lanes: int = 0,
+    num_shares: int = 2,
 ):
     """Compile one layer's pattern conv kernel on its own (no Relax) for ``weight`` (OIHW).
 
@@ -148,7 +157,9 @@ def pattern_conv_kernel(
     reads / writes that ``StagedLayout`` (``to_staged`` / ``from_staged`` convert).
     ``lanes``: the filters-in-lanes kernel (``schedules.pattern_conv2d_lanes``, ``config`` a
     ``LanesConfig``) with that many lanes, for weights whose filters share kernels in groups
-    of it.
+    of it. ``num_shares``: the packing's filter shares (``PatternWeight.from_dense``).
+    ``run.time(x, bias=None, residual=None, number=10, repeat=3)``: the seconds of each of
+    ``repeat`` measurements of ``number`` calls, by TVM's ``time_evaluator``.
     """
     import tvm
 
@@ -157,7 +168,7 @@ def pattern_conv_kernel(
     from tvm_sparse.targets import resolve_target
 
     epilogue = epilogue or Epilogue()
-    packed = PatternWeight.from_dense(weight, num_shares=2, keep_zeros=keep_zeros)
+    packed = PatternWeight.from_dense(weight, num_shares=num_shares, keep_zeros=keep_zeros)
     max_taps = packed.kernel_values.shape[1]
     if lanes:
         from schedules.pattern_conv2d_lanes import pattern_conv2d_lanes_primfunc
@@ -172,7 +183,8 @@ def pattern_conv_kernel(
             staged_output=staged_output,
         )  # fmt: skip
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    kernel = tvm.compile(mod, target=resolve_target(target)).jit()["main"]
+    lib = tvm.compile(mod, target=resolve_target(target)).jit()
+    kernel = lib["main"]
     k = max(packed.num_kernels, 1)
     nonempty = packed.num_kernels > 0
     values = packed.kernel_values if nonempty else np.zeros((k, max_taps), "float32")
@@ -194,16 +206,26 @@ def pattern_conv_kernel(
             a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a))
         )
 
-    def run(x, bias=None, residual=None, out=None, index=index):
+    def arguments(x, bias, residual, out, index) -> list:
         args = [as_tensor(x), *index]
         if epilogue.bias:
             args.append(as_tensor(np.asarray(bias)[packed.filter_order]))
         if epilogue.residual:
             args.append(as_tensor(residual))
         out = out if out is not None else tvm.runtime.tensor(np.zeros(out_shape, "float32"))
-        kernel(*args, out)
-        return out
+        return [*args, out]
 
+    def run(x, bias=None, residual=None, out=None, index=index):
+        args = arguments(x, bias, residual, out, index)
+        kernel(*args)
+        return args[-1]
+
+    def time(x, bias=None, residual=None, number: int = 10, repeat: int = 3) -> list[float]:
+        args = arguments(x, bias, residual, None, index)
+        timer = lib.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+        return [float(t) for t in timer(*args).results]
+
+    run.time = time
     return run, packed
 
 

@@ -13,6 +13,7 @@ keeps them, and a new run skips the trials a task already has. Each task's best 
 its default are then re-timed in interleaved rounds and the winner kept in ``work_dir/verified``
 (``verify.py``), which compile prefers. Last, the tuned kernels are compared with their defaults
 inside the model, and those slower there go back to the default (``model_check.py``).
+``compile(..., tuning=work_dir)`` applies the records and that choice (``apply.py``).
 """
 
 from __future__ import annotations
@@ -26,24 +27,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tvm
-from tvm import relax, s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-from schedules.tunable import RealizeTunableKernels, tunable_block
-from tvm_sparse.compiler import lower
+from schedules.tunable import tunable_block
 from tvm_sparse.frontend import random_inputs
+from tvm_sparse.pipeline import lower, prepare
 from tvm_sparse.rpc import connect, split_addr
 from tvm_sparse.targets import num_cores, resolve_target
 from tvm_sparse.validation import check_int, check_work_dir
 
 from .flops import UntunableKernelWarning, annotate_flops, estimate_flops
 from .measure import make_builder, make_runner, real_arguments
-from .model_check import ModelCheck, check_model, load_check, store_check, workload_key
+from .model_check import check_model
+from .model_check_store import ModelCheck, store_check
 from .progress import Progress, mean_ms
 from .records import UnmatchedRecordsWarning, open_database, trials_done
 from .search import KnobFeatures, space_for, strategy_for
-from .verify import has_verified, open_verified, verify_task
+from .verify import open_verified, verify_task
 
 __all__ = [
     "ModelCheck",
@@ -51,8 +52,6 @@ __all__ = [
     "TuningResult",
     "UnmatchedRecordsWarning",
     "UntunableKernelWarning",
-    "apply_records",
-    "lower",
     "tune",
 ]
 
@@ -91,61 +90,6 @@ class TuningResult:
         return "\n".join(rows)
 
 
-def lowered_with_records(
-    mod: tvm.IRModule, target: tvm.target.Target, work_dir: str
-) -> tuple[tvm.IRModule, tvm.IRModule, ms.database.Database]:
-    """``mod`` lowered; the same with each kernel replaced by its best record in ``work_dir``
-    (the verified winner where there is one; templates not yet realized); all the records."""
-    records = database = open_database(work_dir, create=False)
-    if has_verified(work_dir):
-        database = ms.database.OrderedUnionDatabase(open_verified(work_dir), records)
-    lowered = annotate_flops(lower(mod, target))  # the workloads as tune() recorded them
-    with target, database, tvm.transform.PassContext(opt_level=3):
-        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered)
-    return lowered, applied, records
-
-
-def _warn_unmatched(lowered: tvm.IRModule, records: ms.database.Database, work_dir: str) -> None:
-    """Warn when tvm-sparse kernels of ``lowered`` have no record in ``work_dir``: MetaSchedule
-    keys records by the kernel's structure, so records of another model, or made before the
-    kernel generator changed, silently match nothing."""
-    kernels = [(gv.name_hint, f) for gv, f in lowered.functions.items() if tunable_block(f)]
-    missing = sorted(n for n, f in kernels if not records.has_workload(_normalize_mod(f)))
-    if missing:
-        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
-        warnings.warn(
-            f"{work_dir}: {len(missing)} of {len(kernels)} tvm-sparse kernels have no tuning "
-            f"record ({shown}) and build at their default schedule: the records are of another "
-            "model or of an older kernel generator; tune() with this work_dir tunes them",
-            UnmatchedRecordsWarning,
-            stacklevel=4,  # compile()'s caller
-        )
-
-
-def revert_to_default(
-    lowered: tvm.IRModule, applied: tvm.IRModule, workloads: set[str]
-) -> tvm.IRModule:
-    """``applied`` with the kernels of ``workloads`` (``workload_key``) back at their default
-    schedule, templates realized."""
-    mod = applied.clone()
-    for gv, func in lowered.functions.items():
-        if isinstance(func, tirx.PrimFunc) and workload_key(func) in workloads:
-            mod.update_func(gv, func)
-    return RealizeTunableKernels(mod)
-
-
-def apply_records(
-    mod: tvm.IRModule, target: tvm.target.Target, work_dir: str
-) -> tuple[tvm.IRModule, ModelCheck | None]:
-    """Lower ``mod`` and schedule each kernel by its best record in ``work_dir``, except those
-    the in-model check of this model put back at their default; and that check (None when
-    there is none for these records)."""
-    lowered, applied, records = lowered_with_records(mod, target, work_dir)
-    _warn_unmatched(lowered, records, work_dir)
-    check = load_check(work_dir, mod, target)
-    return revert_to_default(lowered, applied, set(check.reverted()) if check else set()), check
-
-
 def tune(
     model: Any,
     example_inputs: Any = None,
@@ -179,8 +123,6 @@ def tune(
     min_task_trials = check_int("min_task_trials", min_task_trials)
     verify = check_int("verify", verify, minimum=0)
     work_dir = check_work_dir(work_dir)
-    from tvm_sparse.compiler import prepare
-
     t0 = time.perf_counter()
     tgt = resolve_target(target)
     prepared, _records, inputs = prepare(model, example_inputs, tgt, sparse)

@@ -10,7 +10,9 @@ from collections.abc import Callable
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.driver import build as tvm_build
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
 from relay_passes.epilogue import const_value
 from schedules.tunable import realize_module, tunable_block
@@ -24,9 +26,6 @@ ArgTable = dict[Signature, list]
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
     """MetaSchedule ``f_build``: realize templates, then TVM's build (without importing the
     tensor intrinsics, which alone takes ~30 s on 2 cores)."""
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(realize_module(mod))
     return tvm_build(mod, target=target)
 

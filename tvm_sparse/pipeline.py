@@ -1,0 +1,203 @@
+"""The compile pipeline: import a model, run tvm-sparse's graph passes, lower with TVM's CPU
+passes and build a Relax VM executable. ``compile`` and ``tune`` are both made of these steps."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
+
+from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
+from relay_passes.bsr_matmul import RewriteBSRMatmul
+from relay_passes.dense_matmul import RewriteDenseMatmul
+from relay_passes.max_pool2d import RewriteMaxPool2d
+from relay_passes.pattern_conv2d import RewriteConv2D
+from relay_passes.staged_layout import PairStagedLayouts
+from schedules.tvm_ops import DefaultCPUSchedules
+
+from .formats.block import load_cost_table
+from .frontend import import_model
+from .report import LayerRecord
+from .targets import num_cores, vector_lanes, vector_registers
+
+__all__ = ["build_executable", "lower", "prepare", "progress", "sparse_pipeline"]
+
+
+def progress(msg: str, verbose: bool) -> None:
+    """Print a ``[tvm-sparse]`` progress line to stderr when ``verbose``."""
+    if verbose:
+        print(f"[tvm-sparse] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(
+    model: Any, example_inputs: Any, tgt: tvm.target.Target, sparse: bool, verbose: bool = False
+) -> tuple[tvm.IRModule, list[LayerRecord], list]:
+    """Import ``model`` and run the sparse graph passes: the Relax module (tunable kernel
+    templates at their default knobs) and the per-layer records of the report."""
+    t0 = time.perf_counter()
+    imported = import_model(model, example_inputs)
+    progress(f"imported {imported.source} in {time.perf_counter() - t0:.1f}s", verbose)
+    records: list[LayerRecord] = []
+    mod = sparse_pipeline(tgt, sparse, records)(imported.mod)
+    progress(f"rewrote {len(records)} layers in {time.perf_counter() - t0:.1f}s", verbose)
+    records.extend(_remaining_ops(mod))
+    _name_layers(records, imported.layer_names)
+    return mod, records, imported.inputs
+
+
+def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.transform.Pass:
+    """The graph passes tvm-sparse adds before TVM's own build pipeline.
+
+    The block-sparse passes run first and take the FC / 1x1 layers whose BSR kernel is estimated
+    faster (the target's cost table); the others go on to the dense / pattern passes, whose
+    records then get the block decision's reason (``_merge_block_notes``). Stride-2 max-pools
+    take their own kernel (``RewriteMaxPool2d``).
+    """
+    notes: list[tuple[str, str, str]] = []
+    order: list[tuple[str, str]] = []
+    block_passes = [_graph_order(order)]
+    if sparse:
+        costs = load_cost_table(str(tgt.attrs.get("mcpu", "")))
+        block_passes += [
+            RewriteBSRConv1x1(costs, records, num_cores(tgt), vector_lanes(tgt), notes=notes),
+            RewriteBSRMatmul(costs, records, num_cores(tgt), notes=notes),
+        ]
+    return tvm.transform.Sequential(
+        [
+            *block_passes,
+            RewriteConv2D(
+                num_threads=num_cores(tgt),
+                sparse=sparse,
+                records=records,
+                registers=vector_registers(tgt),
+                lanes=vector_lanes(tgt),
+            ),
+            PairStagedLayouts(),
+            RewriteDenseMatmul(records=records, lanes=vector_lanes(tgt)),
+            RewriteMaxPool2d(lanes=vector_lanes(tgt), shares=num_cores(tgt)),
+            _merge_block_notes(records, notes, order),
+        ],
+        name="tvm_sparse",
+    )
+
+
+def _graph_order(order: list) -> tvm.transform.Pass:
+    """Note (op, weight shape) of every conv2d / matmul in binding order (before rewriting)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="NoteLayerOrder")
+    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        order.clear()
+        for func in mod.functions.values():
+            if not isinstance(func, relax.Function):
+                continue
+            for block in func.body.blocks:
+                for binding in block.bindings:
+                    op = getattr(getattr(binding.value, "op", None), "name", "")
+                    if op not in ("relax.nn.conv2d", "relax.matmul"):
+                        continue
+                    shape = getattr(binding.value.args[1].ty, "shape", None)
+                    if shape is not None:
+                        dims = "x".join(str(int(d)) for d in shape.values)
+                        order.append((op.split(".")[-1], dims))
+        return mod
+
+    return transform
+
+
+def _merge_block_notes(records: list, notes: list, order: list) -> tvm.transform.Pass:
+    """Put the block passes' "kept dense, by cost" reasons on the records of those layers, and
+    put the records (appended pass by pass) back in graph order."""
+
+    @tvm.transform.module_pass(opt_level=0, name="MergeBlockNotes")
+    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        pending = list(notes)
+        for rec in records:
+            hit = next((n for n in pending if (n[0], n[1]) == (rec.op, rec.shape)), None)
+            if hit is not None and rec.format not in ("bsr", "bcr"):
+                pending.remove(hit)
+                rec.reason = f"{hit[2]}; {rec.reason}" if rec.op == "conv2d" else hit[2]
+        notes.clear()
+        free = list(enumerate(order))
+        position = {}
+        for rec in records:
+            hit = next((p for p in free if p[1] == (rec.op, rec.shape.split()[0])), None)
+            if hit is not None:
+                free.remove(hit)
+            position[id(rec)] = hit[0] if hit is not None else len(order)
+        records.sort(key=lambda rec: position[id(rec)])
+        return mod
+
+    return transform
+
+
+def _name_layers(records: list[LayerRecord], names: dict[str, list[tuple[str, str]]]) -> None:
+    """Give records the source model's layer names. Each record takes the first unused name
+    whose weight shape matches (importers and passes may reorder layers; layers of one shape
+    keep their order); without shapes, names go in order when the counts agree."""
+    for op, op_names in names.items():
+        recs = [r for r in records if r.op == op]
+        if not recs or len(recs) != len(op_names):
+            continue
+        if any(not shape for _, shape in op_names):
+            chosen = [name for name, _ in op_names]
+        else:
+            unused, chosen = list(op_names), []
+            for rec in recs:
+                hit = next((n for n in unused if n[1] == rec.shape.split()[0]), None)
+                if hit is None:
+                    break
+                unused.remove(hit)
+                chosen.append(hit[0])
+        if len(chosen) == len(recs):
+            for rec, name in zip(recs, chosen, strict=True):
+                rec.name = name
+
+
+def _remaining_ops(mod: tvm.IRModule) -> list[LayerRecord]:
+    """Heavy ops still on TVM's default path (for the report)."""
+    rows = []
+
+    @relax.expr_functor.visitor
+    class _Finder(relax.PyExprVisitor):
+        def visit_call_(self, call: relax.Call) -> None:
+            name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
+            if name in ("relax.matmul", "relax.nn.conv2d", "relax.nn.conv2d_transpose"):
+                shape = getattr(call.args[1].ty, "shape", None)
+                rows.append(
+                    LayerRecord(
+                        name=name.split(".")[-1],
+                        op=name.split(".")[-1],
+                        shape="x".join(str(int(d)) for d in shape.values)
+                        if shape is not None
+                        else "?",
+                        format="tvm",
+                        density=1.0,
+                        flops_dense=0,
+                        flops_kept=0,
+                        reason="no sparse kernel for this op yet: TVM default schedule",
+                    )
+                )
+            super().visit_call_(call)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            _Finder().visit_expr(func)
+    return [r for r in rows if r.op != "conv2d"]
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse (TVM's CPU passes): the kernels that get schedules (and are tuned)."""
+    with target:
+        return tvm.transform.Sequential(legalize_passes(target))(mod)
+
+
+def build_executable(scheduled: tvm.IRModule, target: tvm.target.Target) -> Any:
+    """Build a lowered module whose tvm-sparse kernels are scheduled (TVM's own kernels without
+    a record get the default CPU schedules) into a Relax VM executable."""
+    with target:
+        scheduled = DefaultCPUSchedules()(scheduled)
+    return tvm.compile(scheduled, target=target)
