@@ -1,9 +1,10 @@
-"""The notebooks in notebooks/ run top to bottom in a fresh kernel and hold what their builder says.
+"""The notebooks in notebooks/ run top to bottom in a fresh kernel and hold what their sources say.
 
 Each notebook is executed with nbclient (kernel ``python3``, a timeout per cell) with
 ``TVM_SPARSE_NB_QUICK=1``, which shrinks training / timing budgets; any cell error fails the test.
-The stored notebooks must hold exactly the cells of ``notebooks/build_notebooks.py``, executed in
-order, without errors (their outputs come from running that script, never from editing).
+The stored notebooks must hold exactly the cells of their percent-format sources
+(``notebooks/NN_name.py``, as ``notebooks/build_notebooks.py`` parses them), executed in order,
+without errors (their outputs come from running that script, never from editing).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def _read(name: str):
 def test_every_notebook_is_stored() -> None:
     stored = sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb"))
     assert stored == sorted(NAMES)
+    assert len(NAMES) == 5
+
+
+def test_percent_format_parser() -> None:
+    source = "# %% [markdown]\n# # Title\n#\n# text\n\n# %%\n# %matplotlib inline\nx = 1\n\n"
+    assert builder.parse_cells(source) == [
+        ("markdown", "# Title\n\ntext"),
+        ("code", "%matplotlib inline\nx = 1"),
+    ]
+    with pytest.raises(ValueError, match="markdown"):
+        builder.parse_cells("# %% [markdown]\nnot a comment\n")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -54,7 +66,7 @@ def test_stored_notebook_is_the_executed_builder_output(name: str) -> None:
     expected = builder.build(name)
     got = [(c.cell_type, c.source) for c in nb.cells]
     assert got == [(c.cell_type, c.source) for c in expected.cells], (
-        f"{name}.ipynb differs from notebooks/build_notebooks.py: edit the builder and rerun it"
+        f"{name}.ipynb differs from notebooks/{name}.py: edit the source, rerun the builder"
     )
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), (
