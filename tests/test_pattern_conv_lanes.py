@@ -215,7 +215,7 @@ def test_pass_puts_groups_of_16_filters_in_avx512_lanes() -> None:
     geom = ConvGeometry(1, 8, 10, 10, 32, (3, 3), (1, 1), (1, 1, 1, 1))
     epi = Epilogue(activation="relu")
     name = "pattern_conv2d_32x8x3x3"
-    cfg = lanes_default_config(geom, 32, 2)
+    cfg = LanesConfig(rows=3, cols=8, shares=2, prefetch=0)  # the default here, pinned
     kernel = pattern_conv2d_lanes_template(
         geom, packed.patterns, packed.num_kernels, 4, 16, epi, cfg, name
     )
