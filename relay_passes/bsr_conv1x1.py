@@ -46,6 +46,8 @@ def conv1x1_unsupported(call: relax.Call) -> str | None:
     reason = conv2d_unsupported(call)
     if reason is not None:
         return reason
+    if int(call.attrs.groups) != 1:  # (a depthwise weight (O, 1, 1, 1) is no (O, C) matrix)
+        return f"groups={int(call.attrs.groups)} (depthwise: RewriteConv2D's kernel)"
     if static_shape(call.args[1])[2:] != (1, 1) or any(int(p) for p in call.attrs.padding):
         return "not a 1x1 conv without padding"
     return None

@@ -132,7 +132,9 @@ def match_epilogue(
                     continue
                 if stage <= 1 and static_shape(other) == static_shape(call):
                     match = strip(nxt, absorbed + [this], 2)
-                    if match is not None:
+                    # (not where the add broadcasts the anchor's output up to the residual's
+                    # shape: x + conv(mean(x)); the kernel writes the anchor's shape)
+                    if match is not None and static_shape(match.anchor) == static_shape(call):
                         match.residual = other
                         return match
         return None

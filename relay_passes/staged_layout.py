@@ -61,9 +61,14 @@ def _pattern_conv(mod: tvm.IRModule, call: relax.Expr | None):
 
 def input_layout(mod: tvm.IRModule, call: relax.Call) -> StagedLayout | None:
     """The staged layout in which the pattern conv ``call`` reads its input in place at its
-    default knobs (None: it stages its input itself)."""
+    default knobs (None: it stages its input itself, or its weight is all zeros: with a staged
+    input, such a kernel uses no input array but ``filter_order``, and TVM's
+    RewriteDataflowReshape takes a call using one input array for a reshape candidate, then
+    fails ``HasReshapePattern``'s check that the body is one block)."""
     func = _pattern_conv(mod, call)
-    return template_input_layout(func) if func is not None else None
+    if func is None or not json.loads(str(func.attrs[PARAMS_ATTR]))["num_kernels"]:
+        return None
+    return template_input_layout(func)
 
 
 def plan_pairs(
