@@ -28,15 +28,10 @@ from tvm_sparse.formats.block import (
 from tvm_sparse.report import LayerRecord
 
 from .block_choice import BlockDecisions, block_kernel_args
-from .epilogue import (
-    EpilogueMatch,
-    add_kernel,
-    anchored_rewrite_pass,
-    const_value,
-    describe,
-    static_shape,
-)
+from .epilogue import EpilogueMatch, describe
 from .pattern_conv2d import conv2d_unsupported
+from .rewrite import anchored_rewrite_pass
+from .utils import add_kernel, const_value, static_shape
 
 NOT_CHOSEN = "kept for RewriteConv2D: "
 

@@ -29,14 +29,9 @@ from tvm_sparse.report import LayerRecord
 
 from .block_choice import BlockDecisions, block_kernel_args
 from .dense_matmul import matmul_unsupported
-from .epilogue import (
-    EpilogueMatch,
-    add_kernel,
-    anchored_rewrite_pass,
-    const_value,
-    describe,
-    static_shape,
-)
+from .epilogue import EpilogueMatch, describe
+from .rewrite import anchored_rewrite_pass
+from .utils import add_kernel, const_value, static_shape
 
 NOT_CHOSEN = "kept dense: "
 

@@ -22,14 +22,9 @@ from schedules.dense_matmul import (
 from schedules.pattern_conv2d import Epilogue
 from tvm_sparse.report import LayerRecord
 
-from .epilogue import (
-    EpilogueMatch,
-    add_kernel,
-    anchored_rewrite_pass,
-    const_value,
-    describe,
-    static_shape,
-)
+from .epilogue import EpilogueMatch, describe
+from .rewrite import anchored_rewrite_pass
+from .utils import add_kernel, const_value, static_shape
 
 
 def matmul_unsupported(call: relax.Call) -> str | None:

@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
 
-from .epilogue import const_value
+from .utils import const_value
 
 
 def _pattern():

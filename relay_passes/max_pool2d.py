@@ -15,7 +15,7 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from schedules.max_pool2d import PoolGeometry, max_pool2d_primfunc, pool_unsupported
 
-from .epilogue import static_shape
+from .utils import static_shape
 
 
 def pool_geometry(call: relax.Call, lanes: int) -> PoolGeometry | str:

@@ -32,14 +32,9 @@ from schedules.pattern_conv2d_lanes import lanes_default_config, pattern_conv2d_
 from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
 from tvm_sparse.report import LayerRecord
 
-from .epilogue import (
-    EpilogueMatch,
-    add_kernel,
-    anchored_rewrite_pass,
-    const_value,
-    describe,
-    static_shape,
-)
+from .epilogue import EpilogueMatch, describe
+from .rewrite import anchored_rewrite_pass
+from .utils import add_kernel, const_value, static_shape
 
 
 def conv2d_unsupported(call: relax.Call) -> str | None:

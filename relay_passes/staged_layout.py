@@ -40,7 +40,8 @@ from schedules.pattern_conv2d import (
 )
 from schedules.tunable import PARAMS_ATTR, kernel_name, tunable_block
 
-from .epilogue import count_uses, rewrite_planned
+from .rewrite import rewrite_planned
+from .utils import count_uses
 
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 # Pairs are made where the consumer's rows are at least this many vectors (56 wide and up at 16

@@ -77,7 +77,9 @@ def bsr_matmul_primfunc(
     per_share = math.ceil(n_rows / shares)
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
-        T.func_attr({"tir.noalias": True, "op_pattern": 8})
+        # Final (``tirx.is_scheduled``): MetaSchedule can neither schedule nor sample it, so it
+        # is no tuning task; TVM's default schedules leave it as it is.
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
         x = T.arg("x", T.buffer((m, k), "float32"))
         ptr = T.arg("block_ptr", T.buffer((n_rows + 1,), "int32"))
         bcol = T.arg("block_col", T.buffer((max(num_blocks, 1),), "int32"))

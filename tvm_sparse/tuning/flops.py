@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 
-from relay_passes.epilogue import const_value
+from relay_passes.utils import const_value
 from schedules.bsr_matmul import Conv1x1Geometry
 from schedules.pattern_conv2d import ConvGeometry
 from schedules.tunable import FLOPS_ATTR, PARAMS_ATTR, kernel_name, tunable_block

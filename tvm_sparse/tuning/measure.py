@@ -14,7 +14,7 @@ from tvm.driver import build as tvm_build
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-from relay_passes.epilogue import const_value
+from relay_passes.utils import const_value
 from schedules.tunable import realize_module, tunable_block
 from tvm_sparse import toolchain
 from tvm_sparse.targets import ANDROID_TRIPLE, is_arm
