@@ -100,7 +100,7 @@ def _one_error_line(res) -> str:
         (("inspect", "m.onnx", "--input-shape", "1,3,abc"), "--input-shape: expected positive"),
         (("tune", "m.onnx", "--trials", "0"), "--trials: expected a positive integer, got '0'"),
         (("tune", "m.onnx", "--trials", "-1"), "--trials: expected a positive integer"),
-        (("inspect", "m.onnx", "--target", "cuda"), "target: unknown name 'cuda'"),
+        (("inspect", "m.onnx", "--target", "cuda"), "target: unknown target 'cuda'"),
         (("inspect", "m.onnx", "--target", "llvm -mcpu=nope"), "does not know the CPU 'nope'"),
         (("demo", "--threads", "0"), "--threads: expected a positive integer"),
         (("compile", "m.onnx"), "required: -o/--output"),

@@ -73,7 +73,7 @@ def _parse_target(target: str | dict) -> Target:
             target = _flags_to_dict(text)
         else:
             raise InputError(
-                f"target: unknown name {target!r}: use one of {', '.join(TARGET_NAMES)} or an "
+                f"target: unknown target {target!r}: use one of {', '.join(TARGET_NAMES)} or an "
                 "LLVM target such as 'llvm -mcpu=haswell'"
             )
     if target.get("kind") != "llvm":
