@@ -30,7 +30,7 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
-from .errors import ExportError, InputError, ModelLoadError, TvmSparseError
+from .errors import ExportError, InputError, ModelLoadError, TvmSparseError, first_line
 from .frontend import TensorSpec
 from .report import LayerRecord, format_report
 from .targets import is_arm, isa_name, resolve_target, runs_here
@@ -64,14 +64,15 @@ class CompiledModel:
     @property
     def vm(self) -> relax.VirtualMachine:
         """The calling thread's VM (made on first use; never share it with other threads)."""
-        if not self.runs_here:
-            built_for = self.target.attrs.get("mtriple") or isa_name(self.target)
-            raise InputError(
-                f"this model was compiled for {built_for}, which this machine cannot run: export "
-                "it and run it on the device (tvm_sparse.rpc.run_remote / tvm-sparse run --rpc)"
-            )
         vm = getattr(self._local, "vm", None)
         if vm is None:
+            if not self.runs_here:
+                built_for = self.target.attrs.get("mtriple") or isa_name(self.target)
+                raise InputError(
+                    f"this model was compiled for {built_for}, which this machine cannot run: "
+                    "export it and run it on the device (tvm_sparse.rpc.run_remote / tvm-sparse "
+                    "run --rpc)"
+                )
             with _VM_LOCK:
                 vm = relax.VirtualMachine(self.executable, tvm.cpu())
             self._local.vm = vm
@@ -203,7 +204,7 @@ def load(path: str | os.PathLike, *, trial_run: bool = True) -> CompiledModel:
         lib = tvm.runtime.load_module(path)
     except Exception as err:
         raise ModelLoadError(
-            f"{path}: cannot load the library ({_first_line(err)})", path=path
+            f"{path}: cannot load the library ({first_line(err)})", path=path
         ) from err
     cm = CompiledModel(executable=lib, inputs=inputs, layers=layers, target=target, source=path)
     if trial_run and cm.runs_here:
@@ -392,7 +393,7 @@ def _parse_target(text: str, meta_path: str) -> Target | None:
             raise TypeError(f"expected a JSON object, got {type(config).__name__}")
         return Target(config)
     except Exception as err:
-        raise _bad(meta_path, "target", f"not a TVM target ({_first_line(err)})"[:300]) from err
+        raise _bad(meta_path, "target", f"not a TVM target ({first_line(err)})"[:300]) from err
 
 
 def _parse_library(meta: dict, meta_path: str) -> dict:
@@ -460,7 +461,7 @@ def _trial_run(cm: CompiledModel, meta_path: str) -> None:
         arity = cm.vm._get_function_arity("main")
     except Exception as err:
         raise ModelLoadError(
-            f"{cm.source}: the library has no Relax 'main' function ({_first_line(err)})",
+            f"{cm.source}: the library has no Relax 'main' function ({first_line(err)})",
             path=cm.source,
         ) from err
     if arity != len(cm.inputs):
@@ -471,13 +472,9 @@ def _trial_run(cm: CompiledModel, meta_path: str) -> None:
         raise
     except Exception as err:
         raise _bad(
-            meta_path, "inputs", f"the library rejects {declared}: {_first_line(err)}"[:400]
+            meta_path, "inputs", f"the library rejects {declared}: {first_line(err)}"[:400]
         ) from err
 
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def _to_numpy(out: Any) -> np.ndarray | tuple[np.ndarray, ...]:

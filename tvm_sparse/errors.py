@@ -38,3 +38,16 @@ class ExportError(TvmSparseError, OSError):
 
     def __reduce__(self) -> tuple:
         return type(self), (self.message, self.errno, self.filename)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of ``err``'s message (its type's name when it has none)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def last_line(err: BaseException) -> str:
+    """The last non-blank line of ``err``'s message, where TVM's errors put the message after
+    their traceback (its type's name when it has none)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__

@@ -23,7 +23,7 @@ from tvm import relax
 
 from relay_passes.fold_batch_norm import FoldBatchNorm
 
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, first_line
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def from_pt2(path: str | os.PathLike, example_inputs: Any = None) -> ImportedMod
     except Exception as err:  # torch raises many types here; report them as one
         cause = logged[-1] if logged else err  # torch logs the real cause, then raises its own
         raise ModelLoadError(
-            f"{path}: torch.export.load could not read it ({_first_line(cause)})", path=path
+            f"{path}: torch.export.load could not read it ({first_line(cause)})", path=path
         ) from err
     return from_exported_program(exported, example_inputs, f"pt2:{path}")
 
@@ -214,10 +214,6 @@ def _torch_export_log() -> Iterator[list[BaseException]]:
     finally:
         logger.handlers, logger.propagate = saved
 
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def from_onnx(model: Any, example_inputs: tuple | None = None) -> ImportedModel:

@@ -11,7 +11,7 @@ from typing import Any
 import tvm
 from tvm.target import Target
 
-from .errors import InputError
+from .errors import InputError, last_line
 
 TARGET_NAMES = ("x86", "x86-avx2", "x86-avx512", "arm64", "android")
 # LLVM CPUs that stand for an ISA: Haswell is the first AVX2 + FMA core, Skylake-AVX512 the
@@ -81,8 +81,7 @@ def _parse_target(target: str | dict) -> Target:
     try:
         tgt = Target(target)
     except Exception as err:  # TVM's parser raises its own error types
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        raise InputError(f"target: cannot make a target of {target!r}: {lines[-1]}") from None
+        raise InputError(f"target: cannot make a target of {target!r}: {last_line(err)}") from None
     cpu = str(tgt.attrs.get("mcpu", ""))
     if cpu and not _known_cpu(cpu, tgt):
         raise InputError(f"target: LLVM does not know the CPU {cpu!r} (mcpu)")
@@ -150,18 +149,24 @@ def runs_here(target: Target | None) -> bool:
     illegal instruction)."""
     if target is None:
         return True
-    host = resolve_target("x86") if not _host_is_arm() else resolve_target("arm64")
-    if is_arm(target) != is_arm(host):
+    if is_arm(target) != _host_is_arm():
         return False
-    if is_arm(target):
-        return True
-    return all(_has(host, f) or not _has(target, f) for f in ("avx512f", "avx2", "fma"))
+    return is_arm(target) or all(_host_has(f) or not _has(target, f) for f in _X86_ISAS)
 
 
+_X86_ISAS = ("avx512f", "avx2", "fma")
+
+
+@functools.cache
 def _host_is_arm() -> bool:
     import platform
 
     return platform.machine().lower() in ("aarch64", "arm64")
+
+
+@functools.cache
+def _host_has(feature: str) -> bool:
+    return _has(resolve_target("x86"), feature)
 
 
 def _has(target: Target, feature: str) -> bool:

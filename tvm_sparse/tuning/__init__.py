@@ -31,6 +31,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from schedules.tunable import tunable_block
+from tvm_sparse.errors import last_line
 from tvm_sparse.frontend import random_inputs
 from tvm_sparse.pipeline import lower, prepare
 from tvm_sparse.rpc import connect, split_addr
@@ -239,7 +240,7 @@ def _analysable(task) -> bool:
     try:
         estimate_flops(task.dispatched[0])
     except RuntimeError as err:  # tvm.error.InternalError: no rule for a node
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        reason = last_line(err)
         warnings.warn(
             f"{task.task_name}: left out of tuning (built at its default schedule): "
             f"MetaSchedule cannot estimate its FLOPs ({reason})",
