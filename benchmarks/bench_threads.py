@@ -40,19 +40,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def cpu_isa() -> str:
-    """The vector extensions this CPU reports (from /proc/cpuinfo's flags / Features)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            words = set().union(
-                *(ln.split(":", 1)[1].split() for ln in f if ln.startswith(("flags", "Features")))
-            )
-    except OSError:
-        return "unknown"
-    names = ["avx512f", "avx512vl", "avx512_vnni", "avx2", "fma", "sse4_2", "asimd", "sve"]
-    return " ".join(n for n in names if n in words) or "none of " + " ".join(names)
-
-
 def build_model(width: int, size: int) -> tuple[Any, np.ndarray]:
     import torch
 
@@ -122,7 +109,7 @@ def report(args: argparse.Namespace, measured: dict) -> tuple[dict, str]:
     rate = {n: statistics.median(s) for n, s in measured["samples"].items()}
     base = rate.get(1) or next(iter(rate.values()))
     rows = [[n, f"{r:.1f}", f"{r / base:.2f}x", f"{n / r * 1e3:.2f}"] for n, r in rate.items()]
-    machine = {**machine_description(), "isa": cpu_isa()}
+    machine = machine_description()  # with the ISA the kernels use here
     config = {
         "model": f"resnet18 width {args.width}, pattern-pruned, 1x3x{args.size}x{args.size}",
         "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
