@@ -21,6 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from schedules.dense_gemm import GemmConfig, conv1x1_gemm_primfunc, default_gemm_config, pack_rows
 from schedules.pattern_conv2d import (
     ConvGeometry,
     Epilogue,
@@ -97,6 +98,76 @@ def _lanes_format(fmt: str, geom: ConvGeometry) -> bool:
     return fmt == "dense" and (not pointwise or narrow)
 
 
+def _pointwise(geom: ConvGeometry) -> bool:
+    """A 1x1 conv without padding: a GEMM over the (strided) input's pixels."""
+    return geom.kernel == (1, 1) and not any(geom.padding) and geom.stride[0] == geom.stride[1]
+
+
+def _emit_gemm(
+    bb: relax.BlockBuilder,
+    kernels: dict,
+    visit,
+    weight: np.ndarray,
+    geom: ConvGeometry,
+    epilogue: tuple[Epilogue, EpilogueMatch],
+    cfg: GemmConfig,
+    cores: int,
+) -> relax.Expr:
+    """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM (a strided conv on the
+    input sliced to the pixels it reads)."""
+    epi, match = epilogue
+    x, stride = visit(match.anchor.args[0]), geom.stride[0]
+    if stride > 1:
+        x = bb.emit(
+            relax.op.strided_slice(
+                x, axes=[2, 3], begin=[0, 0], end=[geom.height, geom.width],
+                strides=[stride, stride],
+            )
+        )  # fmt: skip
+    dims = (geom.out_height, geom.out_width)
+    o, c = weight.shape[:2]
+    key = ("gemm", geom.batch, c, o, dims, epi, cfg)
+    kernel = add_kernel(
+        bb, kernels, key, f"dense_conv1x1_{o}x{c}",
+        lambda: conv1x1_gemm_primfunc(
+            geom.batch, c, o, dims[0] * dims[1], epi, cfg, cores, out_dims=dims
+        ),
+    )  # fmt: skip
+    args = [x, relax.const(pack_rows(weight.reshape(o, c), cfg.rows))]
+    if match.bias is not None:
+        args.append(relax.const(match.bias))
+    if match.residual is not None:
+        args.append(visit(match.residual))
+    return relax.call_tir(kernel, args, relax.TensorType((geom.batch, o, *dims), "float32"))
+
+
+def _record(
+    index: int,
+    geom: ConvGeometry,
+    stats,
+    fmt: str,
+    reason: str,
+    match: EpilogueMatch,
+    kept_taps: int,
+) -> LayerRecord:
+    """The report row of a rewritten conv."""
+    o, c, kh, kw = stats.shape
+    pixels = geom.batch * geom.out_height * geom.out_width
+    depthwise = fmt == "depthwise"
+    return LayerRecord(
+        name=f"conv2d_{index}",
+        op="conv2d",
+        shape=f"{o}x{1 if depthwise else c}x{kh}x{kw} s{geom.stride[0]} on "
+        f"{geom.height}x{geom.width}",
+        format=fmt,
+        density=1.0 if depthwise else stats.density,
+        flops_dense=2 * pixels * o * kh * kw * (1 if depthwise else c),
+        flops_kept=2 * pixels * kept_taps,
+        reason=reason,
+        epilogue=describe(match),
+    )
+
+
 def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
     num_threads: int = 1,
     sparse: bool = True,
@@ -143,6 +214,13 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         o, c, kh, kw = stats.shape
         name = f"{fmt}_conv2d_{o}x{c}x{kh}x{kw}"
         in_lanes = lanes == 16 and group % lanes == 0 and _lanes_format(fmt, geom)
+        if fmt == "dense" and not in_lanes and _pointwise(geom):
+            cfg = default_gemm_config(lanes, registers)
+            out = _emit_gemm(bb, kernels, visit, weight, geom, (epi, match), cfg, num_threads)
+            records.append(
+                _record(len(records), geom, stats, fmt, reason + "; packed GEMM", match, o * c)
+            )
+            return out
         if in_lanes:
             reason += "; filters computed in vector lanes"
             per_filter = packed.num_kernels / o
@@ -179,21 +257,7 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         if match.residual is not None:
             args.append(visit(match.residual))
         out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
-        pixels = geom.batch * geom.out_height * geom.out_width
-        records.append(
-            LayerRecord(
-                name=f"conv2d_{len(records)}",
-                op="conv2d",
-                shape=f"{o}x{1 if depthwise else c}x{kh}x{kw} s{geom.stride[0]} on "
-                f"{geom.height}x{geom.width}",
-                format=fmt,
-                density=1.0 if depthwise else stats.density,
-                flops_dense=2 * pixels * o * kh * kw * (1 if depthwise else c),
-                flops_kept=2 * pixels * packed.num_taps,
-                reason=reason,
-                epilogue=describe(match),
-            )
-        )
+        records.append(_record(len(records), geom, stats, fmt, reason, match, packed.num_taps))
         return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
 
     def fallback(call: relax.Call, reason: str) -> None:

@@ -1,0 +1,254 @@
+"""Dense GEMM with a constant operand packed at compile time: 1x1 convs (NCHW) and linear layers
+over tokens. TIR kernel generator.
+
+Both are ``C = A @ B`` computed by one register tile of ``rows`` x ``vectors`` vectors: per ``k``
+the tile loads ``vectors`` vectors of B's row ``k`` and broadcasts ``rows`` values of A's column
+``k`` (one FMA each, AVX-512's embedded broadcast), the accumulators staying in registers for
+the whole of K.
+
+- **1x1 conv** ``out[n, o, p] = sum_c W[o, c] x[n, c, p]`` (p a pixel of the flattened map):
+  A is the weight, packed as ``(ceil(O / rows), C, rows)`` so a tile's broadcasts are
+  contiguous; B is the input read in place, a tile's columns being ``vectors`` x lanes pixels.
+  The map's last columns (H*W not a multiple of the tile) join the last tile as one more
+  vector, partial where H*W is not a multiple of the lanes, with half the rows.
+- **linear** ``out[m, n] = sum_k x[m, k] W[k, n]``: A is the input (tokens broadcast), B the
+  weight packed as ``(ceil(N / width), K, width)``, zero-padded; the last tile stores only the
+  columns that exist.
+
+Parallel jobs are (image, column tile, chunk of row tiles): a job streams its column panel of
+B once per row tile from L1 / L2 while A's tiles are read once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .buffers import accumulator_rows, allocated_view
+from .epilogue import Epilogue
+
+ZERO = tirx.const(0.0, "float32")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """The register tile: ``rows`` broadcast values x ``vectors`` vectors of ``lanes``."""
+
+    rows: int = 8
+    vectors: int = 3
+    lanes: int = 16
+
+    @property
+    def width(self) -> int:
+        return self.vectors * self.lanes
+
+
+def default_gemm_config(lanes: int, registers: int) -> GemmConfig:
+    """The tile for a target: accumulators fill three quarters of the vector registers (the
+    rest hold B's vectors and the broadcast): AVX-512 8 x 3 (24 of 32), AVX2 / NEON 4 x 3."""
+    if registers >= 32:
+        return GemmConfig(rows=8, vectors=3, lanes=lanes)
+    return GemmConfig(rows=4, vectors=3, lanes=lanes)
+
+
+@dataclass(frozen=True)
+class ColumnTile:
+    """Columns ``[start, start + sum(widths))`` computed ``rows`` rows at a time; each width is
+    one vector (a partial one where it is less than the lanes)."""
+
+    start: int
+    widths: tuple[int, ...]
+    rows: int
+
+    @property
+    def offsets(self) -> list[int]:
+        return [sum(self.widths[:i]) for i in range(len(self.widths))]
+
+
+def column_tiles(columns: int, cfg: GemmConfig) -> tuple[int, ColumnTile | None]:
+    """``columns`` as ``full`` tiles of ``cfg.width`` then one last tile (None if they fit
+    exactly): the remainder joins the last full tile as one more vector, at half the rows so the
+    accumulators still fit the registers."""
+    full, rest = divmod(columns, cfg.width)
+    if rest == 0:
+        return full, None
+    if full == 0:
+        vectors, tail = divmod(rest, cfg.lanes)
+        rows = cfg.rows if vectors + (tail > 0) <= cfg.vectors else cfg.rows // 2
+        widths = (cfg.lanes,) * vectors + ((tail,) if tail else ())
+        return 0, ColumnTile(0, widths, rows)
+    widths = (cfg.lanes,) * cfg.vectors + tuple(_split(rest, cfg.lanes))
+    return full - 1, ColumnTile((full - 1) * cfg.width, widths, max(1, cfg.rows // 2))
+
+
+def _split(count: int, lanes: int) -> list[int]:
+    """``count`` columns as vectors of ``lanes`` and one partial vector."""
+    return [lanes] * (count // lanes) + ([count % lanes] if count % lanes else [])
+
+
+def pack_rows(weight: np.ndarray, rows: int) -> np.ndarray:
+    """(M, K) -> (ceil(M / rows), K, rows), zero-padded: a tile's broadcasts, contiguous."""
+    m, k = weight.shape
+    padded = np.pad(weight, ((0, -m % rows), (0, 0)))
+    return np.ascontiguousarray(padded.reshape(-1, rows, k).transpose(0, 2, 1))
+
+
+def pack_columns(weight: np.ndarray, width: int) -> np.ndarray:
+    """(K, N) -> (ceil(N / width), K, width), zero-padded: a tile's vectors, contiguous."""
+    k, n = weight.shape
+    padded = np.pad(weight, ((0, 0), (0, -n % width)))
+    return np.ascontiguousarray(padded.reshape(k, -1, width).transpose(1, 0, 2))
+
+
+def _vector(value: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+    return value if width == 1 else tirx.Broadcast(value, width)
+
+
+def _span(start: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+    return start if width == 1 else tirx.Ramp(start, 1, width)
+
+
+ScalarAt = Callable[[int, "tirx.PrimExpr"], "tirx.PrimExpr"]  # (row in tile, k) -> A value
+VectorAt = Callable[["tirx.PrimExpr", int, int], "tirx.PrimExpr"]  # (k, column offset, width) -> B
+Finish = Callable[[int, int, int, "tirx.PrimExpr"], None]  # (row, offset, width, sum) -> store
+
+
+def emit_tile(
+    depth: int, rows: int, widths: tuple[int, ...], a_at: ScalarAt, b_at: VectorAt, finish: Finish
+) -> None:
+    """One register tile: ``rows`` x ``widths`` accumulators over ``depth`` k, then ``finish``
+    on each vector. Rows and offsets are Python constants: LLVM keeps the tile in registers."""
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    acc = accumulator_rows(rows, sum(widths))
+    for r in range(rows):
+        for off, w in zip(offsets, widths, strict=True):
+            T.buffer_store(acc[r], _vector(ZERO, w), [_span(off, w)])
+    with T.serial(0, depth) as kk:
+        b = [b_at(kk, off, w) for off, w in zip(offsets, widths, strict=True)]
+        for r in range(rows):
+            a = a_at(r, kk)
+            for off, w, bv in zip(offsets, widths, b, strict=True):
+                at = _span(off, w)
+                T.buffer_store(acc[r], acc[r][at] + _vector(a, w) * bv, [at])
+    for r in range(rows):
+        for off, w in zip(offsets, widths, strict=True):
+            finish(r, off, w, acc[r][_span(off, w)])
+
+
+def stage_panel(
+    x: tirx.Buffer, n: tirx.PrimExpr, start: tirx.PrimExpr, widths: tuple[int, ...], depth: int
+) -> tirx.Buffer:
+    """Copy the columns ``[start, start + sum(widths))`` of ``x[n]``'s ``depth`` rows into a
+    contiguous panel. Read in place, a tile's k-th vectors lie a map apart: one page per k,
+    which the TLB and the prefetchers cannot follow (64x256 on 56x56: 130 -> ? GFLOP/s)."""
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    panel = allocated_view((depth, sum(widths)))
+    with T.serial(0, depth) as kk:
+        for off, w in zip(offsets, widths, strict=True):
+            T.buffer_store(panel, x[n, kk, _span(start + off, w)], [kk, _span(off, w)])
+    return panel
+
+
+def _row_chunks(row_tiles: int, other_jobs: int, cores: int) -> int:
+    """Row tiles per job: whole columns of tiles where there are enough column jobs to feed
+    ``cores`` (4 jobs each), else split so there are."""
+    wanted = max(1, math.ceil(4 * cores / max(1, other_jobs)))
+    return math.ceil(row_tiles / min(row_tiles, wanted))
+
+
+def conv1x1_gemm_primfunc(
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    pixels: int,
+    epilogue: Epilogue = Epilogue(),
+    cfg: GemmConfig | None = None,
+    cores: int = 1,
+    name: str = "dense_conv1x1",
+    out_dims: tuple[int, int] | None = None,
+) -> tirx.PrimFunc:
+    """Arguments: x (batch, C, P), weight ``pack_rows(W, cfg.rows)``, [bias (O,)],
+    [residual (batch, O, P)], out (batch, O, P); ``out_dims`` (H, W) declares x / residual /
+    out as 4-D maps of ``pixels = H * W`` (read through flat views)."""
+    cfg = cfg or GemmConfig()
+    full, last = column_tiles(pixels, cfg)
+    row_tiles = math.ceil(out_channels / cfg.rows)
+    col_jobs = batch * (full + (last is not None))
+    chunk = _row_chunks(row_tiles, col_jobs, cores)
+    chunks = math.ceil(row_tiles / chunk)
+    dims = out_dims or (pixels,)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name(name)
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        x_arg = T.arg("x", T.buffer((batch, in_channels, *dims), "float32"))
+        w = T.arg("weight", T.buffer((row_tiles, in_channels, cfg.rows), "float32"))
+        bias, resid_arg = epilogue.declare_args((out_channels,), (batch, out_channels, *dims))
+        out_arg = T.arg("out", T.buffer((batch, out_channels, *dims), "float32"))
+        x = T.decl_buffer((batch, in_channels, pixels), "float32", data=x_arg.data)
+        out = T.decl_buffer((batch, out_channels, pixels), "float32", data=out_arg.data)
+        resid = None
+        if resid_arg is not None:
+            resid = T.decl_buffer((batch, out_channels, pixels), "float32", data=resid_arg.data)
+        with T.parallel(0, col_jobs * chunks) as job:
+            n = job // chunks // (col_jobs // batch)
+            col_tile = job // chunks % (col_jobs // batch)
+            first = job % chunks * chunk
+
+            def tile(start: tirx.PrimExpr, widths: tuple[int, ...], rows: int) -> None:
+                sub = cfg.rows // rows  # sub-tiles of a packed row tile
+                panel = stage_panel(x, n, start, widths, in_channels)
+                with T.serial(0, chunk * sub) as t:
+                    row_tile, part = (first + t // sub, t % sub) if sub > 1 else (first + t, 0)
+                    o0 = row_tile * cfg.rows + part * rows
+
+                    def a_at(r: int, kk: tirx.PrimExpr) -> tirx.PrimExpr:
+                        return w[row_tile, kk, part * rows + r]
+
+                    def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
+                        return panel[kk, _span(off, width)]
+
+                    def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
+                        at = (n, o0 + r, _span(start + off, width))
+                        value = epilogue.apply(
+                            value,
+                            None if bias is None else _vector(bias[o0 + r], width),
+                            None if resid is None else resid[at],
+                        )
+                        with T.If(o0 + r < out_channels), T.Then():
+                            T.buffer_store(out, value, list(at))
+
+                    with T.If(row_tile < row_tiles), T.Then():
+                        emit_tile(in_channels, rows, widths, a_at, b_at, finish)
+
+            if last is None:
+                tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, cfg.rows)
+            else:
+                with T.If(col_tile < full):
+                    with T.Then():
+                        tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, cfg.rows)
+                    with T.Else():
+                        tile(last.start, last.widths, last.rows)
+    return ib.get().without_attr("global_symbol")
+
+
+def conv1x1_flops(batch: int, in_channels: int, out_channels: int, pixels: int) -> int:
+    return 2 * batch * in_channels * out_channels * pixels
+
+
+__all__ = [
+    "ColumnTile",
+    "GemmConfig",
+    "column_tiles",
+    "conv1x1_flops",
+    "conv1x1_gemm_primfunc",
+    "default_gemm_config",
+    "emit_tile",
+    "pack_columns",
+    "pack_rows",
+]
