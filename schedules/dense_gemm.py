@@ -237,6 +237,80 @@ def conv1x1_gemm_primfunc(
     return ib.get().without_attr("global_symbol")
 
 
+def linear_gemm_primfunc(
+    lead: tuple[int, ...],
+    k: int,
+    n: int,
+    epilogue: Epilogue = Epilogue(),
+    cfg: GemmConfig | None = None,
+    cores: int = 1,
+    name: str = "dense_linear",
+) -> tirx.PrimFunc:
+    """Arguments: x (*lead, K), weight ``pack_columns(W, cfg.width)`` of W (K, N),
+    [bias (N_padded,)], [residual (*lead, N)], out (*lead, N); N_padded = ``padded(n, cfg)``.
+    The leading dims (tokens x batch) are the GEMM's rows."""
+    cfg = cfg or GemmConfig()
+    m = math.prod(lead)
+    rows = min(cfg.rows, m)
+    col_tiles = math.ceil(n / cfg.width)
+    last_widths = tuple(_split(n - (col_tiles - 1) * cfg.width, cfg.lanes))
+    row_tiles = math.ceil(m / rows)
+    chunk = _row_chunks(row_tiles, col_tiles, cores)
+    chunks = math.ceil(row_tiles / chunk)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name(name)
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        x_arg = T.arg("x", T.buffer((*lead, k), "float32"))
+        w = T.arg("weight", T.buffer((col_tiles, k, cfg.width), "float32"))
+        bias, resid_arg = epilogue.declare_args((col_tiles * cfg.width,), (*lead, n))
+        out_arg = T.arg("out", T.buffer((*lead, n), "float32"))
+        x = T.decl_buffer((m, k), "float32", data=x_arg.data)
+        out = T.decl_buffer((m, n), "float32", data=out_arg.data)
+        resid = None if resid_arg is None else T.decl_buffer((m, n), data=resid_arg.data)
+        with T.parallel(0, col_tiles * chunks) as job:
+            col_tile, first = job // chunks, job % chunks * chunk
+
+            def tile(widths: tuple[int, ...]) -> None:
+                n0 = col_tile * cfg.width
+                with T.serial(0, chunk) as t:
+                    m0 = (first + t) * rows
+
+                    def a_at(r: int, kk: tirx.PrimExpr) -> tirx.PrimExpr:
+                        return x[tirx.min(m0 + r, m - 1), kk]  # a last tile's rows repeat
+
+                    def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
+                        return w[col_tile, kk, _span(off, width)]
+
+                    def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
+                        at = (m0 + r, _span(n0 + off, width))
+                        value = epilogue.apply(
+                            value,
+                            None if bias is None else bias[_span(n0 + off, width)],
+                            None if resid is None else resid[at],
+                        )
+                        with T.If(m0 + r < m), T.Then():
+                            T.buffer_store(out, value, list(at))
+
+                    with T.If(first + t < row_tiles), T.Then():
+                        emit_tile(k, rows, widths, a_at, b_at, finish)
+
+            full_widths = (cfg.lanes,) * cfg.vectors
+            if last_widths == full_widths:
+                tile(full_widths)
+            else:
+                with T.If(col_tile < col_tiles - 1):
+                    with T.Then():
+                        tile(full_widths)
+                    with T.Else():
+                        tile(last_widths)
+    return ib.get().without_attr("global_symbol")
+
+
+def padded(n: int, cfg: GemmConfig) -> int:
+    """``n`` columns rounded up to whole tiles: the packed weight's and bias's width."""
+    return math.ceil(n / cfg.width) * cfg.width
+
+
 def conv1x1_flops(batch: int, in_channels: int, out_channels: int, pixels: int) -> int:
     return 2 * batch * in_channels * out_channels * pixels
 
@@ -249,6 +323,8 @@ __all__ = [
     "conv1x1_gemm_primfunc",
     "default_gemm_config",
     "emit_tile",
+    "linear_gemm_primfunc",
     "pack_columns",
     "pack_rows",
+    "padded",
 ]

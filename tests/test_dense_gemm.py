@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tvm_sparse
+from relay_passes.dense_matmul import GEMM_MIN_ROWS
 from schedules.dense_gemm import GemmConfig, column_tiles, pack_columns, pack_rows
 from tvm_sparse.targets import resolve_target, runs_here
 
@@ -110,3 +111,49 @@ def test_packings_round_trip():
     cols = pack_columns(w, 4)  # (2, 7, 4): tile t, k, column
     assert cols.shape == (2, 7, 4)
     assert cols[1, 6, 0] == w[6, 4] and cols[1, 6, 1] == 0
+
+
+class LinearBlock(torch.nn.Module):
+    """nn.Linear on (batch, tokens, features) (+ residual) (+ ReLU): a Transformer's FC."""
+
+    def __init__(self, cin: int, cout: int, residual: bool, relu: bool) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(cin, cout)
+        self.residual, self.relu = residual, relu
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if self.residual:
+            y = y + r
+        return torch.relu(y) if self.relu else y
+
+
+@pytest.mark.parametrize("target", ISA_TARGETS)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(1, 37),
+    cin=st.integers(1, 70),
+    cout=st.integers(2, 70),  # (a 1-wide linear imports its bias add differently)
+    residual=st.booleans(),
+    relu=st.booleans(),
+)
+def test_linear_over_tokens_matches_pytorch(target, batch, tokens, cin, cout, residual, relu):
+    model = LinearBlock(cin, cout, residual, relu)
+    rng = np.random.default_rng(tokens * 100 + cin)
+    x = rng.standard_normal((batch, tokens, cin)).astype("float32")
+    r = rng.standard_normal((batch, tokens, cout)).astype("float32")
+    cm = _check(model, (x, r), target)
+    fc = cm.layers[0]
+    assert fc.format == "dense" and fc.flops_dense == 2 * batch * tokens * cin * cout
+    if batch * tokens >= GEMM_MIN_ROWS:
+        assert "GEMM" in fc.reason, fc.reason
+
+
+def test_encoder_sized_linear_fuses_its_chain():
+    model = LinearBlock(70, 50, residual=True, relu=True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 37, 70)).astype("float32")
+    r = rng.standard_normal((2, 37, 50)).astype("float32")
+    fc = _check(model, (x, r), "x86").layers[0]
+    assert "GEMM" in fc.reason and fc.epilogue == "bias+residual+relu"

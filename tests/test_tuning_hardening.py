@@ -65,7 +65,11 @@ def test_every_task_has_the_flops_metaschedule_reads(models, isa) -> None:
         templates = [t for t in tasks if tunable_block(_main(t.dispatched[0])) is not None]
         assert len(templates) == sum(tunable_block(f) is not None for f in mod.functions.values())
         assert all(FLOPS_ATTR in _main(t.dispatched[0]).attrs for t in templates)
-        on_templates = sum(r.flops_kept for r in layers if r.op == "conv2d" and r.format != "tvm")
+        on_templates = sum(
+            r.flops_kept
+            for r in layers
+            if r.op == "conv2d" and r.format != "tvm" and "packed GEMM" not in r.reason
+        )  # (the dense 1x1 GEMM is a final kernel)
         assert sum(flops[t.task_name] * t.weight for t in templates) == on_templates, name
         final = [gv.name_hint for gv, f in mod.functions.items() if _is_final(f)]
         assert not set(final) & set(flops), (name, final)

@@ -14,6 +14,7 @@ from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
 from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
+from relay_passes.fold_linear_reshape import FoldLinearReshapes
 from relay_passes.max_pool2d import RewriteMaxPool2d
 from relay_passes.pattern_conv2d import RewriteConv2D
 from relay_passes.staged_layout import PairStagedLayouts
@@ -59,7 +60,7 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
     """
     notes: list[tuple[str, str, str]] = []
     order: list[tuple[str, str]] = []
-    block_passes = [_graph_order(order)]
+    block_passes = [FoldLinearReshapes, _graph_order(order)]
     if sparse:
         costs = load_cost_table(str(tgt.attrs.get("mcpu", "")))
         block_passes += [
@@ -77,7 +78,12 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
                 lanes=vector_lanes(tgt),
             ),
             PairStagedLayouts(),
-            RewriteDenseMatmul(records=records, lanes=vector_lanes(tgt)),
+            RewriteDenseMatmul(
+                records=records,
+                lanes=vector_lanes(tgt),
+                registers=vector_registers(tgt),
+                cores=num_cores(tgt),
+            ),
             RewriteMaxPool2d(lanes=vector_lanes(tgt), shares=num_cores(tgt)),
             _merge_block_notes(records, notes, order),
         ],
@@ -119,7 +125,7 @@ def _merge_block_notes(records: list, notes: list, order: list) -> tvm.transform
             hit = next((n for n in pending if (n[0], n[1]) == (rec.op, rec.shape)), None)
             if hit is not None and rec.format not in ("bsr", "bcr"):
                 pending.remove(hit)
-                rec.reason = f"{hit[2]}; {rec.reason}" if rec.op == "conv2d" else hit[2]
+                rec.reason = f"{hit[2]}; {rec.reason}"
         notes.clear()
         free = list(enumerate(order))
         position = {}
