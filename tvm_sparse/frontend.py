@@ -24,6 +24,7 @@ from tvm import relax
 from relay_passes.fold_batch_norm import FoldBatchNorm
 
 from .errors import InputError, ModelLoadError, first_line
+from .onnx_rnn import recurrent_converters
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,6 @@ def _torch_export_log() -> Iterator[list[BaseException]]:
         logger.handlers, logger.propagate = saved
 
 
-
 def from_onnx(model: Any, example_inputs: tuple | None = None) -> ImportedModel:
     """Import an ONNX file path or ``onnx.ModelProto``; shapes come from the file if not given."""
     import onnx
@@ -255,12 +255,15 @@ def from_onnx(model: Any, example_inputs: tuple | None = None) -> ImportedModel:
     from tvm.relax.frontend.onnx import from_onnx as relax_from_onnx
 
     try:
-        mod = relax_from_onnx(
-            model,
-            shape_dict={s.name: list(s.shape) for s in graph_inputs},
-            dtype_dict={s.name: s.dtype for s in graph_inputs},
-            keep_params_in_input=False,
-        )
+        with recurrent_converters(model):  # GRU / LSTM / RNN, which TVM's importer lacks
+            mod = relax_from_onnx(
+                model,
+                shape_dict={s.name: list(s.shape) for s in graph_inputs},
+                dtype_dict={s.name: s.dtype for s in graph_inputs},
+                keep_params_in_input=False,
+            )
+    except ModelLoadError as err:  # a refused recurrent node (named in the message)
+        raise ModelLoadError(f"{source}: {err}", path=source.partition(":")[2] or None) from None
     except Exception as err:
         raise ModelLoadError(f"{source}: TVM could not import the ONNX graph ({err})") from err
     return ImportedModel(_prepare(mod), graph_inputs, source, _onnx_layer_names(model))
