@@ -65,14 +65,19 @@ def test_every_task_has_the_flops_metaschedule_reads(models, isa) -> None:
         templates = [t for t in tasks if tunable_block(_main(t.dispatched[0])) is not None]
         assert len(templates) == sum(tunable_block(f) is not None for f in mod.functions.values())
         assert all(FLOPS_ATTR in _main(t.dispatched[0]).attrs for t in templates)
-        on_templates = sum(
-            r.flops_kept
-            for r in layers
-            if r.op == "conv2d" and r.format != "tvm" and "packed GEMM" not in r.reason
-        )  # (the dense 1x1 GEMM is a final kernel)
+        on_templates = _template_flops(layers)
         assert sum(flops[t.task_name] * t.weight for t in templates) == on_templates, name
         final = [gv.name_hint for gv, f in mod.functions.items() if _is_final(f)]
         assert not set(final) & set(flops), (name, final)
+
+
+def _template_flops(layers) -> int:
+    """The useful FLOPs of the convs on tunable templates (the dense 1x1 GEMM is final)."""
+    return sum(
+        r.flops_kept
+        for r in layers
+        if r.op == "conv2d" and r.format != "tvm" and "packed GEMM" not in r.reason
+    )
 
 
 def _is_final(func) -> bool:
@@ -144,9 +149,7 @@ def test_whole_pattern_pruned_resnet18_tunes_on_each_isa(isa, tmp_path) -> None:
     assert len(templates) >= 16 and all(t.trials >= 1 and t.best_ms > 0 for t in templates)
     # The table's GFLOP/s are of the useful FLOPs: the templates' sum is the layers' (but fc).
     layers = prepare(net, (x,), tgt, True)[1]
-    assert sum(t.flops * t.weight for t in templates) == sum(
-        r.flops_kept for r in layers if r.op == "conv2d"
-    )
+    assert sum(t.flops * t.weight for t in templates) == _template_flops(layers)
     assert "GFLOP/s" in result.table()
     assert_matches_torch(tvm_sparse.compile(net, (x,), tgt, tuning=str(tmp_path)), net, x)
 
