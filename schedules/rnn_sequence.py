@@ -77,6 +77,20 @@ class RecurrentGeometry:
         return self.cell == "gru" and not self.linear_before_reset
 
 
+RECURRENT_ATTR = "tvm_sparse.recurrence"  # the kernel's geometry, for the compile report
+
+
+def describe_recurrence(geom: RecurrentGeometry) -> str:
+    """``"gru 1024 hidden, 100 steps x batch 1, reverse"``: the report's shape of a layer."""
+    reverse = ", reverse" if geom.reverse else ""
+    return f"{geom.cell} {geom.hidden} hidden, {geom.steps} steps x batch {geom.batch}{reverse}"
+
+
+def recurrence_flops(geom: RecurrentGeometry) -> int:
+    """2 x the multiply-adds of the recurrent weight over every step (h x W_hh^T)."""
+    return 2 * geom.steps * geom.batch * geom.gates * geom.hidden * geom.hidden
+
+
 @dataclass(frozen=True)
 class RecurrentConfig:
     """Knobs: vector lanes, vectors of hidden units per tile, batch rows per register tile."""
@@ -313,7 +327,20 @@ def recurrent_sequence_primfunc(
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         # Final (``tirx.is_scheduled``); opaque so Relax fuses nothing into it.
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        T.func_attr(
+            {
+                "tir.noalias": True,
+                "op_pattern": 8,
+                "tirx.is_scheduled": True,
+                RECURRENT_ATTR: {
+                    "cell": geom.cell,
+                    "steps": steps,
+                    "batch": batch,
+                    "hidden": hidden,
+                    "reverse": int(geom.reverse),
+                },
+            }
+        )
         xp = T.arg("xp", T.buffer((steps * batch, geom.gates * h_pad), "float32"))
         weights = [
             T.arg(f"weight{i}", T.buffer((tiles, hidden, len(g), cfg.width), "float32"))

@@ -297,6 +297,14 @@ def test_gru_256_hidden_100_steps_is_one_kernel_call_per_layer_direction():
         np.testing.assert_allclose(g, e, rtol=RTOL, atol=ATOL)
     kernels = {k.name: k.calls for k in cm.profile(*feeds.values(), runs=1).kernels}
     assert sum(c for n, c in kernels.items() if "rnn_sequence" in n) == 4
+    # The report: a row per layer direction, its recurrent FLOPs (3 gates of 256 x 256).
+    rows = [r for r in cm.layers if r.op == "gru"]
+    assert [r.shape for r in rows] == [
+        "gru 256 hidden, 100 steps x batch 1",
+        "gru 256 hidden, 100 steps x batch 1, reverse",
+    ] * 2
+    assert all(r.flops_kept == 2 * 100 * 3 * 256 * 256 for r in rows)
+    assert "gru" in cm.report()
 
 
 def _activation_kernel(activation) -> tvm.runtime.Module:

@@ -476,7 +476,6 @@ def _trial_run(cm: CompiledModel, meta_path: str) -> None:
         ) from err
 
 
-
 def _to_numpy(out: Any) -> np.ndarray | tuple[np.ndarray, ...]:
     if hasattr(out, "numpy"):
         return out.numpy()

@@ -18,6 +18,12 @@ from relay_passes.fold_linear_reshape import FoldLinearReshapes
 from relay_passes.max_pool2d import RewriteMaxPool2d
 from relay_passes.pattern_conv2d import RewriteConv2D
 from relay_passes.staged_layout import PairStagedLayouts
+from schedules.rnn_sequence import (
+    RECURRENT_ATTR,
+    RecurrentGeometry,
+    describe_recurrence,
+    recurrence_flops,
+)
 from schedules.tvm_ops import DefaultCPUSchedules
 
 from .formats.block import load_cost_table
@@ -192,7 +198,45 @@ def _remaining_ops(mod: tvm.IRModule) -> list[LayerRecord]:
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             _Finder().visit_expr(func)
-    return [r for r in rows if r.op != "conv2d"]
+    return [r for r in rows if r.op != "conv2d"] + _recurrent_layers(mod)
+
+
+def _recurrent_layers(mod: tvm.IRModule) -> list[LayerRecord]:
+    """A row per recurrence kernel call (an ONNX GRU / LSTM / RNN layer direction)."""
+    rows = []
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                call = binding.value
+                if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.call_tir"):
+                    continue
+                kernel = mod[call.args[0]]
+                what = kernel.attrs.get(RECURRENT_ATTR) if kernel.attrs else None
+                if what is None:
+                    continue
+                geom = RecurrentGeometry(
+                    cell=str(what["cell"]),
+                    steps=int(what["steps"]),
+                    batch=int(what["batch"]),
+                    hidden=int(what["hidden"]),
+                    reverse=bool(int(what["reverse"])),
+                )
+                flops = recurrence_flops(geom)
+                rows.append(
+                    LayerRecord(
+                        name=f"{geom.cell}_{len(rows)}",
+                        op=geom.cell,
+                        shape=describe_recurrence(geom),
+                        format="dense",
+                        density=1.0,
+                        flops_dense=flops,
+                        flops_kept=flops,
+                        reason="the loop over time in one kernel, W_hh packed dense, gates fused",
+                    )
+                )
+    return rows
 
 
 def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
