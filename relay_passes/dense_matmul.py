@@ -82,7 +82,7 @@ def RewriteDenseMatmul(  # noqa: N802 (TVM's pass naming)
 
     def emit(bb: relax.BlockBuilder, match: EpilogueMatch, visit) -> relax.Expr:
         call = match.anchor
-        lead, k = static_shape(call.args[0])[:-1], static_shape(call.args[0])[-1]
+        *lead, k = static_shape(call.args[0])
         m = math.prod(lead)
         weight = const_value(call.args[1]).astype(np.float32)
         n = weight.shape[1]
@@ -123,8 +123,8 @@ def _emit_gemm(
 ) -> relax.Expr:
     """``x @ W`` (+ epilogue) as ``schedules.dense_gemm``'s linear GEMM, W packed per tile."""
     x = match.anchor.args[0]
-    lead, k = static_shape(x)[:-1], static_shape(x)[-1]
-    n = weight.shape[1]
+    *lead, k = static_shape(x)
+    lead, n = tuple(lead), weight.shape[1]
     epi = Epilogue(match.bias is not None, match.residual is not None, match.activation)
     name = f"dense_linear_{k}x{n}"
     kernel = add_kernel(
