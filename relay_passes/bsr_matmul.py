@@ -1,12 +1,13 @@
 """RewriteBSRMatmul: ``relax.matmul(x, W)`` with a block-sparse constant weight -> BSR kernel.
 
-Takes the FC layers ``RewriteDenseMatmul`` would take (2-D x, constant 2-D float32 weight
-``(K, N)`` as folded from ``linear``) whose weight, viewed as ``(N, K)``, is block-sparse enough
-that the BSR kernel is estimated faster than the dense one (``formats.block.choose_block_format``
-with the target's cost table; the block shape is detected from the weight). The matmul and its
-epilogue (bias, residual add, ReLU / ReLU6) become one ``call_tir`` to
-``schedules.bsr_matmul.bsr_matmul_primfunc``. Everything else is left as it is, for
-RewriteDenseMatmul (which runs after this pass); ``notes`` get why such a layer stayed dense.
+Takes the linear layers ``RewriteDenseMatmul`` would take (x of any rank, its leading dims,
+tokens x batch, being the rows; a constant 2-D float32 weight ``(K, N)`` as folded from
+``linear``) whose weight, viewed as ``(N, K)``, is block-sparse enough that the BSR kernel is
+estimated faster than the dense one (``formats.block.choose_block_format`` with the target's
+cost table; the block shape is detected from the weight). The matmul and its epilogue (bias,
+residual add, ReLU / ReLU6) become one ``call_tir`` to ``schedules.bsr_matmul``. Everything
+else is left as it is, for RewriteDenseMatmul (which runs after this pass); ``notes`` get why
+such a layer stayed dense.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tvm_sparse.formats.block import (
 from tvm_sparse.report import LayerRecord
 
 from .block_choice import BlockDecisions, block_kernel_args
-from .dense_matmul import matmul_unsupported
+from .dense_matmul import linear_unsupported
 from .epilogue import EpilogueMatch, describe
 from .rewrite import anchored_rewrite_pass
 from .utils import add_kernel, const_value, static_shape
@@ -38,8 +39,8 @@ NOT_CHOSEN = "kept dense: "
 
 def matmul_shape(call: relax.Call) -> str:
     """The report's shape text for a matmul (the same as RewriteDenseMatmul's)."""
-    m, k = static_shape(call.args[0])
-    return f"{k}x{static_shape(call.args[1])[1]} (batch {m})"
+    *lead, k = static_shape(call.args[0])
+    return f"{k}x{static_shape(call.args[1])[1]} (batch {math.prod(lead)})"
 
 
 def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
@@ -55,18 +56,18 @@ def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
 
     def choose(call: relax.Call) -> tuple[BlockChoice, np.ndarray]:
         matrix = const_value(call.args[1]).astype(np.float32).T  # (N, K)
-        m = static_shape(call.args[0])[0]
+        m = math.prod(static_shape(call.args[0])[:-1])
         return choose_block_format(matrix, costs, "fc", work=m), matrix
 
     decisions = BlockDecisions(
-        "matmul", matmul_unsupported, choose, matmul_shape, NOT_CHOSEN, notes
+        "matmul", linear_unsupported, choose, matmul_shape, NOT_CHOSEN, notes
     )
 
     def emit(bb: relax.BlockBuilder, match: EpilogueMatch, visit) -> relax.Expr:
         call = match.anchor
         choice, matrix = decisions.decide(call)
-        m, k = static_shape(call.args[0])
-        n = matrix.shape[0]
+        *lead, k = static_shape(call.args[0])
+        lead, m, n = tuple(lead), math.prod(lead), matrix.shape[0]
         cfg = default_bsr_matmul_config(m, num_threads)
         fmt = choice.format
         packed, kept = pack_block_weight(matrix, fmt, choice.block, cfg.shares)
@@ -74,9 +75,9 @@ def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
         r, c = choice.block
         name = f"{fmt}_matmul_{k}x{n}_{r}x{c}"
         kernel = add_kernel(
-            bb, kernels, (m, k, n, choice.block, packed.num_blocks, epi, cfg, kept), name,
+            bb, kernels, (lead, k, n, choice.block, packed.num_blocks, epi, cfg, kept), name,
             lambda: bsr_matmul_primfunc(
-                m, k, n, choice.block, packed.num_blocks, epi, cfg, name, kept
+                lead, k, n, choice.block, packed.num_blocks, epi, cfg, name, kept
             ),
         )  # fmt: skip
         args = block_kernel_args(match, visit, packed, r, n)
@@ -93,7 +94,7 @@ def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
                 epilogue=describe(match),
             )
         )
-        return relax.call_tir(kernel, args, relax.TensorType((m, n), "float32"))
+        return relax.call_tir(kernel, args, relax.TensorType((*lead, n), "float32"))
 
     return anchored_rewrite_pass(
         "RewriteBSRMatmul", "relax.matmul", decisions.unsupported, emit, channel_axis=-1,

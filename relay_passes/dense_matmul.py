@@ -36,19 +36,6 @@ from .rewrite import anchored_rewrite_pass
 from .utils import add_kernel, const_value, static_shape
 
 
-def matmul_unsupported(call: relax.Call) -> str | None:
-    """Why the kernel cannot take this matmul, or None if it can."""
-    weight = const_value(call.args[1])
-    if weight is None:
-        return "weight is not a constant"
-    x_shape = static_shape(call.args[0])
-    if weight.ndim != 2 or x_shape is None or len(x_shape) != 2:
-        return f"operands {x_shape} x {weight.shape} (only 2-D x constant 2-D)"
-    if weight.dtype != np.float32 or call.args[0].ty.dtype != "float32":
-        return "dtype (only float32)"
-    return None
-
-
 def linear_unsupported(call: relax.Call) -> str | None:
     """Why the dense kernels cannot take this matmul: they take x of any rank (its leading
     dims are rows: tokens x batch) times a constant 2-D weight."""

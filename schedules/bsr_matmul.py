@@ -50,7 +50,7 @@ def _vector_loop(extent: int):
 
 
 def bsr_matmul_primfunc(
-    m: int,
+    lead: int | tuple[int, ...],
     k: int,
     n: int,
     block: tuple[int, int],
@@ -60,13 +60,16 @@ def bsr_matmul_primfunc(
     name: str = "bsr_matmul",
     kept: tuple[int, int] | None = None,
 ) -> tirx.PrimFunc:
-    """Arguments: x (M, K), block_ptr (R+1,) i32, block_col (nb,) i32, block_values (nb, c, r),
-    row_order (R,) i32, [bias (R*r,) in original order, zero-padded], [residual (M, N)],
-    out (M, N); R = ceil(N / r), nb = max(num_blocks, 1).
+    """Arguments: x (*lead, K), block_ptr (R+1,) i32, block_col (nb,) i32, block_values
+    (nb, c, r), row_order (R,) i32, [bias (R*r,) in original order, zero-padded], [residual
+    (*lead, N)], out (*lead, N); R = ceil(N / r), nb = max(num_blocks, 1). The leading dims
+    (tokens x batch, or an int M) are the M rows, read through flat (M, K) / (M, N) views.
 
     ``kept = (nr, nc)`` makes it the BCR kernel: row_idx (nb, nr) i32 and col_idx (nb, nc) i32
     follow block_col, block_values is (nb, nc, nr); each block's sub-block is computed as
     nr-wide vectors, then added into its rows."""
+    lead = (lead,) if isinstance(lead, int) else tuple(lead)
+    m = math.prod(lead)
     cfg = config or default_bsr_matmul_config(m)
     r, c = block
     sub_r, sub_c = kept if kept is not None else (r, c)
@@ -80,7 +83,7 @@ def bsr_matmul_primfunc(
         # Final (``tirx.is_scheduled``): MetaSchedule can neither schedule nor sample it, so it
         # is no tuning task; TVM's default schedules leave it as it is.
         T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
-        x = T.arg("x", T.buffer((m, k), "float32"))
+        x_arg = T.arg("x", T.buffer((*lead, k), "float32"))
         ptr = T.arg("block_ptr", T.buffer((n_rows + 1,), "int32"))
         bcol = T.arg("block_col", T.buffer((max(num_blocks, 1),), "int32"))
         if kept is not None:
@@ -88,13 +91,16 @@ def bsr_matmul_primfunc(
             cidx = T.arg("col_idx", T.buffer((max(num_blocks, 1), sub_c), "int32"))
         vals = T.arg("block_values", T.buffer((max(num_blocks, 1), sub_c, sub_r), "float32"))
         order = T.arg("row_order", T.buffer((n_rows,), "int32"))
-        bias, resid = epilogue.declare_args((n_rows * r,), (m, n))
-        out = T.arg("out", T.buffer((m, n), "float32"))
+        bias, resid_arg = epilogue.declare_args((n_rows * r,), (*lead, n))
+        out_arg = T.arg("out", T.buffer((*lead, n), "float32"))
+        x = T.decl_buffer((m, k), "float32", data=x_arg.data)
+        out = T.decl_buffer((m, n), "float32", data=out_arg.data)
+        resid = None if resid_arg is None else T.decl_buffer((m, n), data=resid_arg.data)
         with T.parallel(0, shares * m_tiles) as job:
             share = job // m_tiles
             m0 = job % m_tiles * rows
             acc = T.alloc_buffer((rows, r), "float32")  # < 1 KiB: on the stack
-            with _share_rows(share, per_share, shares, n_rows) as i:
+            with share_rows(share, per_share, shares, n_rows) as i:
                 with T.unroll(0, rows) as mr, _vector_loop(r) as ii:
                     T.buffer_store(acc, ZERO, [mr, ii])
                 with T.serial(ptr[i], ptr[i + 1]) as b:
@@ -316,7 +322,7 @@ def bsr_conv1x1_primfunc(
                 T.buffer_store(out, value, [n, o, p])
 
             for ii in range(r):
-                with _when(o0 + ii < outs if outs % r and ii >= outs % r else None):
+                with when(o0 + ii < outs if outs % r and ii >= outs % r else None):
                     if tail_tile:  # whole vectors, then the last pixels one by one
                         if tail // vec:
                             with T.serial(0, tail // vec) as v, T.vectorized(0, vec) as x:
@@ -335,13 +341,13 @@ def bsr_conv1x1_primfunc(
             if full_tiles and tail:
                 with T.If(t < full_tiles):
                     with T.Then():
-                        with _share_rows(share, per_share, shares, n_rows) as i:
+                        with share_rows(share, per_share, shares, n_rows) as i:
                             tile_body(n, t, i, cfg.vectors, False)
                     with T.Else():
-                        with _share_rows(share, per_share, shares, n_rows) as i:
+                        with share_rows(share, per_share, shares, n_rows) as i:
                             tile_body(n, t, i, tail_vecs, True)
             else:
-                with _share_rows(share, per_share, shares, n_rows) as i:
+                with share_rows(share, per_share, shares, n_rows) as i:
                     if full_tiles:
                         tile_body(n, t, i, cfg.vectors, False)
                     else:
@@ -368,17 +374,17 @@ class _RowView:
 
 
 @contextlib.contextmanager
-def _share_rows(share, per_share: int, shares: int, n_rows: int):
+def share_rows(share, per_share: int, shares: int, n_rows: int):
     """Loop over the packed block rows of one share. The loop starts at 0: a loop whose start
     depends on the parallel variable ran the wrong rows here (TVM 0.27, LLVM codegen)."""
     with T.serial(0, per_share) as di:
         i = share * per_share + di
-        with _when(i < n_rows if per_share * shares != n_rows else None):
+        with when(i < n_rows if per_share * shares != n_rows else None):
             yield i
 
 
 @contextlib.contextmanager
-def _when(cond):
+def when(cond):
     """``T.If(cond)`` frame, or nothing when ``cond`` is None (statically true)."""
     if cond is None:
         yield

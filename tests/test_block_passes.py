@@ -54,8 +54,8 @@ def _emit_chain(bb, ops):
     return y
 
 
-def _fc_before(w_kn, bias=None, relu=False):
-    x = relax.Var("x", relax.TensorType((2, w_kn.shape[0]), "float32"))
+def _fc_before(w_kn, bias=None, relu=False, lead=(2,)):
+    x = relax.Var("x", relax.TensorType((*lead, w_kn.shape[0]), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -93,6 +93,34 @@ def test_sparse_linear_with_bias_and_relu_becomes_one_bsr_call():
     tvm.ir.assert_structural_equal(after, expected)
     assert [(r.format, r.epilogue) for r in records] == [("bsr", "bias+relu")]
     assert "bsr 8x1" in records[0].reason and "est" in records[0].reason
+
+
+def test_linear_over_tokens_is_one_bsr_call_on_the_nd_tensors():
+    """x (batch, tokens, K): the leading dims are the kernel's rows, no reshape around it."""
+    w = _bsr(24, 32, (8, 1), 0.25, seed=4)
+    before = _fc_before(np.ascontiguousarray(w.T), lead=(2, 5))
+
+    cfg = default_bsr_matmul_config(10, 2)
+    packed = BSRWeight.from_dense(w, (8, 1), num_shares=cfg.shares)
+    name = "bsr_matmul_32x24_8x1"
+    x = relax.Var("x", relax.TensorType((2, 5, 32), "float32"))
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(
+        bsr_matmul_primfunc((2, 5), 32, 24, (8, 1), packed.num_blocks, Epilogue(), cfg, name),
+        name,
+    )
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            args = [x] + [relax.const(a) for a in packed.kernel_args()]
+            out_ty = relax.TensorType((2, 5, 24), "float32")
+            y = bb.emit_output(relax.call_tir(gv, args, out_ty))
+        bb.emit_func_output(y)
+    expected = bb.get()
+
+    records = []
+    after = RewriteBSRMatmul(BSR_WINS, records, num_threads=2)(before)
+    tvm.ir.assert_structural_equal(after, expected)
+    assert [(r.shape, r.format) for r in records] == [("32x24 (batch 10)", "bsr")]
 
 
 def test_linear_kept_dense_by_cost_is_left_alone_with_a_note():
@@ -234,3 +262,36 @@ def test_block_pruned_model_with_the_shipped_cost_table():
     block_layers = [r for r in cm.layers if r.op == "matmul" or "x1x1" in r.shape]
     assert len(block_layers) == 5
     assert all("est" in r.reason for r in block_layers)
+
+
+class TokenNet(nn.Module):
+    """Linear layers over (batch, tokens, features): BSR 16x1 with ReLU, BCR 8x8 with a
+    residual, an odd output width (block rows cut short)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(48, 96)
+        self.mix = nn.Linear(96, 96)
+        self.out = nn.Linear(96, 37)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        h = self.mix(h) + h
+        return self.out(h)
+
+
+def test_block_pruned_linears_over_tokens_match_torch(monkeypatch):
+    monkeypatch.setattr(pipeline, "load_cost_table", lambda cpu: BSR_WINS)
+    torch.manual_seed(1)
+    net = TokenNet()
+    with torch.no_grad():
+        net.up.weight.copy_(project_bsr(net.up.weight, (16, 1), 0.3))
+        net.mix.weight.copy_(project_bcr(net.mix.weight, (8, 8), 0.5, 0.5))
+        net.out.weight.copy_(project_bsr(net.out.weight, (8, 1), 0.3))
+    net.eval()
+    for shape in ((1, 7, 48), (2, 13, 48)):  # odd token counts, batch 2
+        x = np.random.default_rng(2).standard_normal(shape).astype("float32")
+        cm = tvm_sparse.compile(net, (x,))
+        _check(cm, net, x)
+        formats = [(r.format, r.epilogue) for r in cm.layers if r.op == "matmul"]
+        assert formats == [("bsr", "bias+relu"), ("bcr", "bias+residual"), ("bsr", "bias")]
