@@ -75,14 +75,14 @@ def column_tiles(columns: int, cfg: GemmConfig) -> tuple[int, ColumnTile | None]
     if rest == 0:
         return full, None
     if full == 0:
-        widths = tuple(_split(rest, cfg.lanes))
+        widths = tuple(split_vectors(rest, cfg.lanes))
         rows = cfg.rows if len(widths) <= cfg.vectors else cfg.rows // 2
         return 0, ColumnTile(0, widths, rows)
-    widths = (cfg.lanes,) * cfg.vectors + tuple(_split(rest, cfg.lanes))
+    widths = (cfg.lanes,) * cfg.vectors + tuple(split_vectors(rest, cfg.lanes))
     return full - 1, ColumnTile((full - 1) * cfg.width, widths, max(1, cfg.rows // 2))
 
 
-def _split(count: int, lanes: int) -> list[int]:
+def split_vectors(count: int, lanes: int) -> list[int]:
     """``count`` columns as vectors of ``lanes`` and one partial vector."""
     return [lanes] * (count // lanes) + ([count % lanes] if count % lanes else [])
 
@@ -106,11 +106,13 @@ def _offsets(widths: tuple[int, ...]) -> list[int]:
     return [sum(widths[:i]) for i in range(len(widths))]
 
 
-def _vector(value: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+def splat(value: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+    """``value`` broadcast to ``width`` lanes (itself for one lane)."""
     return value if width == 1 else tirx.Broadcast(value, width)
 
 
-def _span(start: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+def span(start: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
+    """The indices ``[start, start + width)`` as one vector index (``start`` for one lane)."""
     return start if width == 1 else tirx.Ramp(start, 1, width)
 
 
@@ -128,17 +130,49 @@ def emit_tile(
     acc = accumulator_rows(rows, sum(widths))
     for r in range(rows):
         for off, w in zip(offsets, widths, strict=True):
-            T.buffer_store(acc[r], _vector(ZERO, w), [_span(off, w)])
+            T.buffer_store(acc[r], splat(ZERO, w), [span(off, w)])
     with T.serial(0, depth) as kk:
         b = [b_at(kk, off, w) for off, w in zip(offsets, widths, strict=True)]
         for r in range(rows):
             a = a_at(r, kk)
             for off, w, bv in zip(offsets, widths, b, strict=True):
-                at = _span(off, w)
-                T.buffer_store(acc[r], acc[r][at] + _vector(a, w) * bv, [at])
+                at = span(off, w)
+                T.buffer_store(acc[r], acc[r][at] + splat(a, w) * bv, [at])
     for r in range(rows):
         for off, w in zip(offsets, widths, strict=True):
-            finish(r, off, w, acc[r][_span(off, w)])
+            finish(r, off, w, acc[r][span(off, w)])
+
+
+def tile_block(
+    rows: int,
+    columns: int,
+    depth: int,
+    cfg: GemmConfig,
+    a_at: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
+    b_at: VectorAt,
+    finish: Finish,
+) -> None:
+    """A ``rows`` x ``columns`` block of ``A @ B`` as register tiles (``rows`` a multiple of
+    ``cfg.rows``): loops over the column tiles (``column_tiles``) and the row tiles of each.
+    ``a_at(row, k)``, ``b_at(k, column, width)`` and ``finish(row, column, width, sum)`` take
+    positions in the block."""
+    full, last = column_tiles(columns, cfg)
+
+    def tiles(start: tirx.PrimExpr, widths: tuple[int, ...], tile_rows: int) -> None:
+        with T.serial(0, rows // tile_rows) as t:
+            r0 = t * tile_rows
+            emit_tile(
+                depth, tile_rows, widths,
+                lambda r, kk: a_at(r0 + r, kk),
+                lambda kk, off, w: b_at(kk, start + off, w),
+                lambda r, off, w, value: finish(r0 + r, start + off, w, value),
+            )  # fmt: skip
+
+    if full:
+        with T.serial(0, full) as c:
+            tiles(c * cfg.width, (cfg.lanes,) * cfg.vectors, cfg.rows)
+    if last is not None:
+        tiles(last.start, last.widths, last.rows)
 
 
 def stage_panel(
@@ -152,7 +186,7 @@ def stage_panel(
     panel = allocated_view((depth, sum(widths)))
     with T.serial(0, depth) as kk:
         for off, w in zip(offsets, widths, strict=True):
-            T.buffer_store(panel, x[n, kk, _span(start + off, w)], [kk, _span(off, w)])
+            T.buffer_store(panel, x[n, kk, span(start + off, w)], [kk, span(off, w)])
     return panel
 
 
@@ -212,13 +246,13 @@ def conv1x1_gemm_primfunc(
                         return w[row_tile, kk, part * rows + r]
 
                     def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
-                        return panel[kk, _span(off, width)]
+                        return panel[kk, span(off, width)]
 
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
-                        at = (n, o0 + r, _span(start + off, width))
+                        at = (n, o0 + r, span(start + off, width))
                         value = epilogue.apply(
                             value,
-                            None if bias is None else _vector(bias[o0 + r], width),
+                            None if bias is None else splat(bias[o0 + r], width),
                             None if resid is None else resid[at],
                         )
                         with T.If(o0 + r < out_channels), T.Then():
@@ -254,7 +288,7 @@ def linear_gemm_primfunc(
     m = math.prod(lead)
     rows = min(cfg.rows, m)
     col_tiles = math.ceil(n / cfg.width)
-    last_widths = tuple(_split(n - (col_tiles - 1) * cfg.width, cfg.lanes))
+    last_widths = tuple(split_vectors(n - (col_tiles - 1) * cfg.width, cfg.lanes))
     row_tiles = math.ceil(m / rows)
     chunk = _row_chunks(row_tiles, col_tiles, cores)
     chunks = math.ceil(row_tiles / chunk)
@@ -280,13 +314,13 @@ def linear_gemm_primfunc(
                         return x[tirx.min(m0 + r, m - 1), kk]  # a last tile's rows repeat
 
                     def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
-                        return w[col_tile, kk, _span(off, width)]
+                        return w[col_tile, kk, span(off, width)]
 
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
-                        at = (m0 + r, _span(n0 + off, width))
+                        at = (m0 + r, span(n0 + off, width))
                         value = epilogue.apply(
                             value,
-                            None if bias is None else bias[_span(n0 + off, width)],
+                            None if bias is None else bias[span(n0 + off, width)],
                             None if resid is None else resid[at],
                         )
                         with T.If(m0 + r < m), T.Then():
@@ -323,4 +357,8 @@ __all__ = [
     "pack_columns",
     "pack_rows",
     "padded",
+    "span",
+    "splat",
+    "split_vectors",
+    "tile_block",
 ]

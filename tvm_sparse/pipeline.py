@@ -15,6 +15,7 @@ from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
 from relay_passes.fold_linear_reshape import FoldLinearReshapes
+from relay_passes.fuse_attention import ATTENTION_ATTR, FuseAttention
 from relay_passes.max_pool2d import RewriteMaxPool2d
 from relay_passes.pattern_conv2d import RewriteConv2D
 from relay_passes.staged_layout import PairStagedLayouts
@@ -66,7 +67,11 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
     """
     notes: list[tuple[str, str, str]] = []
     order: list[tuple[str, str]] = []
-    block_passes = [FoldLinearReshapes, _graph_order(order)]
+    block_passes = [
+        FoldLinearReshapes,
+        FuseAttention(vector_lanes(tgt), vector_registers(tgt), num_cores(tgt)),
+        _graph_order(order),
+    ]
     if sparse:
         costs = load_cost_table(str(tgt.attrs.get("mcpu", "")))
         block_passes += [
@@ -198,7 +203,47 @@ def _remaining_ops(mod: tvm.IRModule) -> list[LayerRecord]:
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             _Finder().visit_expr(func)
-    return [r for r in rows if r.op != "conv2d"] + _recurrent_layers(mod)
+    return [r for r in rows if r.op != "conv2d"] + _recurrent_layers(mod) + _attention_layers(mod)
+
+
+def _kernel_calls(mod: tvm.IRModule, attr: str) -> list[Any]:
+    """The ``attr`` of the kernel of every ``call_tir`` whose kernel carries it, in call order."""
+    found = []
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                call = binding.value
+                if isinstance(call, relax.Call) and call.op == tvm.ir.Op.get("relax.call_tir"):
+                    kernel = mod[call.args[0]]
+                    what = kernel.attrs.get(attr) if kernel.attrs else None
+                    if what is not None:
+                        found.append(what)
+    return found
+
+
+def _attention_layers(mod: tvm.IRModule) -> list[LayerRecord]:
+    """A row per fused attention call."""
+    rows = []
+    for what in _kernel_calls(mod, ATTENTION_ATTR):
+        heads, t, s = int(what["heads"]), int(what["queries"]), int(what["keys"])
+        d, dv = int(what["depth"]), int(what["value_depth"])
+        flops = 2 * heads * t * s * (d + dv)
+        rows.append(
+            LayerRecord(
+                name=f"attention_{len(rows)}",
+                op="attention",
+                shape=f"{heads}x{t}x{s}, depth {d}",
+                format="dense",
+                density=1.0,
+                flops_dense=flops,
+                flops_kept=flops,
+                reason="fused attention (scores, softmax, probs @ v in one kernel)",
+                epilogue="mask" if int(what["masked"]) else "",
+            )
+        )
+    return rows
 
 
 def _recurrent_layers(mod: tvm.IRModule) -> list[LayerRecord]:
@@ -224,16 +269,23 @@ def _recurrent_layers(mod: tvm.IRModule) -> list[LayerRecord]:
                     reverse=bool(int(what["reverse"])),
                 )
                 flops = recurrence_flops(geom)
+                stored = int(what.get("stored", geom.gates * geom.hidden * geom.hidden))
+                density = stored / (geom.gates * geom.hidden * geom.hidden)
+                fmt, packing = "dense", "W_hh packed dense"
+                if str(what.get("format", "dense")) == "bsr":
+                    units, cols = (int(d) for d in what["block"])
+                    fmt = f"bsr {units}x{cols}"
+                    packing = f"W_hh in {units}x{cols} blocks, {density:.1%} stored"
                 rows.append(
                     LayerRecord(
                         name=f"{geom.cell}_{len(rows)}",
                         op=geom.cell,
                         shape=describe_recurrence(geom),
-                        format="dense",
-                        density=1.0,
+                        format=fmt,
+                        density=density,
                         flops_dense=flops,
-                        flops_kept=flops,
-                        reason="the loop over time in one kernel, W_hh packed dense, gates fused",
+                        flops_kept=round(flops * density),
+                        reason=f"the loop over time in one kernel, {packing}, gates fused",
                     )
                 )
     return rows
