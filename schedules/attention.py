@@ -29,6 +29,7 @@ from tvm.script.ir_builder import tirx as T
 from .buffers import allocated_view
 from .dense_gemm import GemmConfig, span, splat, tile_block
 from .rnn_sequence import vector_exp
+from .vector_math import add, row_reduce
 
 NEG_INF = float("-inf")
 ZERO = tirx.const(0.0, "float32")
@@ -129,23 +130,7 @@ def _softmax_row(
 ) -> None:
     """``probs[row] = exp(probs[row] - max)`` and ``inv_sum[row] = 1 / sum`` (0 for a row of
     ``-inf`` when ``safe``), in vectors of ``lanes`` reduced across lanes at the end."""
-    full, rest = divmod(s, lanes)
-    lane_acc, scalar = allocated_view((lanes,)), allocated_view((1,))
-    every = span(0, lanes)
-
-    def reduce(init: float, combine, body) -> tirx.PrimExpr:
-        """Combine ``body(at, width)`` over the row into one scalar (vectors, then lanes)."""
-        T.buffer_store(lane_acc, splat(tirx.const(init, "float32"), lanes), [every])
-        with T.serial(0, full) as j:
-            T.buffer_store(lane_acc, combine(lane_acc[every], body(j * lanes, lanes)), [every])
-        T.buffer_store(scalar, tirx.const(init, "float32"), [0])
-        with T.serial(0, lanes) as e:
-            T.buffer_store(scalar, combine(scalar[0], lane_acc[e]), [0])
-        with T.serial(0, rest) as e:
-            T.buffer_store(scalar, combine(scalar[0], body(full * lanes + e, 1)), [0])
-        return scalar[0]
-
-    top = T.Bind(reduce(NEG_INF, tirx.max, lambda at, w: probs[row, span(at, w)]))
+    top = T.Bind(row_reduce(s, lanes, NEG_INF, tirx.max, lambda at, w: probs[row, span(at, w)]))
     if safe:  # a row of -inf: exp(-inf - 0) = 0 everywhere, the row's output 0
         top = T.Bind(tirx.Select(top == tirx.const(NEG_INF, "float32"), ZERO, top))
 
@@ -158,7 +143,7 @@ def _softmax_row(
         T.buffer_store(probs, e, [row, span(at, width)])
         return probs[row, span(at, width)]
 
-    total = T.Bind(reduce(0.0, lambda a, b: a + b, exp_store))
+    total = T.Bind(row_reduce(s, lanes, 0.0, add, exp_store))
     inverse = tirx.const(1.0, "float32") / total
     if safe:
         inverse = tirx.Select(total == ZERO, ZERO, inverse)

@@ -16,9 +16,11 @@ from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
 from relay_passes.fold_linear_reshape import FoldLinearReshapes
 from relay_passes.fuse_attention import ATTENTION_ATTR, FuseAttention
+from relay_passes.layer_norm import RewriteLayerNorm
 from relay_passes.max_pool2d import RewriteMaxPool2d
 from relay_passes.pattern_conv2d import RewriteConv2D
 from relay_passes.staged_layout import PairStagedLayouts
+from relay_passes.unit_permute import UnitPermutesToReshapes
 from schedules.rnn_sequence import (
     RECURRENT_ATTR,
     RecurrentGeometry,
@@ -68,6 +70,7 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
     notes: list[tuple[str, str, str]] = []
     order: list[tuple[str, str]] = []
     block_passes = [
+        UnitPermutesToReshapes,
         FoldLinearReshapes,
         FuseAttention(vector_lanes(tgt), vector_registers(tgt), num_cores(tgt)),
         _graph_order(order),
@@ -96,6 +99,7 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
                 cores=num_cores(tgt),
             ),
             RewriteMaxPool2d(lanes=vector_lanes(tgt), shares=num_cores(tgt)),
+            RewriteLayerNorm(vector_lanes(tgt), num_cores(tgt)),
             _merge_block_notes(records, notes, order),
         ],
         name="tvm_sparse",
