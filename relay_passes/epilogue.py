@@ -9,7 +9,8 @@ value has no other user:
   has that shape (the kernel writes the anchor's shape, so no broadcasting add);
 - activation: ``nn.relu`` or ``maximum(x, 0)`` -> "relu"; ``clip(x, 0, 6)`` (torch's relu6) or
   ``minimum(maximum(x, 0), 6)`` (ONNX's ``Clip(0, 6)``, which imports as ``call_tir`` of TOPI's
-  maximum / minimum), its bounds scalar constants -> "relu6".
+  maximum / minimum), its bounds scalar constants -> "relu6"; ``nn.gelu`` / ``nn.gelu_tanh``
+  (GELU's erf and tanh forms) -> "gelu" / "gelu_tanh".
 
 The single-use rule is kept by matching through ``var2val`` restricted to the vars used once.
 """
@@ -30,7 +31,7 @@ from tvm_ffi import structural_equal
 from .utils import const_value, static_shape
 
 # (Relax has no relu6 op: torch's relu6 imports as clip, ONNX's Clip as maximum + minimum)
-ACTIVATIONS = {"relax.nn.relu": "relu"}
+ACTIVATIONS = {"relax.nn.relu": "relu", "relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh"}
 
 
 @dataclass

@@ -27,9 +27,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .buffers import allocated_view
-from .dense_gemm import GemmConfig, span, splat, tile_block
-from .rnn_sequence import vector_exp
-from .vector_math import add, row_reduce
+from .dense_gemm import GemmConfig, tile_block
+from .vector_math import add, row_reduce, span, splat, vector_exp
 
 NEG_INF = float("-inf")
 ZERO = tirx.const(0.0, "float32")

@@ -32,6 +32,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .buffers import accumulator_rows, allocated_view
 from .epilogue import Epilogue
+from .vector_math import span, splat
 
 ZERO = tirx.const(0.0, "float32")
 
@@ -104,16 +105,6 @@ def pack_columns(weight: np.ndarray, width: int) -> np.ndarray:
 def _offsets(widths: tuple[int, ...]) -> list[int]:
     """Where each vector of a tile's columns starts."""
     return [sum(widths[:i]) for i in range(len(widths))]
-
-
-def splat(value: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
-    """``value`` broadcast to ``width`` lanes (itself for one lane)."""
-    return value if width == 1 else tirx.Broadcast(value, width)
-
-
-def span(start: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
-    """The indices ``[start, start + width)`` as one vector index (``start`` for one lane)."""
-    return start if width == 1 else tirx.Ramp(start, 1, width)
 
 
 ScalarAt = Callable[[int, "tirx.PrimExpr"], "tirx.PrimExpr"]  # (row in tile, k) -> A value
@@ -357,8 +348,6 @@ __all__ = [
     "pack_columns",
     "pack_rows",
     "padded",
-    "span",
-    "splat",
     "split_vectors",
     "tile_block",
 ]

@@ -22,7 +22,9 @@ import tvm_ffi
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6")
+from .vector_math import clamp, vector_gelu, vector_gelu_tanh
+
+EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "gelu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -67,30 +69,16 @@ def optional_load(buffer: tirx.Buffer | None, *index: tirx.PrimExpr) -> tirx.Pri
     return None if buffer is None else buffer[index]
 
 
-def _const_like(value: tirx.PrimExpr, c: float) -> tirx.PrimExpr:
-    """The float ``c`` in ``value``'s dtype (broadcast to its lanes)."""
-    dtype = value.ty.dtype
-    scalar = tirx.const(c, str(dtype.with_lanes(1)))
-    return scalar if dtype.lanes == 1 else tirx.Broadcast(scalar, dtype.lanes)
-
-
-def clamp(value: tirx.PrimExpr, lo: float | None = None, hi: float | None = None) -> tirx.PrimExpr:
-    """``value`` clamped to [lo, hi] (either may be None), NaN kept (see the module)."""
-    if hi is not None:
-        bound = _const_like(value, hi)
-        value = tirx.Select(value > bound, bound, value)
-    if lo is not None:
-        bound = _const_like(value, lo)
-        value = tirx.Select(value < bound, bound, value)
-    return value
-
-
 def activation(value: tirx.PrimExpr, epilogue: Epilogue) -> tirx.PrimExpr:
     """Apply the epilogue's activation to a TIR value (scalar or vector), NaN kept."""
     if epilogue.activation == "relu":
         return clamp(value, 0.0)
     if epilogue.activation == "relu6":
         return clamp(value, 0.0, 6.0)
+    if epilogue.activation == "gelu":
+        return vector_gelu(value)
+    if epilogue.activation == "gelu_tanh":
+        return vector_gelu_tanh(value)
     return value
 
 

@@ -15,8 +15,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .dense_gemm import span, splat
-from .vector_math import add, row_map, row_reduce
+from .vector_math import add, row_map, row_reduce, span, splat
 
 
 @dataclass(frozen=True)

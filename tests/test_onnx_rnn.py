@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import tvm_sparse
-from schedules.rnn_sequence import vector_sigmoid, vector_tanh
+from schedules.vector_math import vector_sigmoid, vector_tanh
 from tvm_sparse.frontend import import_model
 from tvm_sparse.onnx_rnn import recurrent_converters
 from tvm_sparse.targets import resolve_target

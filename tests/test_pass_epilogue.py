@@ -99,6 +99,38 @@ def test_matmul_bias_clip_fuses_as_relu6():
     _check("relax.matmul", -1, Before, Expected)
 
 
+def test_matmul_bias_gelu_and_gelu_tanh_fuse():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 8), "float32"), w: R.Tensor((8, 4), "float32")):
+            with R.dataflow():
+                a = R.matmul(x, w)
+                b = R.add(a, R.const(BIAS))
+                c = R.nn.gelu(b)
+                d = R.matmul(c, R.const(np.ones((4, 4), "float32")))
+                e = R.nn.gelu_tanh(d)
+                R.output(e)
+            return e
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((2, 8), "float32"), w: R.Tensor((8, 4), "float32")):
+            with R.dataflow():
+                c = R.call_pure_packed(
+                    "fused.bias+gelu", x, w, R.const(BIAS), ty_args=R.Tensor((2, 4), "float32")
+                )
+                e = R.call_pure_packed(
+                    "fused.gelu_tanh", c, R.const(np.ones((4, 4), "float32")),
+                    ty_args=R.Tensor((2, 4), "float32"),
+                )  # fmt: skip
+                R.output(e)
+            return e
+
+    _check("relax.matmul", -1, Before, Expected)
+
+
 def test_onnx_clip_0_6_fuses_as_relu6_and_maximum_0_as_relu():
     @I.ir_module
     class Before:
