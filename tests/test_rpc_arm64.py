@@ -250,6 +250,28 @@ def test_pattern_sparse_model_runs_on_the_device(device, target, tmp_path) -> No
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL * max(1.0, np.abs(ref).max()))
 
 
+def test_block_sparse_encoder_runs_on_the_device(device, tmp_path) -> None:
+    """A 16x1-block-pruned Transformer encoder (BSR linears over tokens, fused attention, fused
+    LayerNorm, NEON) cross-compiled for aarch64 and deployed, vs PyTorch."""
+    import tvm_sparse
+    from tvm_sparse.testing import block_prune_model_
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 96, dropout=0.0, batch_first=True)
+    net = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    block_prune_model_(net, keep=0.3, block=(16, 1))
+    x = np.random.default_rng(0).standard_normal((1, 13, 64)).astype("float32")
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    cm = tvm_sparse.compile(net, (x,), target="arm64")
+    ops = {(r.op, r.format) for r in cm.layers}
+    assert {("matmul", "bsr"), ("attention", "dense")} <= ops
+    path = cm.export(tmp_path / "encoder.so")
+    with connect(tracker=device.tracker, key=device.key) as remote:
+        (got,) = run_remote(str(path), [x], remote)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL * max(1.0, np.abs(ref).max()))
+
+
 def test_cli_run_on_the_device(device, tmp_path) -> None:
     from tvm_sparse.benchmarking import onnx_bytes
     from tvm_sparse.models import resnet18
