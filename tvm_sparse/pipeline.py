@@ -14,6 +14,7 @@ from tvm.relax.backend.cpu_generic.pipeline import legalize_passes
 from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from relay_passes.dense_matmul import RewriteDenseMatmul
+from relay_passes.fold_batched_weight import FoldBatchedWeights
 from relay_passes.fold_linear_reshape import FoldLinearReshapes
 from relay_passes.fuse_attention import ATTENTION_ATTR, FuseAttention
 from relay_passes.layer_norm import RewriteLayerNorm
@@ -72,6 +73,7 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
     block_passes = [
         UnitPermutesToReshapes,
         FoldLinearReshapes,
+        FoldBatchedWeights,
         FuseAttention(vector_lanes(tgt), vector_registers(tgt), num_cores(tgt)),
         _graph_order(order),
     ]
