@@ -29,7 +29,7 @@ def FoldBatchedWeights(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tv
         if weight is None or weight.ndim < 3 or x_shape is None or out is None:
             return expr
         lead = weight.shape[:-2]
-        if x_shape[: -2][-len(lead):] != lead or len(x_shape) < weight.ndim:
+        if x_shape[:-2][-len(lead) :] != lead or len(x_shape) < weight.ndim:
             return expr
         first = weight.reshape(-1, *weight.shape[-2:])
         if not np.all(first == first[:1]):
