@@ -122,15 +122,23 @@ def bsr_matmul_primfunc(
                             row = ridx[b, ii]
                             T.buffer_store(acc, acc[mr, row] + dst[mr, ii], [mr, row])
                 o0 = T.Bind(order[i] * r)
-                with T.serial(0, rows) as mr, T.serial(0, r) as ii:
-                    conds = [m0 + mr < m] + ([o0 + ii < n] if n % r else [])
-                    with T.If(tvm.tirx.all(*conds)), T.Then():
-                        value = epilogue.apply(
-                            acc[mr, ii],
-                            optional_load(bias, o0 + ii),
-                            optional_load(resid, m0 + mr, o0 + ii),
-                        )
-                        T.buffer_store(out, value, [m0 + mr, o0 + ii])
+
+                def store(mr: tirx.PrimExpr, ii: tirx.PrimExpr) -> None:
+                    value = epilogue.apply(
+                        acc[mr, ii], optional_load(bias, o0 + ii),
+                        optional_load(resid, m0 + mr, o0 + ii),
+                    )  # fmt: skip
+                    T.buffer_store(out, value, [m0 + mr, o0 + ii])
+
+                if n % r == 0 and r > 1:  # each row's r outputs as one vector store
+                    for mr in range(rows):
+                        with when(m0 + mr < m if m % rows else None):
+                            store(mr, tvm.tirx.Ramp(0, 1, r))
+                else:
+                    with T.serial(0, rows) as mr, T.serial(0, r) as ii:
+                        conds = [m0 + mr < m] + ([o0 + ii < n] if n % r else [])
+                        with T.If(tvm.tirx.all(*conds)), T.Then():
+                            store(mr, ii)
     return ib.get().without_attr("global_symbol")
 
 
