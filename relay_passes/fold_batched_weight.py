@@ -24,6 +24,8 @@ def FoldBatchedWeights(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tv
     pattern = is_op("relax.matmul")(wildcard(), weight_p)
 
     def rewrite(expr: relax.Expr, matches: dict) -> relax.Expr:
+        if not isinstance(expr, relax.Call):  # rewrite_call may hand over the bound var
+            return expr
         weight = const_value(matches[weight_p])
         x_shape, out = static_shape(expr.args[0]), static_shape(expr)
         if weight is None or weight.ndim < 3 or x_shape is None or out is None:

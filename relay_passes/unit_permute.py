@@ -27,7 +27,7 @@ def UnitPermutesToReshapes(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -
     pattern = is_op("relax.permute_dims")(wildcard())
 
     def rewrite(expr: relax.Expr, _matches: dict) -> relax.Expr:
-        if not isinstance(expr, relax.Call):
+        if not isinstance(expr, relax.Call):  # rewrite_call may hand over the bound var
             return expr
         shape, out = static_shape(expr.args[0]), static_shape(expr)
         if shape is None or out is None:
