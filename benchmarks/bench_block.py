@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_block.py                 # -> benchmarks/results/block_layers.*
     python3 benchmarks/bench_block.py --bcr --out benchmarks/results/bcr_layers
-    python3 benchmarks/bench_block.py --refresh-costs # -> tvm_sparse/cost_tables/<cpu>.json
+    python3 benchmarks/bench_block.py --refresh-costs # = tvm-sparse costs
 
 Layers: the FC and 1x1 conv shapes of ResNet-50, MobileNetV2 and VGG-16 (batch 1), weights
 BSR-pruned (``tvm_sparse.prune.project_bsr``) to 50 / 80 / 90 % block sparsity, each a one-layer
@@ -10,9 +10,7 @@ model (1x1 conv + bias + ReLU, or linear + bias) compiled with ``tvm_sparse.comp
 is its per-layer choice) and with ``sparse=False`` ("TVM dense"); all runtimes with 2 threads,
 medians of interleaved rounds, outputs checked against PyTorch.
 
-``--refresh-costs`` times the kernels the choice is made between (tvm-sparse dense FC and conv
-kernels, the pattern kernel on unstructured 1x1 weights, the BSR kernels for every block shape)
-at two sizes each and writes ``overhead_ms`` + ``ms_per_unit`` (a line through both points).
+``--refresh-costs`` re-measures this CPU's cost table (``tvm_sparse.cost_model``).
 """
 
 from __future__ import annotations
@@ -99,206 +97,6 @@ def model_layers() -> tuple[list, list]:
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ cost table
-
-
-def _time_primfunc(func, args, target) -> float:
-    """Median ms of one standalone kernel call."""
-    import tvm
-
-    rt = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                     target=target).jit()  # fmt: skip
-    tensors = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]
-    timer = rt.time_evaluator("main", tvm.cpu(), number=5, repeat=7, min_repeat_ms=40)
-    return float(np.median(timer(*tensors).results) * 1e3)
-
-
-def _bsr_matrix(rng, rows: int, cols: int, block, keep: float) -> np.ndarray:
-    import torch
-
-    from tvm_sparse.prune import project_bsr
-
-    w = torch.from_numpy(rng.standard_normal((rows, cols)).astype("float32"))
-    return project_bsr(w, block, keep).numpy()
-
-
-def _bcr_matrix(rng, rows: int, cols: int, block) -> np.ndarray:
-    import torch
-
-    from tvm_sparse.prune import project_bcr
-
-    w = torch.from_numpy(rng.standard_normal((rows, cols)).astype("float32"))
-    return project_bcr(w, block, 0.5, 0.5).numpy()
-
-
-def _fit(points: list[tuple[float, float]]) -> dict:
-    """overhead_ms + ms_per_unit through the (units, ms) points (least squares, clamped >= 0)."""
-    u = np.array([p[0] for p in points], dtype=np.float64)
-    t = np.array([p[1] for p in points], dtype=np.float64)
-    slope, icept = np.polyfit(u, t, 1) if len(points) > 1 else (t[0] / u[0], 0.0)
-    if slope <= 0:
-        slope, icept = float(t[-1] / u[-1]), 0.0
-    icept = max(0.0, float(icept))
-    return {"overhead_ms": icept, "ms_per_unit": float(slope),
-            "points": [[float(a), float(b)] for a, b in points]}  # fmt: skip
-
-
-def measure_costs(target) -> dict:
-    """Time every kernel kind the block choice compares, at two sizes each."""
-    from schedules.bsr_matmul import (
-        Conv1x1Geometry,
-        bsr_conv1x1_primfunc,
-        bsr_matmul_primfunc,
-        default_bsr_conv_config,
-        default_bsr_matmul_config,
-    )
-    from schedules.dense_matmul import default_matmul_config, dense_matmul_primfunc, pack_weight
-    from schedules.pattern_conv2d import (
-        ConvGeometry,
-        Epilogue,
-        default_config,
-        pattern_conv2d_primfunc,
-        tile_defaults,
-    )
-    from tvm_sparse.formats import BSRWeight, PatternWeight
-    from tvm_sparse.formats.block import BCR_SHAPES, BLOCK_SHAPES, BCRWeight
-    from tvm_sparse.targets import vector_lanes, vector_registers
-
-    rng = np.random.default_rng(0)
-    lanes, regs = vector_lanes(target), vector_registers(target)
-    keep = 0.2
-    entries: dict[str, dict] = {}
-
-    fc_sizes = [(1, 1024, 1024), (1, 4096, 4096)]
-    pts = []
-    for m, k, n in fc_sizes:
-        cfg = default_matmul_config(m, lanes)
-        w = pack_weight(rng.standard_normal((k, n)).astype("float32"), cfg)
-        x = rng.standard_normal((m, k)).astype("float32")
-        out = np.zeros((m, n), "float32")
-        ms = _time_primfunc(dense_matmul_primfunc(m, k, n, Epilogue(), cfg), [x, w, out], target)
-        pts.append((m * k * n, ms))
-    entries["fc_dense"] = _fit(pts)
-    _say(f"fc_dense {entries['fc_dense']}")
-    for block in BLOCK_SHAPES:
-        pts = []
-        for m, k, n in fc_sizes:
-            packed = BSRWeight.from_dense(_bsr_matrix(rng, n, k, block, keep), block, THREADS)
-            cfg = default_bsr_matmul_config(m, THREADS)
-            func = bsr_matmul_primfunc(m, k, n, block, packed.num_blocks, Epilogue(), cfg)
-            x = rng.standard_normal((m, k)).astype("float32")
-            args = [x, *packed.kernel_args(), np.zeros((m, n), "float32")]
-            pts.append((packed.num_blocks * m, _time_primfunc(func, args, target)))
-        entries[f"fc_bsr_{block[0]}x{block[1]}"] = _fit(pts)
-        _say(f"fc_bsr {block} {entries[f'fc_bsr_{block[0]}x{block[1]}']}")
-    for block in BCR_SHAPES:
-        pts = []
-        for m, k, n in fc_sizes:
-            packed = BCRWeight.from_dense(_bcr_matrix(rng, n, k, block), block, THREADS)
-            cfg = default_bsr_matmul_config(m, THREADS)
-            func = bsr_matmul_primfunc(
-                m, k, n, block, packed.num_blocks, Epilogue(), cfg, kept=packed.kept
-            )
-            x = rng.standard_normal((m, k)).astype("float32")
-            args = [x, *packed.kernel_args(), np.zeros((m, n), "float32")]
-            units = packed.num_blocks * packed.kept[0] * packed.kept[1] * m
-            pts.append((units, _time_primfunc(func, args, target)))
-        entries[f"fc_bcr_{block[0]}x{block[1]}"] = _fit(pts)
-        _say(f"fc_bcr {block} {entries[f'fc_bcr_{block[0]}x{block[1]}']}")
-
-    conv_sizes = [(128, 128, 14), (256, 256, 28)]  # C, O, H=W
-    for kind in ("dense", "pattern"):
-        pts = []
-        for c, o, hw in conv_sizes:
-            geom = ConvGeometry(1, c, hw, hw, o, (1, 1), (1, 1), (0, 0, 0, 0))
-            if kind == "dense":
-                w = rng.standard_normal((o, c, 1, 1)).astype("float32")
-            else:
-                w = rng.standard_normal((o, c, 1, 1)) * (rng.random((o, c, 1, 1)) < keep)
-                w = w.astype("float32")
-            packed = PatternWeight.from_dense(w, num_shares=THREADS, keep_zeros=kind == "dense")
-            cfg = default_config(geom, filter_group=packed.filter_group,
-                                 **tile_defaults(geom, regs, lanes))  # fmt: skip
-            func = pattern_conv2d_primfunc(geom, packed.patterns, packed.num_kernels,
-                                           packed.kernel_values.shape[1], Epilogue(), cfg,
-                                           filter_group=packed.filter_group)  # fmt: skip
-            x = rng.standard_normal((1, c, hw, hw)).astype("float32")
-            args = [x, packed.kernel_ptr, packed.kernel_channel, packed.kernel_values,
-                    packed.filter_order, np.zeros((1, o, hw, hw), "float32")]  # fmt: skip
-            units = o * c * hw * hw if kind == "dense" else int((w != 0).sum()) * hw * hw
-            pts.append((units, _time_primfunc(func, args, target)))
-        entries[f"conv_{kind}"] = _fit(pts)
-        _say(f"conv_{kind} {entries[f'conv_{kind}']}")
-    for block in BLOCK_SHAPES:
-        pts = []
-        for c, o, hw in conv_sizes:
-            geom = Conv1x1Geometry(1, c, hw, hw, o)
-            cfg = default_bsr_conv_config(geom, block[0], lanes, THREADS)
-            packed = BSRWeight.from_dense(_bsr_matrix(rng, o, c, block, keep), block, cfg.shares)
-            func = bsr_conv1x1_primfunc(geom, block, packed.num_blocks, Epilogue(), cfg)
-            x = rng.standard_normal((1, c, hw, hw)).astype("float32")
-            args = [x, *packed.kernel_args(), np.zeros((1, o, hw, hw), "float32")]
-            pts.append((packed.num_blocks * hw * hw, _time_primfunc(func, args, target)))
-        entries[f"conv_bsr_{block[0]}x{block[1]}"] = _fit(pts)
-        _say(f"conv_bsr {block} {entries[f'conv_bsr_{block[0]}x{block[1]}']}")
-    for block in BCR_SHAPES:
-        pts = []
-        for c, o, hw in conv_sizes:
-            geom = Conv1x1Geometry(1, c, hw, hw, o)
-            cfg = default_bsr_conv_config(geom, block[0], lanes, THREADS, bcr=True)
-            packed = BCRWeight.from_dense(_bcr_matrix(rng, o, c, block), block, cfg.shares)
-            func = bsr_conv1x1_primfunc(
-                geom, block, packed.num_blocks, Epilogue(), cfg, kept=packed.kept
-            )
-            x = rng.standard_normal((1, c, hw, hw)).astype("float32")
-            args = [x, *packed.kernel_args(), np.zeros((1, o, hw, hw), "float32")]
-            units = packed.num_blocks * packed.kept[0] * packed.kept[1] * hw * hw
-            pts.append((units, _time_primfunc(func, args, target)))
-        entries[f"conv_bcr_{block[0]}x{block[1]}"] = _fit(pts)
-        _say(f"conv_bcr {block} {entries[f'conv_bcr_{block[0]}x{block[1]}']}")
-    # A call's fixed cost does not depend on the block shape, and two-point intercepts are
-    # mostly noise: give every block kernel of an op the median intercept, so that the shape
-    # choice on small layers follows the per-block costs.
-    for op in ("fc", "conv"):
-        kinds = [k for k in entries if k.startswith((f"{op}_bsr_", f"{op}_bcr_"))]
-        common = float(np.median([entries[k]["overhead_ms"] for k in kinds]))
-        for k in kinds:
-            entries[k]["overhead_ms"] = common
-    return entries
-
-
-def refresh_costs() -> str:
-    from tvm_sparse.benchmarking import machine_description
-    from tvm_sparse.formats.block import cost_table_path
-    from tvm_sparse.targets import host_cpu, resolve_target
-
-    target = resolve_target("x86")
-    t0 = time.perf_counter()
-    entries = measure_costs(target)
-    path = cost_table_path(host_cpu())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    payload = {
-        "cpu": host_cpu() or "generic",
-        "threads": THREADS,
-        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine_description(),
-        "units": {
-            "fc_dense": "multiply-adds",
-            "fc_bsr_RxC": "nonzero blocks x batch rows",
-            "conv_dense": "multiply-adds",
-            "conv_pattern": "nonzero weights x output pixels",
-            "conv_bsr_RxC": "nonzero blocks x output pixels x images",
-            "fc_bcr_RxC": "blocks x kept rows x kept columns x batch rows",
-            "conv_bcr_RxC": "blocks x kept rows x kept columns x output pixels x images",
-        },  # fmt: skip
-        "entries": entries,
-    }
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
-    _say(f"wrote {path} in {time.perf_counter() - t0:.0f}s")
-    return path
 
 
 # ------------------------------------------------------------------------------ layer bench
@@ -475,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
-    if args.refresh_costs:
-        refresh_costs()
+    if args.refresh_costs:  # the same as `tvm-sparse costs`
+        from tvm_sparse.cost_model import refresh_cost_table
+
+        _say(f"wrote {refresh_cost_table()}")
+        return 0
         return 0
     from tvm_sparse.benchmarking import write_results
 

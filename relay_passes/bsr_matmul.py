@@ -29,7 +29,7 @@ from tvm_sparse.formats.block import (
 from tvm_sparse.report import LayerRecord
 
 from .block_choice import BlockDecisions, block_kernel_args
-from .dense_matmul import linear_unsupported
+from .dense_matmul import GEMM_MIN_ROWS, linear_unsupported
 from .epilogue import EpilogueMatch, describe
 from .rewrite import anchored_rewrite_pass
 from .utils import add_kernel, const_value, static_shape
@@ -57,7 +57,10 @@ def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
     def choose(call: relax.Call) -> tuple[BlockChoice, np.ndarray]:
         matrix = const_value(call.args[1]).astype(np.float32).T  # (N, K)
         m = math.prod(static_shape(call.args[0])[:-1])
-        return choose_block_format(matrix, costs, "fc", work=m), matrix
+        # over tokens the dense alternative is the GEMM: its own measured kinds where the table
+        # has them ("linear_*"), else the batch-1 ones
+        op = "linear" if m >= GEMM_MIN_ROWS and "linear_dense" in costs.entries else "fc"
+        return choose_block_format(matrix, costs, op, work=m), matrix
 
     decisions = BlockDecisions(
         "matmul", linear_unsupported, choose, matmul_shape, NOT_CHOSEN, notes

@@ -237,7 +237,7 @@ def _check(cm, net, x):
 
 
 def test_block_pruned_model_compiles_to_bsr_and_matches_torch(monkeypatch):
-    monkeypatch.setattr(pipeline, "load_cost_table", lambda cpu: BSR_WINS)
+    monkeypatch.setattr(pipeline, "load_cost_table", lambda *_: BSR_WINS)
     net = _block_net()
     x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype("float32")
     cm = tvm_sparse.compile(net, (x,))
@@ -281,7 +281,7 @@ class TokenNet(nn.Module):
 
 
 def test_block_pruned_linears_over_tokens_match_torch(monkeypatch):
-    monkeypatch.setattr(pipeline, "load_cost_table", lambda cpu: BSR_WINS)
+    monkeypatch.setattr(pipeline, "load_cost_table", lambda *_: BSR_WINS)
     torch.manual_seed(1)
     net = TokenNet()
     with torch.no_grad():

@@ -33,7 +33,7 @@ from schedules.tvm_ops import DefaultCPUSchedules
 from .formats.block import load_cost_table
 from .frontend import import_model
 from .report import LayerRecord
-from .targets import num_cores, vector_lanes, vector_registers
+from .targets import cost_family, num_cores, vector_lanes, vector_registers
 
 __all__ = ["build_executable", "lower", "prepare", "progress", "sparse_pipeline"]
 
@@ -78,7 +78,7 @@ def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.
         _graph_order(order),
     ]
     if sparse:
-        costs = load_cost_table(str(tgt.attrs.get("mcpu", "")))
+        costs = load_cost_table(str(tgt.attrs.get("mcpu", "")), cost_family(tgt))
         block_passes += [
             RewriteBSRConv1x1(costs, records, num_cores(tgt), vector_lanes(tgt), notes=notes),
             RewriteBSRMatmul(costs, records, num_cores(tgt), notes=notes),

@@ -131,6 +131,11 @@ def isa_name(target: Target) -> str:
     return "NEON" if is_arm(target) else "AVX-512" if has_avx512(target) else "AVX2"
 
 
+def cost_family(target: Target) -> str:
+    """The name of the cost table shipped for ``target``'s ISA: "avx512", "avx2" or "neon"."""
+    return isa_name(target).lower().replace("-", "")
+
+
 def vector_lanes(target: Target) -> int:
     """fp32 lanes of the widest vector: 16 (AVX-512), 8 (AVX2), 4 (NEON)."""
     if is_arm(target):

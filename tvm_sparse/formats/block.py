@@ -297,16 +297,19 @@ def pack_block_weight(weight: np.ndarray, fmt: str, block: Block, num_shares: in
     return BSRWeight.from_dense(weight, block, num_shares), None
 
 
-def load_cost_table(cpu: str = "") -> CostTable:
-    """The table measured on ``cpu`` (LLVM CPU name), else the first table shipped."""
-    path = cost_table_path(cpu)
-    if not os.path.exists(path):
-        shipped = sorted(f for f in os.listdir(COST_TABLE_DIR) if f.endswith(".json")) if \
-            os.path.isdir(COST_TABLE_DIR) else []  # fmt: skip
-        if not shipped:
-            return CostTable(cpu="none", entries={}, source="")
-        path = os.path.join(COST_TABLE_DIR, shipped[0])
-    return CostTable.load(path)
+def load_cost_table(cpu: str = "", family: str = "") -> CostTable:
+    """The table measured on ``cpu`` (LLVM CPU name), else the one of its ISA ``family``
+    ("avx512", "avx2"; "neon" falls back to "avx2": no NEON CPU measured), else the first table
+    shipped."""
+    names = [cpu, family] + (["avx2"] if family == "neon" else [])
+    for name in filter(None, names):
+        if os.path.exists(cost_table_path(name)):
+            return CostTable.load(cost_table_path(name))
+    shipped = sorted(f for f in os.listdir(COST_TABLE_DIR) if f.endswith(".json")) if \
+        os.path.isdir(COST_TABLE_DIR) else []  # fmt: skip
+    if not shipped:
+        return CostTable(cpu="none", entries={}, source="")
+    return CostTable.load(os.path.join(COST_TABLE_DIR, shipped[0]))
 
 
 @dataclass(frozen=True)
