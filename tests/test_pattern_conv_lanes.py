@@ -30,7 +30,7 @@ from schedules.pattern_conv2d_lanes import (
 )
 from schedules.tunable import kernel_name, knob_space, realize, tunable_block
 from tvm_sparse.formats import PatternWeight
-from tvm_sparse.targets import resolve_target, vector_lanes
+from tvm_sparse.targets import resolve_target, runs_here, vector_lanes
 from tvm_sparse.testing import (
     pattern_conv_kernel,
     pattern_prune_model_,
@@ -208,8 +208,8 @@ def _conv_module(weight: np.ndarray, size: int = 10) -> tvm.IRModule:
 
 def test_pass_puts_groups_of_16_filters_in_avx512_lanes() -> None:
     """Before: conv2d + relu with connectivity and patterns shared by groups of 16 filters;
-    Expected at 16 lanes: the lanes kernel on ``lane_values``; at 8 lanes (AVX2) the pattern
-    kernel, 4 filters together."""
+    Expected at 16 lanes: the lanes kernel on ``lane_values``; at 8 lanes (AVX2) the lanes
+    kernel too, a group as two vectors' worth of filters."""
     w = random_pattern_weight(32, 8, kernel_keep=0.5, seed=5, filter_group=16)
     packed = PatternWeight.from_dense(w, num_shares=2)
     geom = ConvGeometry(1, 8, 10, 10, 32, (3, 3), (1, 1), (1, 1, 1, 1))
@@ -236,7 +236,28 @@ def test_pass_puts_groups_of_16_filters_in_avx512_lanes() -> None:
     assert "in vector lanes" in records[0].reason
     avx2 = RewriteConv2D(num_threads=2, registers=16, lanes=8)(_conv_module(w))
     block = tunable_block(avx2[name])
-    assert kernel_name(block) == "pattern_conv2d"
+    assert kernel_name(block) == "pattern_conv2d_lanes"
+
+
+@pytest.mark.skipif(not runs_here(resolve_target("x86-avx2")), reason="no AVX2 here")
+def test_avx2_build_puts_groups_of_8_filters_in_lanes() -> None:
+    """Pattern-pruned per group of 8 filters and a dense 3x3 conv, built for AVX2: both on the
+    lanes kernel at 8 lanes (a dense 1x1 conv stays on the GEMM), numerics vs PyTorch."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 24, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(24, 16, 3, padding=1, stride=2), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 1),
+    )  # fmt: skip
+    net = pattern_prune_model_(net, kernel_keep=0.4, filter_group=8).eval()
+    with torch.no_grad():
+        net[2].weight.normal_()  # the second 3x3 conv unpruned
+    x = np.random.default_rng(3).standard_normal((1, 8, 13, 13)).astype("float32")
+    cm = tvm_sparse.compile(net, (x,), target="x86-avx2")
+    assert [r.format for r in cm.layers] == ["pattern", "dense", "dense"]
+    assert ["in vector lanes" in r.reason for r in cm.layers] == [True, True, False]
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(x), net(torch.from_numpy(x)).numpy(), **TOL)
 
 
 @pytest.mark.skipif(not AVX512, reason="the lanes kernel is chosen on AVX-512 targets only")

@@ -319,7 +319,7 @@ def test_staged_pair_is_tuned_and_applied(tmp_path) -> None:
 
 
 @pytest.mark.skipif(
-    vector_lanes(resolve_target("x86")) != 16, reason="the lanes kernel is chosen on AVX-512 only"
+    vector_lanes(resolve_target("x86")) != 16, reason="tuned at 16 lanes (an AVX-512 host) only"
 )
 def test_filters_in_lanes_kernel_is_tuned_and_applied(tmp_path) -> None:
     """Connectivity and patterns shared by groups of 16 filters: the filters-in-lanes kernel
