@@ -17,11 +17,18 @@ loops over time inside one parallel region (one thread-pool launch, a barrier pe
 ``h_prev`` is ``state[s % 2]`` (every thread reads all units of it while writing its own units
 of the other half, hence the ping-pong and the barrier). GRU with ``linear_before_reset=0``
 needs ``r * h_prev`` of every unit before ``R_n`` applies, so its step has two phases (z, r and
-``r * h`` to scratch; barrier; n and the new state). The recurrent weight is packed per tile as
-(tiles, K, gates, vectors * lanes) by ``pack_recurrent_weight``: each k of the step's matvec
-reads one contiguous run of gates x tile width (``_dense_matvec``, the one place that knows the
-weight is dense, so a block-sparse ``W_hh`` can replace it). The outputs are ``hidden_padded``
-wide; the caller slices them when H is not a multiple of the tile width.
+``r * h`` to scratch; barrier; n and the new state). The recurrent weight comes packed by
+``rnn_weights.pack_recurrent``, dense or block-sparse as its zeros make faster:
+
+- dense, (tiles, K, gates, vectors * lanes): each k of the step's matvec reads one contiguous
+  run of gates x tile width (``_dense_matvec``);
+- BSR, blocks of ``units`` (8 / 16) hidden units x ``cols`` (1 / 8) columns, a tile's blocks
+  contiguous (``_block_matvec``): per block row (gate, ``units`` slice of the tile) a loop
+  over its stored blocks, each column one broadcast of h and one ``units``-wide FMA into one
+  of 8 partial sums (the FMA latency), summed into the tile's accumulators at the row's end.
+
+Both fill the same accumulators, so the gate math after them is one code. The outputs are
+``hidden_padded`` wide; the caller slices them when H is not a multiple of the tile width.
 
 Sigmoid and tanh use a vectorized exp (Cephes-style range reduction and polynomial, as TVM's
 ``topi.fast_exp``), NaN kept: |error| < 2e-7 against float64 over [-20, 20] for both.
@@ -31,183 +38,57 @@ one launch with a barrier per step against a launch per step (``one_launch=False
 (1 thread in brackets): H=1024 23.5 vs 28.4 ms (46 ms), H=256 0.33 vs 0.38 ms (0.51 ms), H=64
 0.057 vs 0.113 ms (0.042 ms); a barrier costs ~0.13 us, a launch ~0.9 us. At H=1024 each step
 streams the 12.6 MB ``W_hh`` (larger than both L2s) at ~54 GB/s: the memory bound, where
-ONNX Runtime is too. Build: ~0.1-0.2 s per kernel (intermediates kept in ``keep`` buffers;
-with ``T.Bind`` the build's analysers substitute them back: 16-120 s for an LSTM).
+ONNX Runtime is too. On AMD EPYC Zen 5 (32 MB L3, 2 threads), same layer, kernel alone:
+dense 5.9 ms (59 us a step, W_hh from L3); W_hh keeping 10 % of its 8x8 blocks, 8x8 BSR
+0.74-0.80 ms, 8x1 0.9 ms, 16x8 1.2-1.4 ms; LSTM 9.6 ms dense, 1.2 ms at 10 % (8x8). Build:
+~0.1-0.5 s per kernel (intermediates kept in ``keep`` buffers; with ``T.Bind`` the build's
+analysers substitute them back: 16-120 s for an LSTM).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .buffers import accumulator_rows, allocated_view
-from .epilogue import clamp
+from .buffers import accumulator_rows
+from .rnn_geometry import (
+    CELLS,
+    RECURRENT_ATTR,
+    RecurrentConfig,
+    RecurrentGeometry,
+    default_recurrent_config,
+    describe_recurrence,
+    hidden_padded,
+    phase_gates,
+    recurrence_flops,
+    recurrent_unsupported,
+)
+from .rnn_weights import BlockLayout, pack_recurrent_weight, pad_gate_rows
+from .vector_math import const_vector, keep, vector_sigmoid, vector_tanh
 
-CELLS = {"gru": 3, "lstm": 4, "rnn": 1}  # gates per cell, in ONNX order: zrh / iofc / i
+__all__ = [
+    "CELLS",
+    "RECURRENT_ATTR",
+    "RecurrentConfig",
+    "RecurrentGeometry",
+    "default_recurrent_config",
+    "describe_recurrence",
+    "hidden_padded",
+    "pack_recurrent_weight",
+    "pad_gate_rows",
+    "recurrence_flops",
+    "recurrent_sequence_primfunc",
+    "recurrent_unsupported",
+]
+
 # TVM's CPU codegen: after the statement it wraps, every thread of the launch waits for all.
 BARRIER = "pragma_parallel_barrier_when_finish"
-ACCUMULATOR_REGISTERS = 24  # of AVX-512's 32 vector registers, the rest for weights / h
-
-
-@dataclass(frozen=True)
-class RecurrentGeometry:
-    """One direction of one recurrent layer: ``steps`` x ``batch`` inputs, ``hidden`` units."""
-
-    cell: str
-    steps: int
-    batch: int
-    hidden: int
-    reverse: bool = False
-    linear_before_reset: bool = True  # GRU only
-
-    @property
-    def gates(self) -> int:
-        return CELLS[self.cell]
-
-    @property
-    def two_phase(self) -> bool:
-        """GRU with ``linear_before_reset=0``: ``R_n`` applies to ``r * h``, a second phase."""
-        return self.cell == "gru" and not self.linear_before_reset
-
-
-RECURRENT_ATTR = "tvm_sparse.recurrence"  # the kernel's geometry, for the compile report
-
-
-def describe_recurrence(geom: RecurrentGeometry) -> str:
-    """``"gru 1024 hidden, 100 steps x batch 1, reverse"``: the report's shape of a layer."""
-    reverse = ", reverse" if geom.reverse else ""
-    return f"{geom.cell} {geom.hidden} hidden, {geom.steps} steps x batch {geom.batch}{reverse}"
-
-
-def recurrence_flops(geom: RecurrentGeometry) -> int:
-    """2 x the multiply-adds of the recurrent weight over every step (h x W_hh^T)."""
-    return 2 * geom.steps * geom.batch * geom.gates * geom.hidden * geom.hidden
-
-
-@dataclass(frozen=True)
-class RecurrentConfig:
-    """Knobs: vector lanes, vectors of hidden units per tile, batch rows per register tile."""
-
-    lanes: int = 16
-    vectors: int = 4
-    rows: int = 1
-    one_launch: bool = True  # False: a thread-pool launch per phase, no barriers
-
-    @property
-    def width(self) -> int:
-        return self.lanes * self.vectors
-
-
-def default_recurrent_config(
-    geom: RecurrentGeometry, lanes: int = 16, cores: int = 2
-) -> RecurrentConfig:
-    """Batch rows first (each row reuses the tile's weights), then as many vectors as the
-    accumulators allow, but no wider than leaves every core a tile."""
-    rows = min(geom.batch, 4)
-    vectors = max(1, min(4, ACCUMULATOR_REGISTERS // (geom.gates * rows)))
-    vectors = min(vectors, max(1, math.ceil(geom.hidden / lanes / cores)))
-    return RecurrentConfig(lanes=lanes, vectors=vectors, rows=rows)
-
-
-def hidden_padded(geom: RecurrentGeometry, cfg: RecurrentConfig) -> int:
-    """Hidden units rounded up to whole tiles: the width of ``xp`` per gate and of the outputs."""
-    return math.ceil(geom.hidden / cfg.width) * cfg.width
-
-
-def recurrent_unsupported(geom: RecurrentGeometry, cfg: RecurrentConfig) -> str | None:
-    """Why the kernel cannot take this layer, or None."""
-    if geom.cell not in CELLS:
-        return f"unknown recurrent cell {geom.cell!r} (one of {', '.join(CELLS)})"
-    if min(geom.steps, geom.batch, geom.hidden) < 1:
-        return f"empty sequence, batch or hidden size ({geom})"
-    if cfg.lanes < 1 or cfg.vectors < 1 or cfg.rows < 1:
-        return f"invalid config {cfg}"
-    return None
-
-
-def _phase_gates(geom: RecurrentGeometry) -> list[list[int]]:
-    """The gates (ONNX order) whose ``h @ R^T`` each phase computes."""
-    if geom.two_phase:
-        return [[0, 1], [2]]
-    return [list(range(geom.gates))]
-
-
-def pack_recurrent_weight(
-    weight: np.ndarray, geom: RecurrentGeometry, cfg: RecurrentConfig
-) -> list[np.ndarray]:
-    """``R`` (gates * H, H) -> one array per phase, (tiles, H, phase gates, width), zero-padded
-    units: what ``_dense_matvec`` streams (a tile's slab is contiguous, k-major)."""
-    h, h_pad = geom.hidden, hidden_padded(geom, cfg)
-    per_gate = weight.reshape(geom.gates, h, h).astype("float32")
-    padded = np.zeros((geom.gates, h_pad, h), "float32")
-    padded[:, :h, :] = per_gate
-    packed = []
-    for gates in _phase_gates(geom):
-        sel = padded[gates].reshape(len(gates), h_pad // cfg.width, cfg.width, h)
-        packed.append(np.ascontiguousarray(sel.transpose(1, 3, 0, 2)))
-    return packed
-
-
-def pad_gate_rows(values: np.ndarray, geom: RecurrentGeometry, cfg: RecurrentConfig) -> np.ndarray:
-    """(gates * H, ...) -> (gates * hidden_padded, ...), zeros in the padding: for ``W_ih`` and
-    the input projection's bias, so ``xp``'s gate blocks line up with the kernel's tiles."""
-    h, h_pad = geom.hidden, hidden_padded(geom, cfg)
-    per_gate = values.reshape(geom.gates, h, *values.shape[1:])
-    pad = [(0, 0), (0, h_pad - h)] + [(0, 0)] * (values.ndim - 1)
-    return np.pad(per_gate, pad).reshape(geom.gates * h_pad, *values.shape[1:])
-
-
-def _const(value: float, lanes: int) -> tirx.PrimExpr:
-    return tirx.Broadcast(tirx.const(value, "float32"), lanes)
-
-
-# topi.fast_exp's constants: exp(x) = 2^n * p(x - n ln 2), n = round(x / ln 2).
-_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2)
-_EXP_POLY += (1.6666665459e-1, 5.0000001201e-1)
-
-
-def keep(value: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``value`` stored to a new register-sized stack buffer and read back (inside a kernel
-    being built). The gate math reuses values; ``T.Bind`` would make the analysers of the
-    build substitute them back, exponentially (LSTM: 16 s for hidden 13); LLVM keeps these
-    buffers in registers."""
-    slot = allocated_view((value.ty.dtype.lanes,), str(value.ty.dtype.with_lanes(1)))
-    at = tirx.Ramp(0, 1, value.ty.dtype.lanes)
-    T.buffer_store(slot, value, [at])
-    return slot[at]
-
-
-def vector_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``exp(x)`` of a float32 vector in vector instructions (NaN in, NaN out)."""
-    lanes = x.ty.dtype.lanes
-    x = keep(clamp(keep(x), -88.3762626647949, 88.3762626647950))
-    n = keep(tirx.floor(x * _const(1.4426950408889634, lanes) + _const(0.5, lanes)))
-    r = keep(x - n * _const(0.6931471805599453, lanes))
-    poly = _const(_EXP_POLY[0], lanes)
-    for coef in _EXP_POLY[1:]:
-        poly = poly * r + _const(coef, lanes)
-    y = poly * r * r + r + _const(1.0, lanes)
-    exponent = tirx.Cast(f"int32x{lanes}", n) + tirx.Broadcast(tirx.const(127, "int32"), lanes)
-    shifted = tirx.shift_left(exponent, tirx.Broadcast(tirx.const(23, "int32"), lanes))
-    return keep(y * tirx.reinterpret(f"float32x{lanes}", shifted))
-
-
-def vector_sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    lanes = x.ty.dtype.lanes
-    return keep(_const(1.0, lanes) / (_const(1.0, lanes) + vector_exp(-x)))
-
-
-def vector_tanh(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``2 sigmoid(2x) - 1`` (absolute error ~1e-7, which is float32's resolution near 1)."""
-    lanes = x.ty.dtype.lanes
-    return keep(_const(2.0, lanes) * vector_sigmoid(x * _const(2.0, lanes)) - _const(1.0, lanes))
+PARTIAL_SUMS = 8  # independent FMA chains per block row of the sparse matvec (FMA latency 4)
 
 
 def _dense_matvec(
@@ -237,8 +118,56 @@ def _zero(accs: list[list[tirx.Buffer]], cfg: RecurrentConfig) -> None:
         for acc in row:
             for v in range(cfg.vectors):
                 T.buffer_store(
-                    acc, _const(0.0, cfg.lanes), [tirx.Ramp(v * cfg.lanes, 1, cfg.lanes)]
+                    acc, const_vector(0.0, cfg.lanes), [tirx.Ramp(v * cfg.lanes, 1, cfg.lanes)]
                 )
+
+
+def _block_matvec(
+    accs: list[list[tirx.Buffer]],
+    h_load: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
+    h_rows: list[tirx.PrimExpr],
+    weight: tuple[tirx.Buffer, tirx.Buffer, tirx.Buffer],
+    tile: tirx.PrimExpr,
+    cfg: RecurrentConfig,
+) -> None:
+    """``accs[r][g][slice] = sum over the slice's stored blocks of h_load(h_rows[r], col + j)
+    * block[j]``: the tile's block rows (gate, slice of ``units``) in packed order, each into
+    ``PARTIAL_SUMS`` independent partial sums (by column, or by block when blocks are
+    narrower), added up at the end of the row."""
+    ptr, col, values = weight
+    cols, units = (int(d) for d in values.shape[1:])
+    slices, gates = cfg.width // units, len(accs[0])
+    per_row = max(1, PARTIAL_SUMS // len(h_rows))
+    unroll = max(1, per_row // cols)  # blocks per iteration of the block loop
+    parts = [accumulator_rows(per_row, units) for _ in h_rows]
+    at = tirx.Ramp(0, 1, units)
+
+    def block(b: tirx.PrimExpr, p: int) -> None:
+        for j in range(cols):
+            w = values[b, j, at]
+            for r, row_parts in enumerate(parts):
+                part = row_parts[(p * cols + j) % per_row]
+                hv = tirx.Broadcast(h_load(h_rows[r], col[b] + j), units)
+                T.buffer_store(part, part[at] + w * hv, [at])
+
+    for g in range(gates):
+        for v in range(slices):
+            i = (tile * gates + g) * slices + v
+            for row_parts in parts:
+                for part in row_parts:
+                    T.buffer_store(part, const_vector(0.0, units), [at])
+            start, count = ptr[i], ptr[i + 1] - ptr[i]
+            with T.serial(0, count // unroll) as q:
+                for p in range(unroll):
+                    block(start + q * unroll + p, p)
+            if unroll > 1:
+                with T.serial(count // unroll * unroll, count) as q:
+                    block(start + q, 0)
+            for r, row_parts in enumerate(parts):
+                total = row_parts[0][at]
+                for part in row_parts[1:]:
+                    total = total + part[at]
+                T.buffer_store(accs[r][g], total, [tirx.Ramp(v * units, 1, units)])
 
 
 def _batch_chunks(batch: int, rows: int) -> list[tuple[int, int, int]]:
@@ -307,20 +236,25 @@ class _Step:
 
 
 def recurrent_sequence_primfunc(
-    geom: RecurrentGeometry, cfg: RecurrentConfig | None = None, name: str = "rnn_sequence"
+    geom: RecurrentGeometry,
+    cfg: RecurrentConfig | None = None,
+    name: str = "rnn_sequence",
+    layout: BlockLayout | None = None,
 ) -> tirx.PrimFunc:
-    """Arguments: xp (T*B, gates * Hp) (rows t*B + b), one packed weight per phase
-    (``pack_recurrent_weight``), [GRU linear_before_reset=1: rbias_n (Hp,)], h0 (B, H),
-    [LSTM: c0 (B, H)], then the outputs Y (T, B, Hp), Y_h (B, Hp), [LSTM: Y_c (B, Hp)];
+    """Arguments: xp (T*B, gates * Hp) (rows t*B + b), the packed weight of each phase (dense:
+    one array, ``pack_recurrent_weight``; ``layout`` given: block_ptr, block_col, block_values,
+    ``pack_block_recurrent``), [GRU linear_before_reset=1: rbias_n (Hp,)], h0 (B, H), [LSTM:
+    c0 (B, H)], then the outputs Y (T, B, Hp), Y_h (B, Hp), [LSTM: Y_c (B, Hp)];
     Hp = ``hidden_padded``."""
     cfg = cfg or default_recurrent_config(geom)
     reason = recurrent_unsupported(geom, cfg)
+    if reason is None and layout is not None:
+        reason = _layout_unsupported(geom, cfg, layout)
     if reason is not None:
         raise ValueError(reason)
     steps, batch, hidden = geom.steps, geom.batch, geom.hidden
     h_pad = hidden_padded(geom, cfg)
-    tiles = h_pad // cfg.width
-    phases = _phase_gates(geom)
+    phases = phase_gates(geom)
     lstm = geom.cell == "lstm"
     has_rbias = geom.cell == "gru" and geom.linear_before_reset
 
@@ -338,14 +272,14 @@ def recurrent_sequence_primfunc(
                     "batch": batch,
                     "hidden": hidden,
                     "reverse": int(geom.reverse),
+                    "format": "dense" if layout is None else "bsr",
+                    "block": list(layout.block) if layout else [],
+                    "stored": _stored_weights(geom, cfg, layout),
                 },
             }
         )
         xp = T.arg("xp", T.buffer((steps * batch, geom.gates * h_pad), "float32"))
-        weights = [
-            T.arg(f"weight{i}", T.buffer((tiles, hidden, len(g), cfg.width), "float32"))
-            for i, g in enumerate(phases)
-        ]
+        weights = _weight_args(geom, cfg, layout)
         rbias = T.arg("rbias_n", T.buffer((h_pad,), "float32")) if has_rbias else None
         h0 = T.arg("h0", T.buffer((batch, hidden), "float32"))
         c0 = T.arg("c0", T.buffer((batch, hidden), "float32")) if lstm else None
@@ -376,6 +310,50 @@ def recurrent_sequence_primfunc(
     return ib.get().without_attr("global_symbol")
 
 
+def _layout_unsupported(
+    geom: RecurrentGeometry, cfg: RecurrentConfig, layout: BlockLayout
+) -> str | None:
+    units, cols = layout.block
+    if min(units, cols) < 1 or cfg.width % units or cfg.width % cols:
+        return f"block {layout.block} does not divide the tile of {cfg.width} units"
+    if len(layout.blocks) != len(phase_gates(geom)):
+        return f"{len(layout.blocks)} block counts for {len(phase_gates(geom))} phases"
+    return None
+
+
+def _stored_weights(
+    geom: RecurrentGeometry, cfg: RecurrentConfig, layout: BlockLayout | None
+) -> int:
+    """Multiply-adds per batch row and step: the stored weights (blocks zero-padded)."""
+    if layout is None:
+        return geom.gates * geom.hidden * geom.hidden
+    return sum(layout.blocks) * layout.block[0] * layout.block[1]
+
+
+def _weight_args(
+    geom: RecurrentGeometry, cfg: RecurrentConfig, layout: BlockLayout | None
+) -> list[tirx.Buffer | tuple[tirx.Buffer, ...]]:
+    """The packed weight's arguments, per phase: a buffer (dense) or (ptr, col, values)."""
+    tiles = hidden_padded(geom, cfg) // cfg.width
+    phases = phase_gates(geom)
+    if layout is None:
+        shape = lambda g: (tiles, geom.hidden, len(g), cfg.width)  # noqa: E731
+        return [T.arg(f"weight{i}", T.buffer(shape(g), "float32")) for i, g in enumerate(phases)]
+    units, cols = layout.block
+    args: list[tirx.Buffer | tuple[tirx.Buffer, ...]] = []
+    for i, (gates, blocks) in enumerate(zip(phases, layout.blocks, strict=True)):
+        rows = tiles * len(gates) * (cfg.width // units)
+        stored = max(blocks, 1)
+        args.append(
+            (
+                T.arg(f"block_ptr{i}", T.buffer((rows + 1,), "int32")),
+                T.arg(f"block_col{i}", T.buffer((stored,), "int32")),
+                T.arg(f"block_values{i}", T.buffer((stored, cols, units), "float32")),
+            )
+        )
+    return args
+
+
 def _initial_state(
     state: tirx.Buffer,
     h0: tirx.Buffer,
@@ -399,21 +377,23 @@ def _phase(
     step: _Step,
     phase: int,
     gates: int,
-    weight: tirx.Buffer,
+    weight: tirx.Buffer | tuple[tirx.Buffer, ...],
     h_load: Callable[..., tirx.PrimExpr],
 ) -> None:
     """One phase of a step: parallel over (unit tile, batch chunk), then a barrier."""
     cfg, batch = step.cfg, step.geom.batch
-    tiles = weight.shape[0]
+    tiles = hidden_padded(step.geom, cfg) // cfg.width
     with _scope(cfg, BARRIER):
         for start, count, rows in _batch_chunks(batch, cfg.rows):
             with _jobs(tiles * count) as job:
                 tile, b0 = job // count, start + job % count * rows
                 accs = [accumulator_rows(gates, cfg.width) for _ in range(rows)]
-                _zero(accs, cfg)
-                _dense_matvec(
-                    accs, h_load, [b0 + r for r in range(rows)], weight, tile, cfg, step.geom.hidden
-                )
+                h_rows = [b0 + r for r in range(rows)]
+                if isinstance(weight, tuple):
+                    _block_matvec(accs, h_load, h_rows, weight, tile, cfg)
+                else:
+                    _zero(accs, cfg)
+                    _dense_matvec(accs, h_load, h_rows, weight, tile, cfg, step.geom.hidden)
                 for r in range(rows):
                     for v in range(cfg.vectors):
                         step.gates_out(phase, accs[r], b0 + r, tile * cfg.width + v * cfg.lanes, v)

@@ -42,10 +42,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "tvm_sparse.compiled_model",
             "tvm_sparse.kernel_bounds",
             "tvm_sparse.benchmarking",
+            "tvm_sparse.cost_model",
             "tvm_sparse.testing",
+            "tvm_sparse.sequence_models",
         ),
     ),
-    ("cli", ("tvm_sparse.cli", "tvm_sparse.demo", "tvm_sparse.fuzzing")),
+    (
+        "cli",
+        ("tvm_sparse.cli", "tvm_sparse.demo", "tvm_sparse.demo_sequence", "tvm_sparse.fuzzing"),
+    ),
 ]
 
 MAX_LINES = 700

@@ -53,11 +53,18 @@ def _load(args: argparse.Namespace):
     if args.input_shape:
         inputs = (np.zeros(args.input_shape, dtype="float32"),)
     if model.startswith("builtin:"):
+        groups = {"builtin:resnet18-pattern": 1, "builtin:resnet18-pattern-g4": 4}
+        sequence = ("builtin:gru-bcr", "builtin:bert-bsr")
+        if model in sequence:
+            from .sequence_models import BUILTINS
+
+            model, example = BUILTINS[model]()
+            return model, inputs or example
+        if model not in groups:
+            names = ", ".join([*groups, *sequence])
+            raise TvmSparseError(f"unknown built-in model {model!r} ({names})")
         from .demo import build_demo_model
 
-        groups = {"builtin:resnet18-pattern": 1, "builtin:resnet18-pattern-g4": 4}
-        if model not in groups:
-            raise TvmSparseError(f"unknown built-in model {model!r} ({', '.join(groups)})")
         model = build_demo_model(filter_group=groups[model])
         inputs = inputs or (np.zeros((1, 3, 224, 224), dtype="float32"),)
     return model, inputs
@@ -145,6 +152,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_costs(args: argparse.Namespace) -> int:
+    """Measure the block-format cost table for a target on this host (a minute or two)."""
+    from .cost_model import refresh_cost_table
+
+    print(f"wrote {refresh_cost_table(args.target, args.family)}")
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     """Compile for this host and print where a forward pass spends its time, per kernel."""
     from .compiler import compile as compile_model
@@ -158,6 +173,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.model != "resnet18":
+        from .demo_sequence import run_sequence_demo
+
+        run_sequence_demo(args.model, rounds=args.rounds, threads=args.threads)
+        return 0
     from .demo import run_demo
 
     run_demo(
@@ -178,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "model",
-            help="ONNX file, torch.export .pt2 file, or builtin:resnet18-pattern[-g4]",
+            help="ONNX file, torch.export .pt2 file, or builtin:resnet18-pattern[-g4] | "
+            "builtin:gru-bcr (2-layer GRU, W_hh at 10%% of 8x8 blocks) | builtin:bert-bsr "
+            "(4-layer encoder, 10%% of 16x1 blocks)",
         )
         p.add_argument(
             "--input-shape", type=_shape, help="e.g. 1,3,224,224 (ONNX files carry their own)"
@@ -221,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeat", type=_positive_int, default=5)
         p.add_argument("--tuning", help="a tune work directory: apply its best records")
         p.set_defaults(func=cmd_remote)
+    p = sub.add_parser("costs", help="measure the block-format cost table of this CPU")
+    p.add_argument("--target", default="x86", help="x86, x86-avx2, x86-avx512 or an LLVM target")
+    p.add_argument("--family", action="store_true",
+                   help="store it as the ISA family's fallback table (avx512 / avx2)")  # fmt: skip
+    p.set_defaults(func=cmd_costs)
     p = sub.add_parser("profile", help="time every kernel of a forward pass on this host")
     model_args(p)
     p.add_argument("--dense", action="store_true", help="ignore sparsity (dense baseline)")
@@ -229,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_count, default=0, help="only the N slowest kernels")
     p.set_defaults(func=cmd_profile)
     p = sub.add_parser("demo", help="pruned ResNet-18: sparse vs dense vs PyTorch vs ONNX Runtime")
+    p.add_argument("--model", default="resnet18", choices=["resnet18", "gru-bcr", "bert-bsr"],
+                   help="gru-bcr / bert-bsr: a block-pruned GRU / encoder vs ONNX Runtime and "
+                        "PyTorch (--image, --width, --filter-group apply to resnet18)")  # fmt: skip
     p.add_argument("--image", type=_positive_int, default=224, help="input height and width")
     p.add_argument("--width", type=_positive_int, default=64, help="channels of the first stage")
     p.add_argument("--rounds", type=_positive_int, default=15)

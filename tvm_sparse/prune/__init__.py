@@ -3,7 +3,8 @@
 prune -> fine-tune -> compile: build constraints (:func:`pattern_constraints`, or
 :class:`BSRConstraint` / :class:`BCRConstraint` for FC and 1x1 layers), train with
 :class:`ADMMPruner` in your own loop, ``hard_prune()``, fine-tune under a :class:`MaskEnforcer`,
-check :func:`sparsity_report`, then ``tvm_sparse.compile``.
+check :func:`sparsity_report`, then ``tvm_sparse.compile``. :func:`block_prune_` block-prunes
+the matrices of Linear, GRU / LSTM / RNN and attention layers in one call.
 """
 
 from .admm import ADMMPruner
@@ -20,6 +21,7 @@ from .constraints import (
     project_model,
 )
 from .masks import MaskEnforcer
+from .modules import block_prune_, prunable_matrices
 from .patterns import (
     Pattern,
     candidate_patterns,
@@ -41,6 +43,7 @@ __all__ = [
     "PatternConstraint",
     "SparsityReport",
     "bcr_mask",
+    "block_prune_",
     "block_sparsity",
     "bsr_mask",
     "candidate_patterns",
@@ -50,6 +53,7 @@ __all__ = [
     "pattern_constraints",
     "pattern_convs",
     "pattern_mask",
+    "prunable_matrices",
     "project_bcr",
     "project_bsr",
     "project_connectivity",

@@ -123,12 +123,20 @@ def pattern_constraints(
 
 
 def layer_weights(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
-    """``module.weight`` of each named module (KeyError naming the missing module)."""
+    """``module.weight`` of each named module, or the parameter of that name
+    (``rnn.weight_hh_l0``); KeyError naming what is missing."""
     modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    params = dict(model.named_parameters())
+    found = {}
+    for n in names:
+        if n in modules and isinstance(getattr(modules[n], "weight", None), nn.Parameter):
+            found[n] = modules[n].weight
+        elif n in params:
+            found[n] = params[n]
+    missing = [n for n in names if n not in found]
     if missing:
-        raise KeyError(f"no such modules: {missing}")
-    return {n: modules[n].weight for n in names}
+        raise KeyError(f"no such modules or parameters: {missing}")
+    return found
 
 
 @torch.no_grad()
