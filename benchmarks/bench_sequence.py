@@ -1,13 +1,14 @@
 """Sequence models (batch 1): a Transformer encoder (d_model 768, 12 heads, feed-forward 3072,
-128 tokens; unpruned and with every linear keeping 50 / 20 / 10 % of its 16x1 blocks) and
-2-layer GRU / LSTM (input 39, hidden 1024, 100 steps): tvm-sparse vs ONNX Runtime vs PyTorch,
-interleaved in one run, medians; tvm-sparse's time split per op class (its profile); compile
-times.
+128 tokens; unpruned and with every matrix keeping 50 / 20 / 10 % of its 16x1 blocks) and
+2-layer GRU / LSTM (input 39, hidden 1024, 100 steps; unpruned and with the recurrent weights
+keeping 10 % of their 8x8 blocks): tvm-sparse vs ONNX Runtime vs PyTorch, interleaved in one
+run, medians; useful GFLOP/s; tvm-sparse's time split per op class (its profile); compile times.
 
     python benchmarks/bench_sequence.py [--rounds 7] [--layers 4] [--only encoder|rnn]
 
-The encoder is compiled from the ``nn.Module`` (torch.export); the GRU / LSTM from their ONNX
-export (the recurrence as one kernel per layer; torch.export unrolls every step). Writes
+Models from ``tvm_sparse.sequence_models`` (the CLI's ``builtin:bert-bsr`` / ``builtin:gru-bcr``
+at their defaults). The encoder is compiled from the ``nn.Module`` (torch.export); the GRU /
+LSTM from their ONNX export (the recurrence as one kernel per layer direction). Writes
 benchmarks/results/sequence.{json,md}.
 """
 
@@ -32,40 +33,15 @@ from tvm_sparse.benchmarking import (
     tvm_runner,
     write_results,
 )
-from tvm_sparse.prune import project_bsr
-from tvm_sparse.testing import block_prune_model_
+from tvm_sparse.sequence_models import encoder_model, recurrent_model
 
 # Op class of a tvm-sparse kernel, by the first substring of its name that matches.
 OP_CLASSES = [
-    ("linear", ("dense_linear", "dense_matmul", "bsr_matmul")),
+    ("linear", ("dense_linear", "dense_matmul", "bsr_matmul", "bcr_matmul")),
     ("recurrent step", ("rnn", "gru", "lstm")),
-    ("attention", ("softmax", "matmul")),
+    ("attention", ("attention", "softmax", "matmul")),
     ("norm", ("layer_norm",)),
 ]
-
-
-def encoder(layers: int, keep: float | None) -> tuple[torch.nn.Module, np.ndarray]:
-    torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, batch_first=True)
-    net = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
-    if keep is not None:
-        block_prune_model_(net, keep=keep, block=(16, 1))
-        for m in net.modules():  # the attention's packed in_proj is a Parameter, not a Linear
-            if isinstance(m, torch.nn.MultiheadAttention):
-                w = m.in_proj_weight.detach()
-                with torch.no_grad():
-                    m.in_proj_weight.copy_(project_bsr(w, (16, 1), keep))
-    x = np.random.default_rng(0).standard_normal((1, 128, 768)).astype("float32")
-    return net, x
-
-
-class Recurrent(torch.nn.Module):
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.rnn = getattr(torch.nn, kind)(39, 1024, num_layers=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rnn(x)[0]
 
 
 def op_classes(cm: tvm_sparse.CompiledModel, x: np.ndarray) -> dict[str, float]:
@@ -92,6 +68,7 @@ def bench(name: str, net: torch.nn.Module, x: np.ndarray, from_onnx: bool, round
         ref = net(torch.from_numpy(x)).numpy()
     err = float(np.max(np.abs(cm(x) - ref)))
     assert err <= 1e-3 * max(1.0, float(np.abs(ref).max())), (name, err)
+    useful = sum(r.flops_kept for r in cm.layers)
     ms = time_interleaved(
         {
             "tvm-sparse": tvm_runner(cm, (x,)),
@@ -106,6 +83,7 @@ def bench(name: str, net: torch.nn.Module, x: np.ndarray, from_onnx: bool, round
         "vs_ort": ms["onnxruntime"] / ms["tvm-sparse"],
         "vs_pytorch": ms["pytorch"] / ms["tvm-sparse"],
         "compile_s": compile_s,
+        "useful_gflops": useful / ms["tvm-sparse"] / 1e6,
         "max_abs_err": err,
         "op_ms": op_classes(cm, x),
     }
@@ -123,13 +101,14 @@ def main() -> None:
     if args.only != "rnn":
         for keep in (None if k == 1 else k for k in map(float, args.keeps.split(","))):
             label = "unpruned" if keep is None else f"{1 - keep:.0%} of 16x1 blocks pruned"
-            make = lambda k=keep: encoder(args.layers, k)  # noqa: E731
+            make = lambda k=keep: encoder_model(args.layers, k)  # noqa: E731
             cases.append((f"encoder x{args.layers}, {label}", make, False))
     if args.only != "encoder":
         for kind in ("GRU", "LSTM"):
-            x = np.random.default_rng(0).standard_normal((100, 1, 39)).astype("float32")
-            make = lambda k=kind, x=x: (Recurrent(k).eval(), x)  # noqa: E731
-            cases.append((f"2-layer {kind} 39->1024, 100 steps", make, True))
+            for keep in (None, 0.1):
+                label = "" if keep is None else f", W_hh {1 - keep:.0%} of 8x8 blocks pruned"
+                make = lambda k=kind, p=keep: recurrent_model(k, p)  # noqa: E731
+                cases.append((f"2-layer {kind} 39->1024, 100 steps{label}", make, True))
     results, rows = [], []
     for name, make, from_onnx in cases:
         net, x = make()
@@ -139,16 +118,19 @@ def main() -> None:
         split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1]))
         rows.append([
             name, f"{ms['tvm-sparse']:.2f}", f"{ms['onnxruntime']:.2f}", f"{ms['pytorch']:.2f}",
-            f"**{r['vs_ort']:.2f}x**", f"{r['vs_pytorch']:.2f}x", f"{r['compile_s']:.1f}", split,
+            f"**{r['vs_ort']:.2f}x**", f"{r['vs_pytorch']:.2f}x", f"{r['useful_gflops']:.0f}",
+            f"{r['compile_s']:.1f}", split,
         ])  # fmt: skip
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     table = markdown_table(
         ["model", "tvm-sparse ms", "ORT ms", "PyTorch ms", "vs ORT", "vs PyTorch",
-         "compile s", "tvm-sparse ms per op class"], rows,
+         "useful GFLOP/s", "compile s", "tvm-sparse ms per op class"], rows,
     )  # fmt: skip
     summary = (
         f"Batch 1, {threads} threads, medians of {args.rounds} interleaved rounds; tvm-sparse "
-        "for the host's ISA. The op-class split is tvm-sparse's own profile (instrumented run)."
+        "for the host's ISA. Useful GFLOP/s: the FLOPs of the weights kept (the report's total) "
+        "over tvm-sparse's time. The op-class split is tvm-sparse's own profile (instrumented "
+        "run)."
     )
     write_results(
         "benchmarks/results/sequence",
