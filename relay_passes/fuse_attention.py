@@ -14,9 +14,11 @@ MatMul``)::
     out = matmul(p, v)             v (*lead, S, Dv)
 
 becomes ``attention(q, kt, v[, mask])``: scores, softmax and ``p @ v`` per query tile without
-the (heads, T, S) scores and probabilities in memory. The kernel carries its geometry
-(``ATTENTION_ATTR``) for the report. Other uses of the scores or probabilities (attention
-weights returned to the caller) keep their own computation.
+the (heads, T, S) scores and probabilities in memory. q, kt and v are read in place from the
+tensors their layout chains start from (``strided_view.trace_view``: the head split of a fused
+QKV projection, its reshapes, permutes, ``take`` and scalar scalings are no copies). The
+kernel carries its geometry (``ATTENTION_ATTR``) for the report. Other uses of the scores or
+probabilities (attention weights returned to the caller) keep their own computation.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from tvm.relax.dpl import DFPattern, is_const, is_op, rewrite_call, wildcard
 
 from schedules.attention import AttentionShape, attention_primfunc
 from schedules.dense_gemm import default_gemm_config
+from schedules.operand_view import OperandView
 
+from .strided_view import trace_view
 from .utils import const_value, static_shape
 
 ATTENTION_ATTR = "tvm_sparse.attention"
@@ -156,8 +160,8 @@ def _fuse(
         safe = p.fixup in matches
         if safe and not _is_all_masked_rule(matches, p, var2val):
             return expr
-        shape, mask = _shape(matches, p, scale, safe)
-        args = [matches[x] for x in (p.q, p.kt, p.v)] + ([mask] if mask is not None else [])
+        shape, sources, mask = _shape(matches, p, scale, safe, var2val)
+        args = sources + ([mask] if mask is not None else [])
         out_ty = relax.TensorType(static_shape(matches[p.root]), "float32")
         return relax.call_tir(kernel(shape), args, out_ty)
 
@@ -191,11 +195,30 @@ def _is_all_masked_rule(matches: dict, p: _Patterns, var2val: dict) -> bool:
     )  # fmt: skip
 
 
+def _operands(
+    matches: dict, p: _Patterns, var2val: dict
+) -> tuple[list[relax.Expr], list[OperandView], float]:
+    """q, kt, v as views of the tensors their layout chains start from (the head split of a
+    fused QKV projection is one), with the scalars multiplied on the way; v only where its
+    columns stay contiguous (they are read as vectors)."""
+    sources, views, scale = [], [], 1.0
+    for x in (p.q, p.kt, p.v):
+        source, view, factor = trace_view(matches[x], var2val)
+        if x is p.v and view.col_stride != 1:
+            source, view, factor = matches[x], OperandView.contiguous(static_shape(matches[x])), 1
+        sources.append(source)
+        views.append(view)
+        scale *= factor
+    return sources, views, scale
+
+
 def _shape(
-    matches: dict, p: _Patterns, scale: float, safe: bool
-) -> tuple[AttentionShape, relax.Expr | None]:
-    """The kernel's static facts and the mask operand viewed as (heads, queries, keys)."""
+    matches: dict, p: _Patterns, scale: float, safe: bool, var2val: dict
+) -> tuple[AttentionShape, list[relax.Expr], relax.Expr | None]:
+    """The kernel's static facts, its q / kt / v sources, and the mask operand viewed as
+    (heads, queries, keys)."""
     q, kt, v = (static_shape(matches[x]) for x in (p.q, p.kt, p.v))
+    sources, (q_view, kt_view, v_view), factor = _operands(matches, p, var2val)
     out, scores = static_shape(matches[p.root]), static_shape(matches[p.logits])
     mask, dims = None, None
     if p.mask in matches:
@@ -206,10 +229,10 @@ def _shape(
         mask = relax.op.reshape(mask, (dims[0], dims[1], scores[-1]))
     shape = AttentionShape(
         heads=math.prod(q[:-2]), queries=q[-2], keys=kt[-1], depth=q[-1], value_depth=v[-1],
-        q_lead=q[:-2], k_lead=kt[:-2], v_lead=v[:-2], out_lead=out[:-2], scale=scale,
+        q=q_view, kt=kt_view, v=v_view, out_lead=out[:-2], scale=scale * factor,
         mask=dims, safe=safe,
     )  # fmt: skip
-    return shape, mask
+    return shape, sources, mask
 
 
 def _describe(shape: AttentionShape) -> dict:

@@ -1,8 +1,10 @@
 """Scaled dot-product attention as one kernel: ``out = softmax(scale * q @ kt (+ mask)) @ v``.
 TIR generator.
 
-Operands as the graph has them after the head split: ``q (N, T, D)``, ``kt (N, D, S)`` (keys
-transposed: a row of ``kt`` is one depth of every key), ``v (N, S, Dv)``, N = batch x heads.
+Operands ``q (N, T, D)``, ``kt (N, D, S)`` (keys transposed: a row of ``kt`` is one depth of
+every key), ``v (N, S, Dv)``, N = batch x heads, each read in place from its source tensor
+(``OperandView``: the head split of a QKV projection is a strided view of it, no copy). Where
+kt's keys are not contiguous there, each job first copies its head's kt into a (D, S) block.
 A job takes ``rows`` queries of one head, for all keys:
 
 1. scores: the dense GEMM's register tiles (``dense_gemm.tile_block``) with the queries
@@ -28,6 +30,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .buffers import allocated_view
 from .dense_gemm import GemmConfig, tile_block
+from .operand_view import OperandView
 from .vector_math import add, row_reduce, span, splat, vector_exp
 
 NEG_INF = float("-inf")
@@ -36,38 +39,46 @@ ZERO = tirx.const(0.0, "float32")
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """Static facts: N = batch x heads, T queries, S keys, depth D, value depth Dv; the leading
-    dims each operand has in the graph (their product is N); the scale; the mask operand's
-    (heads, queries) dims, each 1 (broadcast) or N / T, None without a mask; the all-masked-row
-    rule."""
+    """Static facts: N = batch x heads, T queries, S keys, depth D, value depth Dv; where q
+    (N, T, D), kt (N, D, S) and v (N, S, Dv) lie in their source tensors (``OperandView``: in
+    place, e.g. the head split of a fused QKV projection; v's columns contiguous); the output's
+    leading dims; the scale; the mask operand's (heads, queries) dims, each 1 (broadcast) or
+    N / T, None without a mask; the all-masked-row rule."""
 
     heads: int
     queries: int
     keys: int
     depth: int
     value_depth: int
-    q_lead: tuple[int, ...]
-    k_lead: tuple[int, ...]
-    v_lead: tuple[int, ...]
+    q: OperandView
+    kt: OperandView
+    v: OperandView
     out_lead: tuple[int, ...]
     scale: float = 1.0
     mask: tuple[int, int] | None = None
     safe: bool = False
 
+    @property
+    def transposes_keys(self) -> bool:
+        """kt's keys are not contiguous: each job copies its head's kt into a (D, S) block."""
+        return self.kt.col_stride != 1
+
 
 def attention_rows(shape: AttentionShape, cfg: GemmConfig, cores: int) -> int:
     """Queries per job: whole register tiles, at least four jobs per core where the heads
-    allow, at most 4 tiles (the score block stays in L1)."""
+    allow; at most 4 tiles (the score block stays in L1), or half the queries where each job
+    copies its head's keys."""
     tiles = math.ceil(shape.queries / cfg.rows)
-    per_job = max(1, min(4, tiles * shape.heads // (4 * cores)))
+    most = math.ceil(tiles / 2) if shape.transposes_keys else 4
+    per_job = max(1, min(most, tiles * shape.heads // (4 * cores)))
     return cfg.rows * min(per_job, tiles)
 
 
 def attention_primfunc(
     shape: AttentionShape, cfg: GemmConfig, cores: int = 1, name: str = "attention"
 ) -> tirx.PrimFunc:
-    """Arguments: q (*q_lead, T, D), kt (*k_lead, D, S), v (*v_lead, S, Dv), [mask (*mask, S)],
-    out (*out_lead, T, Dv)."""
+    """Arguments: the sources of q, kt and v (their ``OperandView.source`` shapes; one tensor
+    may be passed for several), [mask (*mask, S)], out (*out_lead, T, Dv)."""
     g = shape
     n, t, s, d, dv = g.heads, g.queries, g.keys, g.depth, g.value_depth
     rows = attention_rows(g, cfg, cores)
@@ -76,14 +87,13 @@ def attention_primfunc(
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
-        q_arg = T.arg("q", T.buffer((*g.q_lead, t, d), "float32"))
-        k_arg = T.arg("kt", T.buffer((*g.k_lead, d, s), "float32"))
-        v_arg = T.arg("v", T.buffer((*g.v_lead, s, dv), "float32"))
+        sources = [
+            T.arg(label, T.buffer(view.source, "float32"))
+            for label, view in (("q", g.q), ("kt", g.kt), ("v", g.v))
+        ]
         mask = T.arg("mask", T.buffer((*g.mask, s), "float32")) if g.mask else None
         out_arg = T.arg("out", T.buffer((*g.out_lead, t, dv), "float32"))
-        q = T.decl_buffer((n, t, d), "float32", data=q_arg.data)
-        kt = T.decl_buffer((n, d, s), "float32", data=k_arg.data)
-        v = T.decl_buffer((n, s, dv), "float32", data=v_arg.data)
+        q, kt, v = (_flat(source) for source in sources)
         out = T.decl_buffer((n, t, dv), "float32", data=out_arg.data)
         with T.parallel(0, n * q_tiles) as job:
             h, t0 = job // q_tiles, job % q_tiles * rows
@@ -101,10 +111,22 @@ def attention_primfunc(
                     value = value + mask[(*at, span(col, width))]
                 T.buffer_store(probs, value, [row, span(col, width)])
 
+            if g.transposes_keys:  # this head's kt as a contiguous (D, S) block
+                keys = allocated_view((d, s))
+                with T.serial(0, s) as j, T.serial(0, d) as kk:
+                    T.buffer_store(keys, kt[g.kt.at(h, kk, j)], [kk, j])
+
+                def key_vector(kk, col, width):
+                    return keys[kk, span(col, width)]
+            else:
+
+                def key_vector(kk, col, width):
+                    return kt[span(g.kt.at(h, kk, col), width)]
+
             tile_block(
                 rows, s, d, cfg,
-                lambda row, kk: q[h, query(row), kk],
-                lambda kk, col, width: kt[h, kk, span(col, width)],
+                lambda row, kk: q[g.q.at(h, query(row), kk)],
+                key_vector,
                 store_scores,
             )  # fmt: skip
             with T.serial(0, rows) as row:
@@ -118,10 +140,15 @@ def attention_primfunc(
             tile_block(
                 rows, dv, s, cfg,
                 lambda row, kk: probs[row, kk],
-                lambda kk, col, width: v[h, kk, span(col, width)],
+                lambda kk, col, width: v[span(g.v.at(h, kk, col), width)],
                 store_out,
             )  # fmt: skip
     return ib.get().without_attr("global_symbol")
+
+
+def _flat(buffer: tirx.Buffer) -> tirx.Buffer:
+    """A 1-D view of ``buffer`` (an ``OperandView`` indexes it flat)."""
+    return T.decl_buffer((math.prod(buffer.shape),), "float32", data=buffer.data)
 
 
 def _softmax_row(

@@ -19,6 +19,7 @@ import tvm_sparse
 from relay_passes.fuse_attention import ATTENTION_ATTR, FuseAttention
 from schedules.attention import AttentionShape, attention_primfunc
 from schedules.dense_gemm import default_gemm_config
+from schedules.operand_view import OperandView
 from tvm_sparse.benchmarking import onnx_bytes
 from tvm_sparse.targets import resolve_target, runs_here, vector_lanes, vector_registers
 
@@ -74,8 +75,11 @@ def test_kernel_matches_sdpa(target, heads, queries, keys, depth, value_depth, m
             m[0, 0, :] = -np.inf  # a query that sees no key
         args.append(m)
         full_mask = torch.from_numpy(np.broadcast_to(m, (heads, queries, keys)).copy())
-    shape = AttentionShape(heads, queries, keys, depth, value_depth, (heads,), (heads,),
-                           (heads,), (heads,), scale=0.3, mask=mask_dims, safe=safe)  # fmt: skip
+    shape = AttentionShape(
+        heads, queries, keys, depth, value_depth, OperandView.contiguous(q.shape),
+        OperandView.contiguous((heads, depth, keys)), OperandView.contiguous(v.shape), (heads,),
+        scale=0.3, mask=mask_dims, safe=safe,
+    )  # fmt: skip
     got = _run_kernel(shape, target, args)
     ref = torch.nn.functional.scaled_dot_product_attention(
         torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), attn_mask=full_mask,
@@ -112,7 +116,8 @@ def _sdpa_before(mask_shape: tuple[int, ...] | None, scale_op: str = "multiply")
 
 def _attention_expected() -> tvm.IRModule:
     """``_sdpa_before(None)`` as the pass should leave it: one call to the kernel."""
-    shape = AttentionShape(6, 5, 7, 8, 4, (2, 3), (2, 3), (2, 3), (2, 3), scale=0.5)
+    views = [OperandView.contiguous(s) for s in ((2, 3, 5, 8), (2, 3, 8, 7), (2, 3, 7, 4))]
+    shape = AttentionShape(6, 5, 7, 8, 4, *views, (2, 3), scale=0.5)
     kernel = attention_primfunc(shape, default_gemm_config(16, 32), 2, "attention_0")
     geometry = {"heads": 6, "queries": 5, "keys": 7, "depth": 8, "value_depth": 4, "masked": 0}
     q = relax.Var("q", relax.TensorType((2, 3, 5, 8), "float32"))
@@ -221,3 +226,25 @@ def test_onnx_encoder_layer_compiles_to_fused_attention():
     with torch.no_grad():
         _close(cm(x), net(torch.from_numpy(x)).numpy())
     assert len(_attention_rows(cm)) == 1
+
+
+@pytest.mark.parametrize("target", ISA_TARGETS)
+def test_kernel_reads_a_fused_qkv_projection_in_place(target):
+    """q, kt, v as strided views of one (T, 3 * heads * D) tensor (kt's keys 3 * heads * D
+    apart: the kernel copies each head's keys), vs SDPA."""
+    heads, t, d = 3, 11, 8
+    rng = np.random.default_rng(4)
+    qkv = rng.standard_normal((t, 3 * heads * d)).astype("float32")
+    row = 3 * heads * d
+    q_view = OperandView(qkv.shape, 0, ((heads, d),), row, 1)
+    kt_view = OperandView(qkv.shape, heads * d, ((heads, d),), 1, row)
+    v_view = OperandView(qkv.shape, 2 * heads * d, ((heads, d),), row, 1)
+    shape = AttentionShape(heads, t, t, d, d, q_view, kt_view, v_view, (heads,), scale=0.5)
+    assert shape.transposes_keys
+    got = _run_kernel(shape, target, [qkv, qkv, qkv])
+    q, k, v = (qkv[:, i * heads * d : (i + 1) * heads * d].reshape(t, heads, d).transpose(1, 0, 2)
+               for i in range(3))  # fmt: skip
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(np.ascontiguousarray(a)) for a in (q, k, v)), scale=0.5
+    ).numpy()
+    _close(got, ref)
