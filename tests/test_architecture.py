@@ -33,7 +33,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("schedules", ("schedules",)),
     ("relay_passes", ("relay_passes",)),
     # The frontend runs FoldBatchNorm (a relay pass) on every imported model.
-    ("pipeline", ("tvm_sparse.frontend", "tvm_sparse.onnx_rnn", "tvm_sparse.pipeline")),
+    (
+        "pipeline",
+        (
+            "tvm_sparse.frontend",
+            "tvm_sparse.onnx_rnn",
+            "tvm_sparse.torch_rnn",
+            "tvm_sparse.pipeline",
+        ),
+    ),
     ("tuning", ("tvm_sparse.tuning",)),
     (
         "compiler",

@@ -25,6 +25,7 @@ from relay_passes.fold_batch_norm import FoldBatchNorm
 
 from .errors import InputError, ModelLoadError, first_line
 from .onnx_rnn import recurrent_converters
+from .torch_rnn import recurrent_convert_map, recurrent_decompositions
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,13 @@ def _import_exported(exported: Any, label: str) -> tvm.IRModule:
 
     _check_exported_dtypes(exported, label)
     try:
-        mod = relax_from_exported(exported, unwrap_unit_return_tuple=True)
+        exported = exported.run_decompositions(recurrent_decompositions())
+        mod = relax_from_exported(
+            exported,
+            unwrap_unit_return_tuple=True,
+            run_ep_decomposition=False,
+            custom_convert_map=recurrent_convert_map(exported),
+        )
     except Exception as err:
         raise ModelLoadError(f"TVM could not import the exported {label}: {err}") from err
     return _prepare(mod)

@@ -150,7 +150,7 @@ def convert_recurrent(
         initial = [_initial(bb, inputs[5], d, node, batch)]
         if op == "LSTM":
             initial.append(_initial(bb, inputs[6], d, node, batch))
-        outs.append(_direction(bb, geom, x2d, w[d], r[d], bias[d], initial))
+        outs.append(emit_direction(bb, geom, x2d, w[d], r[d], bias[d], initial))
     return _assemble(bb, outs, node)
 
 
@@ -208,7 +208,7 @@ def _initial(
     return bb.emit(relax.op.reshape(part, (batch, node.hidden)))
 
 
-def _direction(
+def emit_direction(
     bb: relax.BlockBuilder,
     geom: RecurrentGeometry,
     x2d: relax.Expr,
