@@ -272,6 +272,26 @@ def test_block_sparse_encoder_runs_on_the_device(device, tmp_path) -> None:
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL * max(1.0, np.abs(ref).max()))
 
 
+def test_block_sparse_gru_runs_on_the_device(device, tmp_path) -> None:
+    """A 2-layer GRU whose W_hh keeps 20 % of 8x8 blocks (ONNX: one recurrence kernel per
+    layer, BSR W_hh, NEON) cross-compiled for aarch64 and deployed, vs PyTorch."""
+    import onnx
+
+    import tvm_sparse
+    from tvm_sparse.benchmarking import onnx_bytes
+    from tvm_sparse.sequence_models import recurrent_model
+
+    net, x = recurrent_model("GRU", 0.2, features=7, hidden=40, steps=9, batch=2)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    cm = tvm_sparse.compile(onnx.load_from_string(onnx_bytes(net, (x,))), (x,), target="arm64")
+    assert [r.format for r in cm.layers if r.op == "gru"] == ["bsr 8x8"] * 2
+    path = cm.export(tmp_path / "gru.so")
+    with connect(tracker=device.tracker, key=device.key) as remote:
+        (got,) = run_remote(str(path), [x], remote)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL * max(1.0, np.abs(ref).max()))
+
+
 def test_cli_run_on_the_device(device, tmp_path) -> None:
     from tvm_sparse.benchmarking import onnx_bytes
     from tvm_sparse.models import resnet18
