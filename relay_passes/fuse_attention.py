@@ -36,7 +36,7 @@ from schedules.dense_gemm import default_gemm_config
 from schedules.operand_view import OperandView
 
 from .strided_view import trace_view
-from .utils import const_value, static_shape
+from .utils import const_value, rewrite_functions, static_shape
 
 ATTENTION_ATTR = "tvm_sparse.attention"
 
@@ -123,25 +123,20 @@ def FuseAttention(lanes: int = 16, registers: int = 32, cores: int = 1) -> tvm.t
 
     @tvm.transform.module_pass(opt_level=0, name="FuseAttention")
     def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        bb = relax.BlockBuilder(mod)
         kernels: dict[AttentionShape, tvm.ir.GlobalVar] = {}
 
-        def kernel(shape: AttentionShape) -> tvm.ir.GlobalVar:
-            if shape not in kernels:
-                name = f"attention_{len(kernels)}"
-                func = attention_primfunc(shape, cfg, cores, name)
-                kernels[shape] = bb.add_func(func.with_attr(ATTENTION_ATTR, _describe(shape)), name)
-            return kernels[shape]
+        def fuse(bb: relax.BlockBuilder, func: relax.Function) -> relax.Function:
+            def kernel(shape: AttentionShape) -> tvm.ir.GlobalVar:
+                if shape not in kernels:
+                    name = f"attention_{len(kernels)}"
+                    prim = attention_primfunc(shape, cfg, cores, name)
+                    kernels[shape] = bb.add_func(prim.with_attr(ATTENTION_ATTR, _describe(shape)),
+                                                 name)  # fmt: skip
+                return kernels[shape]
 
-        fused = {
-            gv: _fuse(func, kernel)
-            for gv, func in mod.functions.items()
-            if isinstance(func, relax.Function)
-        }
-        out = bb.get()
-        for gv, func in fused.items():
-            out[gv] = func
-        return out
+            return _fuse(func, kernel)
+
+        return rewrite_functions(mod, fuse)
 
     return transform
 

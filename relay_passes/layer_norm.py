@@ -14,7 +14,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from schedules.layer_norm import LayerNormShape, layer_norm_primfunc
 
-from .utils import static_shape
+from .utils import rewrite_functions, static_shape
 
 
 def RewriteLayerNorm(lanes: int = 16, cores: int = 1) -> tvm.transform.Pass:  # noqa: N802
@@ -26,38 +26,33 @@ def RewriteLayerNorm(lanes: int = 16, cores: int = 1) -> tvm.transform.Pass:  # 
 
     @tvm.transform.module_pass(opt_level=0, name="RewriteLayerNorm")
     def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        bb = relax.BlockBuilder(mod)
         kernels: dict[LayerNormShape, tvm.ir.GlobalVar] = {}
 
-        def rewrite(expr: relax.Expr, matches: dict) -> relax.Expr:
-            out = static_shape(expr)
-            attrs = expr.attrs
-            axes = [int(ax) for ax in attrs.axes]
-            if out is None or expr.ty.dtype != "float32" or axes not in ([-1], [len(out) - 1]):
-                return expr
-            if any(static_shape(matches[p]) != (out[-1],) for p in (gamma, beta)):
-                return expr
-            operands = [expr.args[0]]
-            if total in matches and all(static_shape(matches[p]) == out for p in (a, b)):
-                operands = [matches[a], matches[b]]
-            shape = LayerNormShape(
-                out[:-1], out[-1], float(attrs.epsilon), len(operands) == 2,
-                bool(attrs.scale), bool(attrs.center),
-            )  # fmt: skip
-            if shape not in kernels:
-                name = "layer_norm_residual" if shape.residual else "layer_norm"
-                kernels[shape] = bb.add_func(layer_norm_primfunc(shape, lanes, cores, name), name)
-            params = [matches[gamma]] * shape.scale + [matches[beta]] * shape.center
-            return relax.call_tir(kernels[shape], [*operands, *params], expr.ty)
+        def fuse(bb: relax.BlockBuilder, func: relax.Function) -> relax.Function:
+            def rewrite(expr: relax.Expr, matches: dict) -> relax.Expr:
+                out = static_shape(expr)
+                attrs = expr.attrs
+                axes = [int(ax) for ax in attrs.axes]
+                if out is None or expr.ty.dtype != "float32" or axes not in ([-1], [len(out) - 1]):
+                    return expr
+                if any(static_shape(matches[p]) != (out[-1],) for p in (gamma, beta)):
+                    return expr
+                operands = [expr.args[0]]
+                if total in matches and all(static_shape(matches[p]) == out for p in (a, b)):
+                    operands = [matches[a], matches[b]]
+                shape = LayerNormShape(
+                    out[:-1], out[-1], float(attrs.epsilon), len(operands) == 2,
+                    bool(attrs.scale), bool(attrs.center),
+                )  # fmt: skip
+                if shape not in kernels:
+                    name = "layer_norm_residual" if shape.residual else "layer_norm"
+                    func = layer_norm_primfunc(shape, lanes, cores, name)
+                    kernels[shape] = bb.add_func(func, name)
+                params = [matches[gamma]] * shape.scale + [matches[beta]] * shape.center
+                return relax.call_tir(kernels[shape], [*operands, *params], expr.ty)
 
-        fused = {
-            gv: rewrite_call(pattern, rewrite, func)
-            for gv, func in mod.functions.items()
-            if isinstance(func, relax.Function)
-        }
-        out = bb.get()
-        for gv, func in fused.items():
-            out[gv] = func
-        return out
+            return rewrite_call(pattern, rewrite, func)
+
+        return rewrite_functions(mod, fuse)
 
     return transform

@@ -52,3 +52,20 @@ def add_kernel(
     if key not in cache:
         cache[key] = bb.add_func(make(), name)
     return cache[key]
+
+
+def rewrite_functions(
+    mod: tvm.IRModule, rewrite: Callable[[relax.BlockBuilder, relax.Function], relax.Function]
+) -> tvm.IRModule:
+    """``rewrite(bb, func)`` on every Relax function of ``mod``; the kernels it adds with
+    ``bb.add_func`` are in the result."""
+    bb = relax.BlockBuilder(mod)
+    done = {
+        gv: rewrite(bb, func)
+        for gv, func in mod.functions.items()
+        if isinstance(func, relax.Function)
+    }
+    out = bb.get()
+    for gv, func in done.items():
+        out[gv] = func
+    return out

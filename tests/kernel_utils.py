@@ -1,12 +1,24 @@
-"""Build and run one generated conv kernel on its own (no Relax), for kernel tests."""
+"""Shared by the kernel tests: the x86 ISA targets this host runs, and one generated conv kernel
+built and run on its own (no Relax)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from schedules.pattern_conv2d import ConvGeometry, Epilogue, PatternConvConfig
+from tvm_sparse.targets import resolve_target, runs_here
 from tvm_sparse.testing import pattern_conv_kernel
+
+# Every x86 ISA target, each skipped on a host that cannot run its code.
+ISA_TARGETS = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(not runs_here(resolve_target(name)), reason=f"no {name} here"),
+    )
+    for name in ("x86-avx2", "x86-avx512")
+]
 
 
 def run_pattern_conv(

@@ -13,6 +13,7 @@ import torch
 import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_utils import ISA_TARGETS
 from tvm import relax
 
 import tvm_sparse
@@ -21,15 +22,8 @@ from schedules.attention import AttentionShape, attention_primfunc
 from schedules.dense_gemm import default_gemm_config
 from schedules.operand_view import OperandView
 from tvm_sparse.benchmarking import onnx_bytes
-from tvm_sparse.targets import resolve_target, runs_here, vector_lanes, vector_registers
+from tvm_sparse.targets import resolve_target, vector_lanes, vector_registers
 
-ISA_TARGETS = [
-    pytest.param(
-        name,
-        marks=pytest.mark.skipif(not runs_here(resolve_target(name)), reason=f"no {name} here"),
-    )
-    for name in ("x86-avx2", "x86-avx512")
-]
 TOL = 1e-4
 
 

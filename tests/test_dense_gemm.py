@@ -7,19 +7,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_utils import ISA_TARGETS
 
 import tvm_sparse
 from relay_passes.dense_matmul import GEMM_MIN_ROWS
 from schedules.dense_gemm import GemmConfig, column_tiles, pack_columns, pack_rows
-from tvm_sparse.targets import resolve_target, runs_here
 
-ISA_TARGETS = [
-    pytest.param(
-        name,
-        marks=pytest.mark.skipif(not runs_here(resolve_target(name)), reason=f"no {name} here"),
-    )
-    for name in ("x86-avx2", "x86-avx512")
-]
 EPILOGUES = [(False, False, "none"), (True, False, "relu"), (True, True, "relu6")]
 TOL = 1e-4  # float32, another summation order: relative to the largest output
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from kernel_utils import ISA_TARGETS
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
@@ -17,15 +18,8 @@ import tvm_sparse.pipeline as pipeline
 from schedules.vector_math import vector_gelu, vector_gelu_tanh
 from tvm_sparse.formats import CostTable
 from tvm_sparse.prune import project_bsr
-from tvm_sparse.targets import resolve_target, runs_here
+from tvm_sparse.targets import resolve_target
 
-ISA_TARGETS = [
-    pytest.param(
-        name,
-        marks=pytest.mark.skipif(not runs_here(resolve_target(name)), reason=f"no {name} here"),
-    )
-    for name in ("x86-avx2", "x86-avx512")
-]
 BSR_WINS = CostTable("test", {"fc_dense": (0.0, 1.0), "fc_bsr_16x1": (0.0, 1e-6)})
 
 

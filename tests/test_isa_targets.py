@@ -4,6 +4,7 @@ build too. The kernels follow the target's ISA, never the build host's."""
 import numpy as np
 import pytest
 import torch
+from kernel_utils import ISA_TARGETS
 
 import tvm_sparse
 from schedules.max_pool2d import PoolGeometry, pool_unsupported
@@ -11,13 +12,6 @@ from tvm_sparse.demo import build_demo_model
 from tvm_sparse.targets import resolve_target, runs_here, vector_lanes
 
 # Each ISA build whose code this host can execute (an AVX2-only host skips the AVX-512 one).
-ISA_TARGETS = [
-    pytest.param(
-        name,
-        marks=pytest.mark.skipif(not runs_here(resolve_target(name)), reason=f"no {name} here"),
-    )
-    for name in ("x86-avx2", "x86-avx512")
-]
 TOL = 1e-4  # float32 with a different summation order, relative to the largest output
 
 

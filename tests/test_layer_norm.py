@@ -11,19 +11,12 @@ import torch
 import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_utils import ISA_TARGETS
 from tvm.script import relax as R
 
 from relay_passes.layer_norm import RewriteLayerNorm
 from schedules.layer_norm import LayerNormShape, layer_norm_primfunc
-from tvm_sparse.targets import resolve_target, runs_here, vector_lanes
-
-ISA_TARGETS = [
-    pytest.param(
-        name,
-        marks=pytest.mark.skipif(not runs_here(resolve_target(name)), reason=f"no {name} here"),
-    )
-    for name in ("x86-avx2", "x86-avx512")
-]
+from tvm_sparse.targets import resolve_target, vector_lanes
 
 
 @pytest.mark.parametrize("target", ISA_TARGETS)

@@ -253,47 +253,36 @@ def _attention_layers(mod: tvm.IRModule) -> list[LayerRecord]:
 
 
 def _recurrent_layers(mod: tvm.IRModule) -> list[LayerRecord]:
-    """A row per recurrence kernel call (an ONNX GRU / LSTM / RNN layer direction)."""
+    """A row per recurrence kernel call (a GRU / LSTM / RNN layer direction)."""
     rows = []
-    for func in mod.functions.values():
-        if not isinstance(func, relax.Function):
-            continue
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                call = binding.value
-                if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.call_tir"):
-                    continue
-                kernel = mod[call.args[0]]
-                what = kernel.attrs.get(RECURRENT_ATTR) if kernel.attrs else None
-                if what is None:
-                    continue
-                geom = RecurrentGeometry(
-                    cell=str(what["cell"]),
-                    steps=int(what["steps"]),
-                    batch=int(what["batch"]),
-                    hidden=int(what["hidden"]),
-                    reverse=bool(int(what["reverse"])),
-                )
-                flops = recurrence_flops(geom)
-                stored = int(what.get("stored", geom.gates * geom.hidden * geom.hidden))
-                density = stored / (geom.gates * geom.hidden * geom.hidden)
-                fmt, packing = "dense", "W_hh packed dense"
-                if str(what.get("format", "dense")) == "bsr":
-                    units, cols = (int(d) for d in what["block"])
-                    fmt = f"bsr {units}x{cols}"
-                    packing = f"W_hh in {units}x{cols} blocks, {density:.1%} stored"
-                rows.append(
-                    LayerRecord(
-                        name=f"{geom.cell}_{len(rows)}",
-                        op=geom.cell,
-                        shape=describe_recurrence(geom),
-                        format=fmt,
-                        density=density,
-                        flops_dense=flops,
-                        flops_kept=round(flops * density),
-                        reason=f"the loop over time in one kernel, {packing}, gates fused",
-                    )
-                )
+    for what in _kernel_calls(mod, RECURRENT_ATTR):
+        geom = RecurrentGeometry(
+            cell=str(what["cell"]),
+            steps=int(what["steps"]),
+            batch=int(what["batch"]),
+            hidden=int(what["hidden"]),
+            reverse=bool(int(what["reverse"])),
+        )
+        flops = recurrence_flops(geom)
+        stored = int(what.get("stored", geom.gates * geom.hidden * geom.hidden))
+        density = stored / (geom.gates * geom.hidden * geom.hidden)
+        fmt, packing = "dense", "W_hh packed dense"
+        if str(what.get("format", "dense")) == "bsr":
+            units, cols = (int(d) for d in what["block"])
+            fmt = f"bsr {units}x{cols}"
+            packing = f"W_hh in {units}x{cols} blocks, {density:.1%} stored"
+        rows.append(
+            LayerRecord(
+                name=f"{geom.cell}_{len(rows)}",
+                op=geom.cell,
+                shape=describe_recurrence(geom),
+                format=fmt,
+                density=density,
+                flops_dense=flops,
+                flops_kept=round(flops * density),
+                reason=f"the loop over time in one kernel, {packing}, gates fused",
+            )
+        )
     return rows
 
 
