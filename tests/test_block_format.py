@@ -170,3 +170,13 @@ def test_mostly_dense_weights_get_no_block_format():
     costs = _table(fc_dense=(0, 1.0), fc_bsr_8x1=(0, 0.01))  # however cheap blocks look
     choice = choose_block_format(mat, costs, "fc", work=1)
     assert choice.format == "dense" and choice.reason == "88% nonzero: no block format"
+
+
+def test_a_block_format_must_beat_the_fallback_by_the_margin():
+    mat = np.zeros((32, 64), "float32")
+    mat[:, :32] = 1.0  # half of the 8x1 blocks
+    costs = _table(linear_dense=(0, 1.0), linear_bsr_8x1=(0, 8 * 1.8))  # 1.11x faster
+    plain = choose_block_format(mat, costs, "linear", work=4)
+    assert plain.format == "bsr"
+    strict = choose_block_format(mat, costs, "linear", work=4, margin=1.25)
+    assert strict.format == "dense" and "needs 1.25x" in strict.reason

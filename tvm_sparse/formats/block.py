@@ -349,13 +349,15 @@ def choose_block_format(
     fallback_units: float | None = None,
     blocks: tuple[Block, ...] = BLOCK_SHAPES,
     bcr_blocks: tuple[Block, ...] = BCR_SHAPES,
+    margin: float = 1.0,
 ) -> BlockChoice:
     """Pick BSR / BCR (and the block shape) or the fallback for an FC / 1x1 conv weight, by cost.
 
-    ``op`` is "fc" or "conv"; ``work`` the batch rows (fc) or output pixels x images (conv)
-    every block is applied to. ``fallback`` is what runs otherwise ("dense", or "pattern" for a
-    1x1 conv that RewriteConv2D would run on its pattern kernel) and ``fallback_units`` its
-    cost-table units (default: dense multiply-adds).
+    ``op`` is "fc", "linear" or "conv"; ``work`` the batch rows (fc, linear) or output pixels x
+    images (conv) every block is applied to. ``fallback`` is what runs otherwise ("dense", or
+    "pattern" for a 1x1 conv that RewriteConv2D would run on its pattern kernel) and
+    ``fallback_units`` its cost-table units (default: dense multiply-adds). A block format must
+    be estimated ``margin`` times faster than the fallback to be chosen.
     """
     mat = as_matrix(weight)
     if mat.all():  # a block kernel would compute every block: that is the dense kernel's job
@@ -378,7 +380,7 @@ def choose_block_format(
 
     def hopeless(kind: str, least_units: int, name: str) -> bool:
         least = costs.estimate(kind, least_units * work)
-        if fb_ms is not None and least >= fb_ms:
+        if fb_ms is not None and least * margin >= fb_ms:
             skipped.append((least, name))
             return True
         return False
@@ -411,13 +413,17 @@ def choose_block_format(
         least, name = min(skipped)
         density = nonzeros / max(1, mat.size)
         reason = f"{fallback} by cost: est {fb_ms:.3g} ms vs {name} >= {least:.3g} ms"
-        return BlockChoice(fallback, None, None, estimates, f"{reason} ({density:.0%} nonzero)")
+        needs = f", needs {margin:g}x" if margin != 1.0 else ""
+        return BlockChoice(
+            fallback, None, None, estimates, f"{reason} ({density:.0%} nonzero{needs})"
+        )
     if best is None:
         return BlockChoice(fallback, None, None, estimates, f"no cost table for {op} block kernels")
     ms, fmt, block, stats, what = best
     name = f"{fmt} {_kind_name(block)}"
-    if fb_ms is not None and fb_ms <= ms:
-        reason = f"{fallback} by cost: est {fb_ms:.3g} ms vs {name} {ms:.3g} ms ({what})"
+    if fb_ms is not None and fb_ms <= ms * margin:
+        needs = f", needs {margin:g}x" if margin != 1.0 else ""
+        reason = f"{fallback} by cost: est {fb_ms:.3g} ms vs {name} {ms:.3g} ms ({what}{needs})"
         return BlockChoice(fallback, None, stats, estimates, reason)
     versus = f" vs {fallback} {fb_ms:.3g} ms" if fb_ms is not None else ""
     return BlockChoice(fmt, block, stats, estimates, f"{name}: {what}, est {ms:.3g} ms{versus}")
