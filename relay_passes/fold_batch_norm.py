@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, wildcard
 
-from .utils import const_value
+from .utils import const_value, rewrite_calls
 
 
 def _pattern():
@@ -48,7 +48,4 @@ def FoldBatchNorm(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRM
         folded = relax.Call(conv.op, (conv.args[0], relax.const(folded_w)), conv.attrs)
         return relax.op.add(folded, relax.const(folded_b))
 
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pattern, rewrite, func)
-    return mod
+    return rewrite_calls(mod, pattern, rewrite)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .utils import const_value, static_shape
+from .utils import const_value, rewrite_calls, static_shape
 
 
 @tvm.transform.module_pass(opt_level=0, name="FoldBatchedWeights")
@@ -38,7 +38,4 @@ def FoldBatchedWeights(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tv
             return expr
         return relax.Call(expr.op, (expr.args[0], relax.const(first[0])), expr.attrs)
 
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pattern, rewrite, func)
-    return mod
+    return rewrite_calls(mod, pattern, rewrite)

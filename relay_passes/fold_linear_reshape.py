@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .utils import static_shape
+from .utils import rewrite_calls, static_shape
 
 
 def _pattern():
@@ -46,7 +46,4 @@ def FoldLinearReshapes(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tv
             return expr
         return relax.op.add(folded, bias)
 
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pattern, rewrite, func)
-    return mod
+    return rewrite_calls(mod, pattern, rewrite)

@@ -36,7 +36,7 @@ from schedules.dense_gemm import default_gemm_config
 from schedules.operand_view import OperandView
 
 from .strided_view import trace_view
-from .utils import const_value, rewrite_functions, static_shape
+from .utils import const_value, rewrite_functions, scalar_value, static_shape
 
 ATTENTION_ATTR = "tvm_sparse.attention"
 
@@ -110,10 +110,9 @@ def _scale(matches: dict, p: _Patterns) -> float | None:
     """The scalar applied to the scores (1.0 without one), None if not a scalar."""
     if p.scale not in matches:
         return 1.0
-    value = const_value(matches[p.scale])
-    if value is None or value.size != 1:
+    value = scalar_value(matches[p.scale])
+    if value is None:
         return None
-    value = float(value.reshape(()))
     return 1.0 / value if p.divide in matches else value
 
 
@@ -181,11 +180,10 @@ def _is_all_masked_rule(matches: dict, p: _Patterns, var2val: dict) -> bool:
         chain.append(value(chain[-1].args[0]))
     reduce, equal = chain[2], chain[5]
     axes = [int(a) for a in reduce.attrs.axis] if reduce.attrs.axis is not None else []
-    inf = const_value(equal.args[1])
+    inf = scalar_value(equal.args[1])
     rank = len(static_shape(equal.args[0]) or ())
     return (
-        axes in ([-1], [rank - 1]) and inf is not None and inf.size == 1 and
-        bool(np.isneginf(inf.reshape(()))) and
+        axes in ([-1], [rank - 1]) and inf == float("-inf") and
         value(equal.args[0]).same_as(value(matches[p.logits]))
     )  # fmt: skip
 

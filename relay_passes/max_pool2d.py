@@ -15,7 +15,7 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from schedules.max_pool2d import PoolGeometry, max_pool2d_primfunc, pool_unsupported
 
-from .utils import static_shape
+from .utils import rewrite_functions, static_shape
 
 
 def pool_geometry(call: relax.Call, lanes: int) -> PoolGeometry | str:
@@ -44,22 +44,22 @@ def RewriteMaxPool2d(lanes: int = 16, shares: int = 2) -> tvm.transform.Pass:  #
 
     @tvm.transform.module_pass(opt_level=0, name="RewriteMaxPool2d")
     def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        bb = relax.BlockBuilder(mod)
         kernels: dict[PoolGeometry, tvm.ir.GlobalVar] = {}
 
-        def rewrite(expr: relax.Expr, _matches: dict) -> relax.Expr:
-            geom = pool_geometry(expr, lanes)
-            if isinstance(geom, str):
-                return expr
-            if geom not in kernels:
-                func = max_pool2d_primfunc(geom, lanes, shares)
-                kernels[geom] = bb.add_func(func, "max_pool2d_s2")
-            out = (geom.batch, geom.channels, geom.out_height, geom.out_width)
-            return relax.call_tir(kernels[geom], [expr.args[0]], relax.TensorType(out, "float32"))
+        def fuse(bb: relax.BlockBuilder, func: relax.Function) -> relax.Function:
+            def rewrite(expr: relax.Expr, _matches: dict) -> relax.Expr:
+                geom = pool_geometry(expr, lanes)
+                if isinstance(geom, str):
+                    return expr
+                if geom not in kernels:
+                    func = max_pool2d_primfunc(geom, lanes, shares)
+                    kernels[geom] = bb.add_func(func, "max_pool2d_s2")
+                out = (geom.batch, geom.channels, geom.out_height, geom.out_width)
+                out_ty = relax.TensorType(out, "float32")
+                return relax.call_tir(kernels[geom], [expr.args[0]], out_ty)
 
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                bb.update_func(gv, rewrite_call(pattern, rewrite, func))
-        return bb.get()
+            return rewrite_call(pattern, rewrite, func)
+
+        return rewrite_functions(mod, fuse)
 
     return transform

@@ -90,13 +90,13 @@ def _lanes_format(fmt: str, geom: ConvGeometry, lanes: int) -> bool:
     AMD Zen 5, 2 threads, against the per-pixel kernel: ResNet-18's 3x3 layers pattern-pruned
     per group of 8 filters 1.0-2.3x, dense 1.05-3.1x (150-190 GFLOP/s, 65-80 % of the AVX2
     FMA peak); against the packed GEMM, ResNet-50's dense 1x1 layers on 7x7 0.37-0.64x
-    (stride 2 from 14x14: 1.45x). Dense against the per-pixel
-    kernel on the AVX-512 VM, 2 threads: 3x3
-    layers 1.5-2.6x (350-400 GFLOP/s: ResNet-18's 64x64 on 56x56, 256x256 on 14x14, 512x512
-    on 7x7); its 7x7 stem 1.34x (0.72 ms, with ``most_accumulators``' tiles); its 512x256
-    stride-2 shortcut (7x7 output) 2.8x alone, 0.221 -> 0.079-0.090 ms in the model; its wider
-    1x1 shortcuts 0.95-1.05x alone but 0.76-0.90x in the model, and ResNet-50's stride-1 1x1
-    layers 0.97-1.3x alone (one broadcast per FMA: both kernels load-bound there)."""
+    (stride 2 from 14x14: 1.45x). Dense against the per-pixel kernel on the AVX-512 VM, 2
+    threads: 3x3 layers 1.5-2.6x (350-400 GFLOP/s: ResNet-18's 64x64 on 56x56, 256x256 on
+    14x14, 512x512 on 7x7); its 7x7 stem 1.34x (0.72 ms, with ``most_accumulators``' tiles);
+    its 512x256 stride-2 shortcut (7x7 output) 2.8x alone, 0.221 -> 0.079-0.090 ms in the
+    model; its wider 1x1 shortcuts 0.95-1.05x alone but 0.76-0.90x in the model, and
+    ResNet-50's stride-1 1x1 layers 0.97-1.3x alone (one broadcast per FMA: both kernels
+    load-bound there)."""
     if fmt == "pattern":
         return True
     pointwise, narrow = geom.kernel == (1, 1), geom.out_width <= NARROW_MAP and lanes == 16

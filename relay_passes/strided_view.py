@@ -19,15 +19,10 @@ from tvm import relax
 
 from schedules.operand_view import OperandView
 
-from .utils import const_value, static_shape
+from .utils import const_value, scalar_value, static_shape
 
 RESHAPES = ("relax.reshape", "relax.expand_dims", "relax.squeeze")
 MAX_ELEMENTS = 1 << 24  # sources larger than this are not replayed
-
-
-def _scalar(expr: relax.Expr) -> float | None:
-    value = const_value(expr)
-    return float(value.reshape(())) if value is not None and value.size == 1 else None
 
 
 def _step(value: relax.Call) -> tuple[relax.Expr, float] | None:
@@ -38,7 +33,7 @@ def _step(value: relax.Call) -> tuple[relax.Expr, float] | None:
     if name == "relax.take" and const_value(value.args[1]) is not None:
         return (value.args[0], 1.0) if const_value(value.args[1]).ndim == 0 else None
     if name in ("relax.multiply", "relax.divide"):
-        c = _scalar(value.args[1])
+        c = scalar_value(value.args[1])
         if c is not None and c != 0.0:
             return value.args[0], (c if name == "relax.multiply" else 1.0 / c)
     return None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_op, wildcard
 
-from .utils import static_shape
+from .utils import rewrite_calls, static_shape
 
 
 def moves_only_unit_dims(shape: tuple[int, ...], axes: list[int]) -> bool:
@@ -38,7 +38,4 @@ def UnitPermutesToReshapes(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -
             return expr
         return relax.op.reshape(expr.args[0], out)
 
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pattern, rewrite, func)
-    return mod
+    return rewrite_calls(mod, pattern, rewrite)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.relax.dpl import DFPattern, rewrite_call
 
 
 def const_value(expr: relax.Expr) -> np.ndarray | None:
@@ -60,12 +61,24 @@ def rewrite_functions(
     """``rewrite(bb, func)`` on every Relax function of ``mod``; the kernels it adds with
     ``bb.add_func`` are in the result."""
     bb = relax.BlockBuilder(mod)
-    done = {
-        gv: rewrite(bb, func)
-        for gv, func in mod.functions.items()
-        if isinstance(func, relax.Function)
-    }
-    out = bb.get()
-    for gv, func in done.items():
-        out[gv] = func
-    return out
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            bb.update_func(gv, rewrite(bb, func))
+    return bb.get()
+
+
+def rewrite_calls(
+    mod: tvm.IRModule, pattern: DFPattern, rewrite: Callable[[relax.Expr, dict], relax.Expr]
+) -> tvm.IRModule:
+    """``relax.dpl.rewrite_call(pattern, rewrite, func)`` on every Relax function of ``mod``
+    (in place), for passes that add no kernels."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewrite, func)
+    return mod
+
+
+def scalar_value(expr: relax.Expr) -> float | None:
+    """The value of a one-element constant, else None."""
+    value = const_value(expr)
+    return float(value.reshape(())) if value is not None and value.size == 1 else None

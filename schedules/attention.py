@@ -22,6 +22,7 @@ key masked) gets zeros where plain softmax gives NaN.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -31,7 +32,7 @@ from tvm.script.ir_builder import tirx as T
 from .buffers import allocated_view
 from .dense_gemm import GemmConfig, tile_block
 from .operand_view import OperandView
-from .vector_math import add, row_reduce, span, splat, vector_exp
+from .vector_math import row_reduce, span, splat, vector_exp
 
 NEG_INF = float("-inf")
 ZERO = tirx.const(0.0, "float32")
@@ -169,7 +170,7 @@ def _softmax_row(
         T.buffer_store(probs, e, [row, span(at, width)])
         return probs[row, span(at, width)]
 
-    total = T.Bind(row_reduce(s, lanes, 0.0, add, exp_store))
+    total = T.Bind(row_reduce(s, lanes, 0.0, operator.add, exp_store))
     inverse = tirx.const(1.0, "float32") / total
     if safe:
         inverse = tirx.Select(total == ZERO, ZERO, inverse)

@@ -9,13 +9,14 @@ running total, then ``sum((out - mean)^2)`` (two passes over a row in L1: the on
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .vector_math import add, row_map, row_reduce, span, splat
+from .vector_math import row_map, row_reduce, span, splat
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,14 @@ def layer_norm_primfunc(
                     T.buffer_store(out, value, [row, span(at, width)])
                     return out[row, span(at, width)]
 
-                total = row_reduce(e, lanes, 0.0, add, load_sum)
+                total = row_reduce(e, lanes, 0.0, operator.add, load_sum)
                 mean = T.Bind(total * tirx.const(1.0 / e, f32))
 
                 def square(at: tirx.PrimExpr, width: int) -> tirx.PrimExpr:
                     d = out[row, span(at, width)] - splat(mean, width)
                     return d * d
 
-                var = row_reduce(e, lanes, 0.0, add, square) * tirx.const(1.0 / e, f32)
+                var = row_reduce(e, lanes, 0.0, operator.add, square) * tirx.const(1.0 / e, f32)
                 rstd = T.Bind(tirx.const(1.0, f32) / tirx.sqrt(var + tirx.const(g.epsilon, f32)))
 
                 def normalize(at: tirx.PrimExpr, width: int) -> None:

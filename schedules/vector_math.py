@@ -158,7 +158,3 @@ def row_map(length: int, lanes: int, body: Callable[[tirx.PrimExpr, int], None])
         body(j * lanes, lanes)
     with T.serial(0, rest) as e:
         body(full * lanes + e, 1)
-
-
-def add(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
-    return a + b

@@ -10,17 +10,9 @@ from hypothesis import strategies as st
 from tvm_sparse.formats import BSRWeight, CostTable, block_sparsity, choose_block_format
 from tvm_sparse.formats.block import BCR_SHAPES, BLOCK_SHAPES, BCRWeight, load_cost_table
 from tvm_sparse.prune import project_bcr, project_bsr
+from tvm_sparse.testing import random_bsr
 
 BLOCKS = st.sampled_from(BLOCK_SHAPES + ((2, 3), (3, 1)))
-
-
-def random_bsr(rows: int, cols: int, block, keep: float, seed: int) -> np.ndarray:
-    """(rows, cols) float32 with each (r, c) block kept with probability ``keep``."""
-    rng = np.random.default_rng(seed)
-    r, c = block
-    mask = rng.random((-(-rows // r), -(-cols // c))) < keep
-    mask = np.kron(mask, np.ones(block, bool))[:rows, :cols]
-    return (rng.standard_normal((rows, cols)) * mask).astype("float32")
 
 
 @settings(max_examples=80, deadline=None)

@@ -24,6 +24,7 @@ from tvm_sparse.formats import BSRWeight
 from tvm_sparse.formats.block import BLOCK_SHAPES, BCRWeight
 from tvm_sparse.prune import project_bcr
 from tvm_sparse.targets import resolve_target
+from tvm_sparse.testing import random_bsr
 
 BLOCKS = st.sampled_from(BLOCK_SHAPES + ((2, 3), (3, 1)))
 # (BCR?, block): BCR blocks are the row / column pruned ones.
@@ -33,13 +34,6 @@ FORMATS = st.one_of(
 )
 KEEP = st.sampled_from([0.0, 0.15, 0.5, 1.0])
 ACT = st.sampled_from(["none", "relu", "relu6"])
-
-
-def random_bsr(rows: int, cols: int, block, keep: float, rng) -> np.ndarray:
-    r, c = block
-    mask = rng.random((-(-rows // r), -(-cols // c))) < keep
-    mask = np.kron(mask, np.ones(block, bool))[:rows, :cols]
-    return (rng.standard_normal((rows, cols)) * mask).astype("float32")
 
 
 def _weight(rows, cols, block, keep, bcr, shares, rng):

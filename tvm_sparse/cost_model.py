@@ -60,6 +60,7 @@ from .targets import (
     vector_lanes,
     vector_registers,
 )
+from .testing import random_bsr
 
 TOKENS = 128  # rows of the linear_* kernels (a Transformer's sequence)
 KEEP = 0.2  # block density of the measured BSR weights
@@ -97,14 +98,6 @@ def _fit(points: list[tuple[float, float]]) -> dict:
         slope, icept = float(t[-1] / u[-1]), 0.0
     return {"overhead_ms": max(0.0, float(icept)), "ms_per_unit": float(slope),
             "points": [[float(a), float(b)] for a, b in points]}  # fmt: skip
-
-
-def block_sparse(rng: np.random.Generator, rows: int, cols: int, block, keep: float) -> np.ndarray:
-    """A random (rows, cols) matrix keeping ``keep`` of its (r, c) blocks."""
-    r, c = block
-    grid = rng.random((-(-rows // r), -(-cols // c))) < keep
-    mask = np.kron(grid, np.ones((r, c), bool))[:rows, :cols]
-    return (rng.standard_normal((rows, cols)) * mask).astype("float32")
 
 
 def block_column_row(rng: np.random.Generator, rows: int, cols: int, block) -> np.ndarray:
@@ -162,7 +155,7 @@ class _Measure:
                     packed = BCRWeight.from_dense(mat, block, cfg.shares)
                     kept, units = packed.kept, packed.num_blocks * packed.kept[0] * packed.kept[1]
                 else:
-                    mat = block_sparse(self.rng, n, k, block, KEEP)
+                    mat = random_bsr(n, k, block, KEEP, self.rng)
                     packed = BSRWeight.from_dense(mat, block, cfg.shares)
                     kept, units = None, packed.num_blocks
                 func = bsr_matmul_primfunc(
@@ -209,7 +202,7 @@ class _Measure:
                                                   cfg.shares)  # fmt: skip
                     kept, units = packed.kept, packed.num_blocks * packed.kept[0] * packed.kept[1]
                 else:
-                    mat = block_sparse(self.rng, o, c, block, KEEP)
+                    mat = random_bsr(o, c, block, KEEP, self.rng)
                     packed = BSRWeight.from_dense(mat, block, cfg.shares)
                     kept, units = None, packed.num_blocks
                 func = bsr_conv1x1_primfunc(geom, block, packed.num_blocks, Epilogue(), cfg,

@@ -56,6 +56,18 @@ def random_pattern_weight(
     return flat.reshape(out_channels, in_channels, kernel, kernel)
 
 
+def random_bsr(
+    rows: int, cols: int, block: tuple[int, int], keep: float, seed: int | np.random.Generator
+) -> np.ndarray:
+    """(rows, cols) float32 with each (r, c) block kept with probability ``keep`` (``seed``: an
+    int or a generator to draw from)."""
+    rng = np.random.default_rng(seed)
+    r, c = block
+    mask = rng.random((-(-rows // r), -(-cols // c))) < keep
+    mask = np.kron(mask, np.ones(block, bool))[:rows, :cols]
+    return (rng.standard_normal((rows, cols)) * mask).astype("float32")
+
+
 def pattern_prune_model_(
     model, num_patterns: int = 8, kernel_keep: float = 0.28, seed: int = 0, filter_group: int = 1
 ):
