@@ -173,7 +173,7 @@ def test_the_graph_sees_known_imports() -> None:
     """The parser finds relative, absolute and implied-package imports (a sanity check)."""
     assert "tvm_sparse.pipeline" in GRAPH["tvm_sparse.compiler"]
     assert "tvm_sparse.tuning.apply" in GRAPH["tvm_sparse.compiler"]
-    assert {"tvm_sparse.formats", "tvm_sparse"} <= GRAPH["relay_passes.pattern_conv2d"]
+    assert {"tvm_sparse.formats", "tvm_sparse"} <= GRAPH["relay_passes.conv_plan"]
     assert "tvm_sparse" not in GRAPH["tvm_sparse.compiler"]  # its own package: already running
 
 

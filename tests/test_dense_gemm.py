@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from kernel_utils import ISA_TARGETS
 
 import tvm_sparse
-from relay_passes.dense_matmul import GEMM_MIN_ROWS
+from relay_passes.linear_plan import GEMM_MIN_ROWS
 from schedules.dense_gemm import GemmConfig, column_tiles, pack_columns, pack_rows
 
 EPILOGUES = [(False, False, "none"), (True, False, "relu"), (True, True, "relu6")]

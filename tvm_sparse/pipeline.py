@@ -18,8 +18,10 @@ from relay_passes.fold_batched_weight import FoldBatchedWeights
 from relay_passes.fold_linear_reshape import FoldLinearReshapes
 from relay_passes.fuse_attention import ATTENTION_ATTR, FuseAttention
 from relay_passes.layer_norm import RewriteLayerNorm
+from relay_passes.layer_plan import Plans, PlanTarget
 from relay_passes.max_pool2d import RewriteMaxPool2d
 from relay_passes.pattern_conv2d import RewriteConv2D
+from relay_passes.plan_layers import PlanLayers
 from relay_passes.staged_layout import PairStagedLayouts
 from relay_passes.unit_permute import UnitPermutesToReshapes
 from schedules.rnn_sequence import (
@@ -35,7 +37,7 @@ from .frontend import import_model
 from .report import LayerRecord
 from .targets import cost_family, num_cores, vector_lanes, vector_registers
 
-__all__ = ["build_executable", "lower", "prepare", "progress", "sparse_pipeline"]
+__all__ = ["build_executable", "lower", "plan_target", "prepare", "progress", "sparse_pipeline"]
 
 
 def progress(msg: str, verbose: bool) -> None:
@@ -52,109 +54,50 @@ def prepare(
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs)
     progress(f"imported {imported.source} in {time.perf_counter() - t0:.1f}s", verbose)
-    records: list[LayerRecord] = []
-    mod = sparse_pipeline(tgt, sparse, records)(imported.mod)
-    progress(f"rewrote {len(records)} layers in {time.perf_counter() - t0:.1f}s", verbose)
+    plans: Plans = {}
+    mod = sparse_pipeline(tgt, sparse, plans)(imported.mod)
+    records = [plan.record() for plan in sorted(plans.values(), key=lambda plan: plan.index)]
+    progress(
+        f"planned and rewrote {len(records)} layers in {time.perf_counter() - t0:.1f}s", verbose
+    )
     records.extend(_remaining_ops(mod))
     _name_layers(records, imported.layer_names)
     return mod, records, imported.inputs
 
 
-def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, records: list) -> tvm.transform.Pass:
+def plan_target(tgt: tvm.target.Target, sparse: bool) -> PlanTarget:
+    """What the layer plans read from ``tgt``: lanes, registers, cores, the cost table."""
+    costs = load_cost_table(str(tgt.attrs.get("mcpu", "")), cost_family(tgt)) if sparse else None
+    return PlanTarget(vector_lanes(tgt), vector_registers(tgt), num_cores(tgt), costs, sparse)
+
+
+def sparse_pipeline(tgt: tvm.target.Target, sparse: bool, plans: Plans) -> tvm.transform.Pass:
     """The graph passes tvm-sparse adds before TVM's own build pipeline.
 
-    The block-sparse passes run first and take the FC / 1x1 layers whose BSR kernel is estimated
-    faster (the target's cost table); the others go on to the dense / pattern passes, whose
-    records then get the block decision's reason (``_merge_block_notes``). Stride-2 max-pools
-    take their own kernel (``RewriteMaxPool2d``).
+    After the layout clean-ups and the attention fusion, ``PlanLayers`` decides every conv2d /
+    matmul layer once, in graph order (format, packing, kernel, config, reason: ``plans``); each
+    rewrite then emits the layers planned for its kernels. Stride-2 max-pools and LayerNorms
+    take their own kernels.
     """
-    notes: list[tuple[str, str, str]] = []
-    order: list[tuple[str, str]] = []
-    block_passes = [
-        UnitPermutesToReshapes,
-        FoldLinearReshapes,
-        FoldBatchedWeights,
-        FuseAttention(vector_lanes(tgt), vector_registers(tgt), num_cores(tgt)),
-        _graph_order(order),
-    ]
-    if sparse:
-        costs = load_cost_table(str(tgt.attrs.get("mcpu", "")), cost_family(tgt))
-        block_passes += [
-            RewriteBSRConv1x1(costs, records, num_cores(tgt), vector_lanes(tgt), notes=notes),
-            RewriteBSRMatmul(costs, records, num_cores(tgt), notes=notes),
-        ]
+    target = plan_target(tgt, sparse)
+    lanes, registers, cores = target.lanes, target.registers, target.cores
     return tvm.transform.Sequential(
         [
-            *block_passes,
-            RewriteConv2D(
-                num_threads=num_cores(tgt),
-                sparse=sparse,
-                records=records,
-                registers=vector_registers(tgt),
-                lanes=vector_lanes(tgt),
-            ),
+            UnitPermutesToReshapes,
+            FoldLinearReshapes,
+            FoldBatchedWeights,
+            FuseAttention(lanes, registers, cores),
+            PlanLayers(target, plans),
+            RewriteBSRConv1x1(target.costs, num_threads=cores, lanes=lanes, plans=plans),
+            RewriteBSRMatmul(target.costs, num_threads=cores, plans=plans),
+            RewriteConv2D(cores, sparse, registers=registers, lanes=lanes, plans=plans),
             PairStagedLayouts(),
-            RewriteDenseMatmul(
-                records=records,
-                lanes=vector_lanes(tgt),
-                registers=vector_registers(tgt),
-                cores=num_cores(tgt),
-            ),
-            RewriteMaxPool2d(lanes=vector_lanes(tgt), shares=num_cores(tgt)),
-            RewriteLayerNorm(vector_lanes(tgt), num_cores(tgt)),
-            _merge_block_notes(records, notes, order),
+            RewriteDenseMatmul(lanes=lanes, registers=registers, cores=cores, plans=plans),
+            RewriteMaxPool2d(lanes=lanes, shares=cores),
+            RewriteLayerNorm(lanes, cores),
         ],
         name="tvm_sparse",
     )
-
-
-def _graph_order(order: list) -> tvm.transform.Pass:
-    """Note (op, weight shape) of every conv2d / matmul in binding order (before rewriting)."""
-
-    @tvm.transform.module_pass(opt_level=0, name="NoteLayerOrder")
-    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        order.clear()
-        for func in mod.functions.values():
-            if not isinstance(func, relax.Function):
-                continue
-            for block in func.body.blocks:
-                for binding in block.bindings:
-                    op = getattr(getattr(binding.value, "op", None), "name", "")
-                    if op not in ("relax.nn.conv2d", "relax.matmul"):
-                        continue
-                    shape = getattr(binding.value.args[1].ty, "shape", None)
-                    if shape is not None:
-                        dims = "x".join(str(int(d)) for d in shape.values)
-                        order.append((op.split(".")[-1], dims))
-        return mod
-
-    return transform
-
-
-def _merge_block_notes(records: list, notes: list, order: list) -> tvm.transform.Pass:
-    """Put the block passes' "kept dense, by cost" reasons on the records of those layers, and
-    put the records (appended pass by pass) back in graph order."""
-
-    @tvm.transform.module_pass(opt_level=0, name="MergeBlockNotes")
-    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        pending = list(notes)
-        for rec in records:
-            hit = next((n for n in pending if (n[0], n[1]) == (rec.op, rec.shape)), None)
-            if hit is not None and rec.format not in ("bsr", "bcr"):
-                pending.remove(hit)
-                rec.reason = f"{hit[2]}; {rec.reason}"
-        notes.clear()
-        free = list(enumerate(order))
-        position = {}
-        for rec in records:
-            hit = next((p for p in free if p[1] == (rec.op, rec.shape.split()[0])), None)
-            if hit is not None:
-                free.remove(hit)
-            position[id(rec)] = hit[0] if hit is not None else len(order)
-        records.sort(key=lambda rec: position[id(rec)])
-        return mod
-
-    return transform
 
 
 def _name_layers(records: list[LayerRecord], names: dict[str, list[tuple[str, str]]]) -> None:
@@ -188,7 +131,7 @@ def _remaining_ops(mod: tvm.IRModule) -> list[LayerRecord]:
     class _Finder(relax.PyExprVisitor):
         def visit_call_(self, call: relax.Call) -> None:
             name = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
-            if name in ("relax.matmul", "relax.nn.conv2d", "relax.nn.conv2d_transpose"):
+            if name == "relax.nn.conv2d_transpose":
                 shape = getattr(call.args[1].ty, "shape", None)
                 rows.append(
                     LayerRecord(
@@ -209,7 +152,7 @@ def _remaining_ops(mod: tvm.IRModule) -> list[LayerRecord]:
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             _Finder().visit_expr(func)
-    return [r for r in rows if r.op != "conv2d"] + _recurrent_layers(mod) + _attention_layers(mod)
+    return rows + _recurrent_layers(mod) + _attention_layers(mod)
 
 
 def _kernel_calls(mod: tvm.IRModule, attr: str) -> list[Any]:

@@ -1,6 +1,6 @@
 """Pattern conv with filters in vector lanes: for layers whose filters share kernels in groups of
 a vector's lanes (connectivity and patterns pruned per group of 16 filters on AVX-512; dense
-convs, one full pattern: ``relay_passes.pattern_conv2d._lanes_format``).
+convs, one full pattern: ``relay_passes.conv_plan._lanes_format``).
 
 Modules as in ``schedules.pattern_conv2d``: ``config`` (the knobs), ``heuristics`` (defaults
 and their measurements), ``tiling`` (tile geometry), ``emit`` (the TIR), ``template`` (the

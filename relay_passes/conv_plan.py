@@ -1,0 +1,213 @@
+"""The plan of a ``relax.nn.conv2d`` layer: which kernel runs it, on which packed weight.
+
+In order, for an NCHW / OIHW conv with a constant float32 weight (groups 1 or depthwise,
+dilation 1, static shapes; anything else is left to TVM):
+
+1. a 1x1 conv whose weight is block-sparse enough that the BSR / BCR kernel is estimated faster
+   than what would run instead (``formats.block.choose_conv1x1_format``, the target's cost
+   table) -> ``bsr_conv1x1`` (``schedules.bsr_matmul``);
+2. otherwise the weight's format (``formats.sparsity.choose_conv_format``: pattern or dense;
+   depthwise convs as one full kernel per filter), packed as ``PatternWeight``, and its kernel:
+   the filters-in-lanes kernel (``lanes``) where the filters share kernels in groups of the
+   target's lanes (``_lanes_format``), the packed GEMM (``conv_gemm``) for the other dense
+   pointwise convs, else the per-pixel pattern kernel (``pattern``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import relax
+
+from schedules.bsr_matmul import Conv1x1Geometry, default_bsr_conv_config
+from schedules.dense_gemm import default_gemm_config, pack_rows
+from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
+from schedules.pattern_conv2d_lanes import lanes_default_config
+from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
+from tvm_sparse.formats.block import choose_conv1x1_format, pack_block_weight
+
+from .block_choice import BLOCK_FORMATS
+from .layer_plan import LEFT_TO_TVM, LayerPlan, PlanTarget
+from .utils import const_value, static_shape
+
+
+def conv2d_unsupported(call: relax.Call) -> str | None:
+    """Why tvm-sparse's conv kernels cannot take this conv2d, or None if they can."""
+    attrs = call.attrs
+    if const_value(call.args[1]) is None:
+        return "weight is not a constant"
+    if (attrs.data_layout, attrs.kernel_layout) != ("NCHW", "OIHW") or attrs.out_layout != "NCHW":
+        return f"layout {attrs.data_layout}/{attrs.kernel_layout} (only NCHW/OIHW)"
+    groups = int(attrs.groups)
+    o, c_per_group = static_shape(call.args[1])[:2]
+    if groups != 1 and not (c_per_group == 1 and o == groups):
+        return f"groups={groups} (grouped conv; only depthwise with multiplier 1 is taken)"
+    if any(int(d) != 1 for d in attrs.dilation):
+        return f"dilation={tuple(int(d) for d in attrs.dilation)}"
+    if static_shape(call.args[0]) is None or len(static_shape(call.args[0])) != 4:
+        return "input shape is not static"
+    if call.args[0].ty.dtype != "float32" or str(attrs.out_dtype) not in (
+        "float32",
+        "",
+        "None",
+        "void",
+    ):
+        return f"dtype {call.args[0].ty.dtype} -> {attrs.out_dtype} (only float32)"
+    return None
+
+
+def conv1x1_unsupported(call: relax.Call) -> str | None:
+    """Why the BSR kernel cannot take this conv2d, or None if it can."""
+    reason = conv2d_unsupported(call)
+    if reason is not None:
+        return reason
+    if int(call.attrs.groups) != 1:  # (a depthwise weight (O, 1, 1, 1) is no (O, C) matrix)
+        return f"groups={int(call.attrs.groups)} (depthwise: RewriteConv2D's kernel)"
+    if static_shape(call.args[1])[2:] != (1, 1) or any(int(p) for p in call.attrs.padding):
+        return "not a 1x1 conv without padding"
+    return None
+
+
+def conv_geometry(call: relax.Call) -> ConvGeometry:
+    n, c, h, w = static_shape(call.args[0])
+    o, _, kh, kw = static_shape(call.args[1])
+    attrs = call.attrs
+    return ConvGeometry(
+        batch=n,
+        in_channels=c,
+        height=h,
+        width=w,
+        out_channels=o,
+        kernel=(kh, kw),
+        stride=tuple(int(s) for s in attrs.strides),
+        padding=tuple(int(p) for p in attrs.padding),
+    )
+
+
+def conv1x1_geometry(call: relax.Call) -> Conv1x1Geometry:
+    n, c, h, w = static_shape(call.args[0])
+    o = static_shape(call.args[1])[0]
+    return Conv1x1Geometry(n, c, h, w, o, tuple(int(s) for s in call.attrs.strides))
+
+
+def conv_shape(geom: ConvGeometry | Conv1x1Geometry, depthwise: bool = False) -> str:
+    """The report's shape text of a conv."""
+    kh, kw = getattr(geom, "kernel", (1, 1))
+    c = 1 if depthwise else geom.in_channels
+    return f"{geom.out_channels}x{c}x{kh}x{kw} s{geom.stride[0]} on {geom.height}x{geom.width}"
+
+
+NARROW_MAP = 8  # output widths up to this: dense 1x1 convs in lanes too (``_lanes_format``)
+LANES_KERNEL_LANES = (8, 16)  # AVX2 and AVX-512 (NEON's 4 lanes not measured)
+
+
+def _lanes_format(fmt: str, geom: ConvGeometry, lanes: int) -> bool:
+    """Whether a conv packed as ``fmt`` (its filters grouped by the target's 16 or 8 lanes) runs
+    on the filters-in-lanes kernel: pattern-sparse ones; dense ones but 1x1 convs on maps wider
+    than ``NARROW_MAP`` (on AVX-512; every dense 1x1 conv on AVX2). AVX2 build (8 lanes) on
+    AMD Zen 5, 2 threads, against the per-pixel kernel: ResNet-18's 3x3 layers pattern-pruned
+    per group of 8 filters 1.0-2.3x, dense 1.05-3.1x (150-190 GFLOP/s, 65-80 % of the AVX2
+    FMA peak); against the packed GEMM, ResNet-50's dense 1x1 layers on 7x7 0.37-0.64x
+    (stride 2 from 14x14: 1.45x). Dense against the per-pixel kernel on the AVX-512 VM, 2
+    threads: 3x3 layers 1.5-2.6x (350-400 GFLOP/s: ResNet-18's 64x64 on 56x56, 256x256 on
+    14x14, 512x512 on 7x7); its 7x7 stem 1.34x (0.72 ms, with ``most_accumulators``' tiles);
+    its 512x256 stride-2 shortcut (7x7 output) 2.8x alone, 0.221 -> 0.079-0.090 ms in the
+    model; its wider 1x1 shortcuts 0.95-1.05x alone but 0.76-0.90x in the model, and
+    ResNet-50's stride-1 1x1 layers 0.97-1.3x alone (one broadcast per FMA: both kernels
+    load-bound there)."""
+    if fmt == "pattern":
+        return True
+    pointwise, narrow = geom.kernel == (1, 1), geom.out_width <= NARROW_MAP and lanes == 16
+    return fmt == "dense" and (not pointwise or narrow)
+
+
+def _pointwise(geom: ConvGeometry) -> bool:
+    """A 1x1 conv without padding: a GEMM over the (strided) input's pixels."""
+    return geom.kernel == (1, 1) and not any(geom.padding) and geom.stride[0] == geom.stride[1]
+
+
+def plan_conv2d(call: relax.Call, index: int, target: PlanTarget) -> LayerPlan:
+    """The plan of one conv2d call (``index``: its position in graph order)."""
+    reason = conv2d_unsupported(call)
+    if reason is not None:
+        shape = "x".join(str(d) for d in static_shape(call.args[1]) or ())
+        return LayerPlan(index, "conv2d", shape, LEFT_TO_TVM, LEFT_TO_TVM, f"left to TVM: {reason}")
+    weight = const_value(call.args[1]).astype(np.float32)
+    note = ""
+    if target.sparse and target.costs is not None and conv1x1_unsupported(call) is None:
+        geom = conv1x1_geometry(call)
+        choice, _, _ = choose_conv1x1_format(weight, geom.batch * geom.pixels, target.costs)
+        if choice.format in BLOCK_FORMATS:
+            return _block_plan(index, geom, weight.reshape(weight.shape[0], -1), choice, target)
+        note = choice.reason
+    depthwise = int(call.attrs.groups) > 1
+    plan = _pattern_plan(index, conv_geometry(call), weight, depthwise, target)
+    plan.block_note = note
+    return plan
+
+
+def _block_plan(
+    index: int, geom: Conv1x1Geometry, matrix: np.ndarray, choice, target: PlanTarget
+) -> LayerPlan:
+    """A 1x1 conv on the BSR / BCR kernel."""
+    fmt, (r, c) = choice.format, choice.block
+    cfg = default_bsr_conv_config(geom, r, target.lanes, target.cores, bcr=fmt == "bcr")
+    packed, kept = pack_block_weight(matrix, fmt, choice.block, cfg.shares)
+    work = geom.batch * geom.pixels
+    return LayerPlan(
+        index, "conv2d", conv_shape(geom), fmt, "bsr_conv1x1", choice.reason,
+        density=float((matrix != 0).mean()),
+        flops_dense=2 * work * matrix.size,
+        flops_kept=2 * work * packed.num_blocks * math.prod(kept or (r, c)),
+        geometry=geom, packing=(packed, kept, choice.block), config=cfg,
+    )  # fmt: skip
+
+
+def _pattern_plan(
+    index: int, geom: ConvGeometry, weight: np.ndarray, depthwise: bool, target: PlanTarget
+) -> LayerPlan:
+    """A conv on the pattern, lanes or GEMM kernel, its weight packed as ``PatternWeight``."""
+    diagonal = None
+    if depthwise:  # as a conv whose filter o keeps only kernel (o, o): one kernel per filter
+        o = weight.shape[0]
+        diagonal = np.eye(o, dtype=bool)
+        weight = np.einsum("oc,ohw->ochw", diagonal, weight[:, 0]).astype(np.float32)
+    stats = conv_sparsity(weight)
+    fmt, reason = choose_conv_format(stats) if target.sparse else ("dense", "sparse=False")
+    if depthwise:
+        fmt, reason = "depthwise", "one full kernel per filter on the pattern kernel"
+    packed = PatternWeight.from_dense(
+        weight,
+        num_shares=target.cores,
+        keep_zeros=fmt in ("dense", "depthwise"),
+        kernel_mask=diagonal,
+    )
+    group, lanes = packed.filter_group, target.lanes
+    if group > 1 and fmt == "pattern":
+        reason += f"; filters share kernels in groups of {group} (one load feeds {group})"
+    o, c = weight.shape[:2]
+    pixels = geom.batch * geom.out_height * geom.out_width
+    in_lanes = (
+        lanes in LANES_KERNEL_LANES and group % lanes == 0 and _lanes_format(fmt, geom, lanes)
+    )
+    if fmt == "dense" and not in_lanes and _pointwise(geom):
+        cfg = default_gemm_config(lanes, target.registers)
+        kernel, packing, kept_taps = "conv_gemm", pack_rows(weight.reshape(o, c), cfg.rows), o * c
+        reason += "; packed GEMM"
+    elif in_lanes:
+        kernel, packing, kept_taps = "lanes", packed, packed.num_taps
+        reason += "; filters computed in vector lanes"
+        cfg = lanes_default_config(geom, target.registers, target.cores, packed.num_kernels / o)
+    else:
+        kernel, packing, kept_taps = "pattern", packed, packed.num_taps
+        tile = tile_defaults(geom, target.registers, lanes)
+        cfg = default_config(geom, filter_group=group, shares=target.cores, **tile)
+    kh, kw = geom.kernel
+    return LayerPlan(
+        index, "conv2d", conv_shape(geom, depthwise), fmt, kernel, reason,
+        density=1.0 if depthwise else stats.density,
+        flops_dense=2 * pixels * o * kh * kw * (1 if depthwise else c),
+        flops_kept=2 * pixels * kept_taps,
+        geometry=geom, packing=packing, config=cfg,
+    )  # fmt: skip
