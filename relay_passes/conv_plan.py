@@ -98,28 +98,23 @@ def conv_shape(geom: ConvGeometry | Conv1x1Geometry, depthwise: bool = False) ->
     return f"{geom.out_channels}x{c}x{kh}x{kw} s{geom.stride[0]} on {geom.height}x{geom.width}"
 
 
-NARROW_MAP = 8  # output widths up to this: dense 1x1 convs in lanes too (``_lanes_format``)
 LANES_KERNEL_LANES = (8, 16)  # AVX2 and AVX-512 (NEON's 4 lanes not measured)
 
 
-def _lanes_format(fmt: str, geom: ConvGeometry, lanes: int) -> bool:
+def _lanes_format(fmt: str, geom: ConvGeometry) -> bool:
     """Whether a conv packed as ``fmt`` (its filters grouped by the target's 16 or 8 lanes) runs
-    on the filters-in-lanes kernel: pattern-sparse ones; dense ones but 1x1 convs on maps wider
-    than ``NARROW_MAP`` (on AVX-512; every dense 1x1 conv on AVX2). AVX2 build (8 lanes) on
-    AMD Zen 5, 2 threads, against the per-pixel kernel: ResNet-18's 3x3 layers pattern-pruned
-    per group of 8 filters 1.0-2.3x, dense 1.05-3.1x (150-190 GFLOP/s, 65-80 % of the AVX2
-    FMA peak); against the packed GEMM, ResNet-50's dense 1x1 layers on 7x7 0.37-0.64x
-    (stride 2 from 14x14: 1.45x). Dense against the per-pixel kernel on the AVX-512 VM, 2
-    threads: 3x3 layers 1.5-2.6x (350-400 GFLOP/s: ResNet-18's 64x64 on 56x56, 256x256 on
-    14x14, 512x512 on 7x7); its 7x7 stem 1.34x (0.72 ms, with ``most_accumulators``' tiles);
-    its 512x256 stride-2 shortcut (7x7 output) 2.8x alone, 0.221 -> 0.079-0.090 ms in the
-    model; its wider 1x1 shortcuts 0.95-1.05x alone but 0.76-0.90x in the model, and
-    ResNet-50's stride-1 1x1 layers 0.97-1.3x alone (one broadcast per FMA: both kernels
-    load-bound there)."""
-    if fmt == "pattern":
-        return True
-    pointwise, narrow = geom.kernel == (1, 1), geom.out_width <= NARROW_MAP and lanes == 16
-    return fmt == "dense" and (not pointwise or narrow)
+    on the filters-in-lanes kernel: pattern-sparse ones and dense ones but 1x1 convs, which are
+    a GEMM.
+
+    Against the per-pixel kernel: AVX2 build (8 lanes) on AMD Zen 5, 2 threads, ResNet-18's 3x3
+    layers pattern-pruned per group of 8 filters 1.0-2.3x, dense 1.05-3.1x (150-190 GFLOP/s,
+    65-80 % of the AVX2 FMA peak); AVX-512 VM, 2 threads, dense 3x3 layers 1.5-2.6x
+    (350-400 GFLOP/s), the 7x7 stem 1.34x. Against the packed GEMM, dense 1x1 convs with + ReLU
+    on AMD Zen 5, AVX-512, 2 threads: on 7x7 maps the GEMM is 1.2-1.6x faster (ResNet-50's
+    512x2048 0.297 vs 0.445 ms, ONNX Runtime 0.277; MobileNetV2's 1280x320 0.105 vs 0.164 ms,
+    ORT 0.107), as for stride 2 to 7x7 (2048x1024 from 14x14: 0.506 vs 0.743 ms; ResNet-18's
+    512x256: 0.047 vs 0.057 ms); on AVX2 0.37-0.64x on 7x7 maps."""
+    return fmt == "pattern" or (fmt == "dense" and geom.kernel != (1, 1))
 
 
 def _pointwise(geom: ConvGeometry) -> bool:
@@ -188,9 +183,7 @@ def _pattern_plan(
         reason += f"; filters share kernels in groups of {group} (one load feeds {group})"
     o, c = weight.shape[:2]
     pixels = geom.batch * geom.out_height * geom.out_width
-    in_lanes = (
-        lanes in LANES_KERNEL_LANES and group % lanes == 0 and _lanes_format(fmt, geom, lanes)
-    )
+    in_lanes = lanes in LANES_KERNEL_LANES and group % lanes == 0 and _lanes_format(fmt, geom)
     if fmt == "dense" and not in_lanes and _pointwise(geom):
         cfg = default_gemm_config(lanes, target.registers)
         kernel, packing, kept_taps = "conv_gemm", pack_rows(weight.reshape(o, c), cfg.rows), o * c

@@ -52,7 +52,7 @@ def _check(model: torch.nn.Module, inputs: tuple, target: str) -> tvm_sparse.Com
 @given(
     cin=st.integers(1, 40),
     cout=st.integers(1, 40),
-    size=st.integers(17, 31),  # outputs >= 9 wide (narrower 1x1 maps go in lanes on AVX-512)
+    size=st.integers(3, 31),
     stride=st.sampled_from([1, 2]),
     batch=st.sampled_from([1, 2]),
     epilogue=st.sampled_from(EPILOGUES),

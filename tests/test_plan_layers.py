@@ -12,7 +12,6 @@ from torch import nn
 from tvm import relax
 
 import tvm_sparse
-from relay_passes.conv_plan import NARROW_MAP
 from relay_passes.layer_plan import LEFT_TO_TVM, PlanTarget, planned_calls
 from relay_passes.plan_layers import plan_layers
 from tvm_sparse.formats import CostTable
@@ -101,13 +100,14 @@ def test_dense_baseline_plans_every_conv_dense(imported):
     assert formats == ["dense", "dense", "dense", "depthwise", "tvm", "dense", "dense"]
 
 
-def test_narrow_dense_1x1_runs_in_lanes_on_avx512_only():
-    conv = nn.Conv2d(32, 32, 1).eval()
-    x = torch.randn(1, 32, NARROW_MAP, NARROW_MAP)
-    mod = import_model(conv, (x,)).mod
-    for lanes, registers, kernel in ((16, 32, "lanes"), (8, 16, "conv_gemm")):
-        (plan,) = plan_layers(mod, PlanTarget(lanes, registers, 2)).values()
-        assert plan.kernel == kernel, lanes
+@pytest.mark.parametrize("size", [7, 28])
+def test_dense_1x1_runs_on_the_gemm_and_dense_3x3_in_lanes_on_both_isas(size):
+    for k in (1, 3):
+        conv = nn.Conv2d(32, 32, k, padding=k // 2).eval()
+        mod = import_model(conv, (torch.randn(1, 32, size, size),)).mod
+        for lanes, registers in ((16, 32), (8, 16)):
+            (plan,) = plan_layers(mod, PlanTarget(lanes, registers, 2)).values()
+            assert plan.kernel == ("conv_gemm" if k == 1 else "lanes"), (k, lanes)
 
 
 def test_the_pipeline_plans_once_and_the_rewrites_follow_the_plans(imported, monkeypatch):
