@@ -3,10 +3,12 @@ FLOPs (8 patterns of 4 taps, 28 % of kernels kept): tvm-sparse vs its dense buil
 ONNX Runtime, interleaved in one run, medians, useful GFLOP/s.
 
     python benchmarks/bench_conv_layers.py [--rounds 15] [--only resnet18|vgg16] [--filter-group 4]
+        [--isa native|avx2]
 
 Writes benchmarks/results/conv_layers.{json,md}. ``--filter-group G``: kernels and patterns drawn
 per group of G filters (``tvm_sparse.prune``'s filter groups), which the kernel computes together
-(write it to another ``--out``).
+(write it to another ``--out``). ``--isa avx2``: tvm-sparse built for ``x86-avx2`` and PyTorch
+pinned to AVX2 (``benchmarking.isa_target``); ONNX Runtime runs the host's best ISA.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 import tvm_sparse
 from tvm_sparse.benchmarking import (
+    isa_target,
     machine_description,
     markdown_table,
     onnx_bytes,
@@ -74,13 +77,15 @@ def layer_case(index: int, filter_group: int = 1) -> tuple[np.ndarray, np.ndarra
     return weight, x
 
 
-def bench_layer(index: int, rounds: int, threads: int, filter_group: int = 1) -> dict:
+def bench_layer(
+    index: int, rounds: int, threads: int, filter_group: int = 1, target: str = "x86"
+) -> dict:
     """``LAYERS[index]`` timed sparse / TVM dense / PyTorch / ONNX Runtime, interleaved."""
     model, o, c, size, stride = LAYERS[index]
     weight, x = layer_case(index, filter_group)
     net = Conv(weight, stride).eval()
-    sparse = tvm_sparse.compile(net, (x,))
-    dense = tvm_sparse.compile(net, (x,), sparse=False)
+    sparse = tvm_sparse.compile(net, (x,), target=target)
+    dense = tvm_sparse.compile(net, (x,), sparse=False, target=target)
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
     for cm in (sparse, dense):
@@ -112,13 +117,15 @@ def main() -> None:
     parser.add_argument("--only", choices=["resnet18", "vgg16"])
     parser.add_argument("--out", default="benchmarks/results/conv_layers")
     parser.add_argument("--filter-group", type=int, default=1)
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native")
     args = parser.parse_args()
+    target = isa_target(args.isa)
     threads = os.cpu_count() or 1
     rows, results = [], []
     for i, (model, *_) in enumerate(LAYERS):
         if args.only and model != args.only:
             continue
-        r = bench_layer(i, args.rounds, threads, args.filter_group)
+        r = bench_layer(i, args.rounds, threads, args.filter_group, target)
         results.append(r)
         ms, g = r["ms"], r["useful_gflops"]
         rows.append([
@@ -133,8 +140,10 @@ def main() -> None:
         ["model", "layer", "FLOPs cut", "sparse ms", "TVM dense ms", "PyTorch ms", "ORT ms",
          "sparse vs best dense", "sparse useful GFLOP/s", "ORT dense GFLOP/s"], rows,
     )  # fmt: skip
+    pinned = "PyTorch pinned to AVX2, " if args.isa == "avx2" else ""
     summary = (
-        f"{threads} threads, medians of {args.rounds} interleaved rounds. Speed-up vs the "
+        f"tvm-sparse compiled for `{target}`; {pinned}{threads} threads, medians of "
+        f"{args.rounds} interleaved rounds. Speed-up vs the "
         f"faster of PyTorch / ONNX Runtime: min {min(ratios):.2f}x, median "
         f"{float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x. Useful GFLOP/s counts only "
         "the multiply-adds the sparse kernel keeps (the same numerator for every runtime)."
@@ -145,7 +154,7 @@ def main() -> None:
     write_results(
         args.out,
         {"layers": results, "threads": threads, "rounds": args.rounds,
-         "filter_group": args.filter_group, "machine": machine_description()},
+         "filter_group": args.filter_group, "target": target, "machine": machine_description()},
         f"# {title}\n\n{summary}\n\n{table}",
     )  # fmt: skip
     print(summary)

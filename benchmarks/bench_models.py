@@ -2,10 +2,10 @@
 on the same weights, interleaved in one run, plus compile times.
 
 Every 3x3 conv (groups 1) keeps 8 patterns of 4 taps and 28 % of its kernels (random weights,
-BatchNorm with non-trivial statistics). ResNet-18 / VGG-16: 7x7 stem, 1x1 and FC layers stay
-dense. ResNet-50 / MobileNetV2 / ``vgg16_bsr``: 1x1 convs and FC layers also keep 10 % of their
-8x1 blocks (VGG-16's three FC layers hold 90 % of its weights: dense, the 25088x4096 one alone
-reads 411 MB per image, ~13 ms here for any runtime).
+BatchNorm with non-trivial statistics). ResNet-18 / VGG-16 / ``resnet50_pattern``: 7x7 stem,
+1x1 and FC layers stay dense. ResNet-50 / MobileNetV2 / ``vgg16_bsr``: 1x1 convs and FC layers
+also keep 10 % of their 8x1 blocks (VGG-16's three FC layers hold 90 % of its weights: dense,
+the 25088x4096 one alone reads 411 MB per image, ~13 ms here for any runtime).
 
     python benchmarks/bench_models.py [--rounds 7] [--models resnet18,vgg16]
 
@@ -40,6 +40,7 @@ MODELS = {
     "vgg16": lambda: vgg16_bn(),
     "vgg16_bsr": lambda: vgg16_bn(),
     "resnet50": lambda: resnet50(),
+    "resnet50_pattern": lambda: resnet50(),
     "mobilenet_v2": lambda: mobilenet_v2(),
     "resnet18_g4": lambda: resnet18(),
     "vgg16_g4": lambda: vgg16_bn(),

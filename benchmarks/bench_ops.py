@@ -26,6 +26,7 @@ from tvm.script.ir_builder import tirx as T
 
 import tvm_sparse
 from tvm_sparse.benchmarking import (
+    isa_target,
     machine_description,
     markdown_table,
     onnx_bytes,
@@ -39,7 +40,6 @@ from tvm_sparse.models import mobilenet_v2, resnet18, resnet50
 from tvm_sparse.targets import resolve_target, vector_lanes
 
 MODELS = {"resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": mobilenet_v2}
-PINNED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def dense_layers(name: str) -> list[dict]:
@@ -168,9 +168,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-whole", action="store_true", help="layers only")
     args = parser.parse_args()
-    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in PINNED_AVX2.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_AVX2})
-    target = "x86-avx2" if args.isa == "avx2" else "x86"
+    target = isa_target(args.isa)
     threads = os.cpu_count() or 1
     peak = fma_peak_gflops(resolve_target(target), threads)
     print(f"{target}: FMA peak {peak:.0f} GFLOP/s on {threads} threads", file=sys.stderr)

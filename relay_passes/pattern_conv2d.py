@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from schedules.dense_gemm import GemmConfig, conv1x1_gemm_primfunc
+from schedules.dense_gemm import GemmConfig, conv1x1_gemm_template
 from schedules.pattern_conv2d import ConvGeometry, Epilogue, pattern_conv2d_template
 from schedules.pattern_conv2d_lanes import pattern_conv2d_lanes_template
 from tvm_sparse.report import LayerRecord
@@ -37,10 +37,11 @@ def _emit_gemm(
     geom: ConvGeometry,
     epilogue: tuple[Epilogue, EpilogueMatch],
     cfg: GemmConfig,
-    cores: int,
+    machine: tuple[int, int],
 ) -> relax.Expr:
-    """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM (a strided conv on the
-    input sliced to the pixels it reads)."""
+    """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM template (a strided conv on
+    the input sliced to the pixels it reads); ``machine``: the target's cores and registers."""
+    cores, registers = machine
     epi, match = epilogue
     x, stride = visit(match.anchor.args[0]), geom.stride[0]
     if stride > 1:
@@ -53,11 +54,10 @@ def _emit_gemm(
     dims = (geom.out_height, geom.out_width)
     o, c = geom.out_channels, geom.in_channels
     key = ("gemm", geom.batch, c, o, dims, epi, cfg)
+    name = f"dense_conv1x1_{o}x{c}"
     kernel = add_kernel(
-        bb, kernels, key, f"dense_conv1x1_{o}x{c}",
-        lambda: conv1x1_gemm_primfunc(
-            geom.batch, c, o, dims[0] * dims[1], epi, cfg, cores, out_dims=dims
-        ),
+        bb, kernels, key, name,
+        lambda: conv1x1_gemm_template(geom.batch, c, o, dims, epi, cfg, cores, registers, name),
     )  # fmt: skip
     args = [x, relax.const(packed_rows)]
     if match.bias is not None:
@@ -91,9 +91,8 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
             activation=match.activation,
         )
         if plan.kernel == "conv_gemm":
-            return _emit_gemm(
-                bb, kernels, visit, plan.packing, geom, (epi, match), cfg, num_threads
-            )
+            machine = (num_threads, registers)
+            return _emit_gemm(bb, kernels, visit, plan.packing, geom, (epi, match), cfg, machine)
         packed = plan.packing
         max_taps = packed.kernel_values.shape[1]
         nonempty = packed.num_kernels > 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tvm import tirx
@@ -32,9 +32,11 @@ from tvm.script.ir_builder import tirx as T
 
 from .buffers import accumulator_rows, allocated_view
 from .epilogue import Epilogue
+from .tunable import Knobs, TunableKernel, register, template
 from .vector_math import span, splat
 
 ZERO = tirx.const(0.0, "float32")
+SCHEDULED_ATTR = "tirx.is_scheduled"  # final kernels: no MetaSchedule task, no default schedule
 
 
 @dataclass(frozen=True)
@@ -198,12 +200,17 @@ def conv1x1_gemm_primfunc(
     cores: int = 1,
     name: str = "dense_conv1x1",
     out_dims: tuple[int, int] | None = None,
+    tile_rows: int | None = None,
 ) -> tirx.PrimFunc:
     """Arguments: x (batch, C, P), weight ``pack_rows(W, cfg.rows)``, [bias (O,)],
     [residual (batch, O, P)], out (batch, O, P); ``out_dims`` (H, W) declares x / residual /
-    out as 4-D maps of ``pixels = H * W`` (read through flat views)."""
+    out as 4-D maps of ``pixels = H * W`` (read through flat views). The register tile is
+    ``tile_rows`` (a divisor of the packed ``cfg.rows``; default all of them) x ``cfg.vectors``."""
     cfg = cfg or GemmConfig()
-    full, last = column_tiles(pixels, cfg)
+    tile_rows = tile_rows or cfg.rows
+    if cfg.rows % tile_rows:
+        raise ValueError(f"tile_rows={tile_rows} does not divide the packed rows {cfg.rows}")
+    full, last = column_tiles(pixels, GemmConfig(tile_rows, cfg.vectors, cfg.lanes))
     row_tiles = math.ceil(out_channels / cfg.rows)
     col_jobs = batch * (full + (last is not None))
     chunk = _row_chunks(row_tiles, col_jobs, cores)
@@ -211,7 +218,7 @@ def conv1x1_gemm_primfunc(
     dims = out_dims or (pixels,)
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
         x_arg = T.arg("x", T.buffer((batch, in_channels, *dims), "float32"))
         w = T.arg("weight", T.buffer((row_tiles, in_channels, cfg.rows), "float32"))
         bias, resid_arg = epilogue.declare_args((out_channels,), (batch, out_channels, *dims))
@@ -253,11 +260,11 @@ def conv1x1_gemm_primfunc(
                         emit_tile(in_channels, rows, widths, a_at, b_at, finish)
 
             if last is None:
-                tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, cfg.rows)
+                tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, tile_rows)
             else:
                 with T.If(col_tile < full):
                     with T.Then():
-                        tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, cfg.rows)
+                        tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, tile_rows)
                     with T.Else():
                         tile(last.start, last.widths, last.rows)
     return ib.get().without_attr("global_symbol")
@@ -285,7 +292,7 @@ def linear_gemm_primfunc(
     chunks = math.ceil(row_tiles / chunk)
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
         x_arg = T.arg("x", T.buffer((*lead, k), "float32"))
         w = T.arg("weight", T.buffer((col_tiles, k, cfg.width), "float32"))
         bias, resid_arg = epilogue.declare_args((col_tiles * cfg.width,), (*lead, n))
@@ -351,3 +358,53 @@ __all__ = [
     "split_vectors",
     "tile_block",
 ]
+
+
+# --- MetaSchedule search space of the 1x1 conv GEMM (see schedules/tunable.py) --------------
+
+
+def _conv1x1_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
+    cfg = GemmConfig(params["packed_rows"], knobs["vectors"], params["lanes"])
+    dims = tuple(params["out_dims"]) if params["out_dims"] else None
+    return conv1x1_gemm_primfunc(
+        params["batch"], params["in_channels"], params["out_channels"], params["pixels"],
+        Epilogue(**params["epilogue"]), cfg, params["cores"], params["name"], dims,
+        tile_rows=knobs["rows"],
+    )  # fmt: skip
+
+
+def _conv1x1_space(params: dict, default: Knobs) -> dict[str, list[int]]:
+    """Tile rows dividing the packed rows, 1-4 vectors, the accumulators (rows x vectors, the
+    last tile's one more vector at half the rows) within the registers less four."""
+    packed, registers = params["packed_rows"], params["registers"]
+    rows = [r for r in range(1, packed + 1) if packed % r == 0]
+    vectors = [v for v in range(1, 5) if min(rows) * v <= registers - 4]
+    fits = [r for r in rows if r * min(vectors) <= registers - 4]
+    return {"rows": fits, "vectors": vectors}
+
+
+DENSE_CONV1X1 = register(TunableKernel("dense_conv1x1", _conv1x1_build, _conv1x1_space))
+
+
+def conv1x1_gemm_template(
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    out_dims: tuple[int, int],
+    epilogue: Epilogue,
+    cfg: GemmConfig,
+    cores: int,
+    registers: int,
+    name: str,
+) -> tirx.PrimFunc:
+    """The 1x1 conv GEMM at ``cfg`` (its default tile, weight packed by ``cfg.rows``) as a
+    MetaSchedule template; the knobs are the tile's rows and vectors."""
+    params = {
+        "batch": batch, "in_channels": in_channels, "out_channels": out_channels,
+        "pixels": out_dims[0] * out_dims[1], "out_dims": list(out_dims),
+        "epilogue": asdict(epilogue), "packed_rows": cfg.rows, "lanes": cfg.lanes,
+        "cores": cores, "registers": registers, "name": name,
+    }  # fmt: skip
+    knobs = {"rows": cfg.rows, "vectors": cfg.vectors}
+    func = _conv1x1_build(params, knobs).without_attr(SCHEDULED_ATTR)
+    return template(func, DENSE_CONV1X1.name, params, knobs)

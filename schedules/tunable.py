@@ -39,6 +39,7 @@ KERNEL_MODULES = (
     "schedules.pattern_conv2d",
     "schedules.pattern_conv2d_lanes",
     "schedules.bsr_matmul",
+    "schedules.dense_gemm",
 )
 
 Knobs = dict[str, int]

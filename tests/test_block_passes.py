@@ -15,11 +15,11 @@ import tvm_sparse.pipeline as pipeline
 from relay_passes.bsr_conv1x1 import RewriteBSRConv1x1
 from relay_passes.bsr_matmul import RewriteBSRMatmul
 from schedules.bsr_matmul import (
+    BSRConvConfig,
+    BSRMatmulConfig,
     Conv1x1Geometry,
     bsr_conv1x1_template,
     bsr_matmul_primfunc,
-    default_bsr_conv_config,
-    default_bsr_matmul_config,
 )
 from schedules.pattern_conv2d import Epilogue
 from tvm_sparse.formats import BSRWeight, CostTable
@@ -72,7 +72,7 @@ def test_sparse_linear_with_bias_and_relu_becomes_one_bsr_call():
     b = np.arange(24, dtype="float32")
     before = _fc_before(np.ascontiguousarray(w.T), b, relu=True)
 
-    cfg = default_bsr_matmul_config(2, 2)
+    cfg = BSRMatmulConfig(rows=2, shares=2)  # pinned: what default_bsr_matmul_config(2, 2) gives
     packed = BSRWeight.from_dense(w, (8, 1), num_shares=cfg.shares)
     name = "bsr_matmul_32x24_8x1"
     x = relax.Var("x", relax.TensorType((2, 32), "float32"))
@@ -100,7 +100,7 @@ def test_linear_over_tokens_is_one_bsr_call_on_the_nd_tensors():
     w = _bsr(24, 32, (8, 1), 0.25, seed=4)
     before = _fc_before(np.ascontiguousarray(w.T), lead=(2, 5))
 
-    cfg = default_bsr_matmul_config(10, 2)
+    cfg = BSRMatmulConfig(rows=8, shares=2)  # pinned (10 rows, 2 cores)
     packed = BSRWeight.from_dense(w, (8, 1), num_shares=cfg.shares)
     name = "bsr_matmul_32x24_8x1"
     x = relax.Var("x", relax.TensorType((2, 5, 32), "float32"))
@@ -159,7 +159,7 @@ def test_sparse_1x1_conv_with_residual_and_relu_becomes_one_bsr_call():
     before = _conv_before(w, residual=True, relu=True)
 
     geom = Conv1x1Geometry(1, 16, 6, 6, 32)
-    cfg = default_bsr_conv_config(geom, 8, 16, 2)
+    cfg = BSRConvConfig(vector=16, vectors=2, shares=2, parallel=True)  # pinned
     packed = BSRWeight.from_dense(w, (8, 1), num_shares=cfg.shares)
     name = "bsr_conv1x1_32x16_8x1"
     epi = Epilogue(False, True, "relu")

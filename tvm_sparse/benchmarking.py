@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,21 @@ def machine_description() -> dict[str, Any]:
     except (ValueError, OSError):
         pass
     return info
+
+
+PINNED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def isa_target(isa: str) -> str:
+    """The tvm-sparse target of a benchmark's ``--isa``: ``native`` -> ``x86`` (the host's
+    best ISA), ``avx2`` -> ``x86-avx2``. For ``avx2`` the process first re-executes itself once
+    with PyTorch pinned to AVX2 (oneDNN and ATen read ``PINNED_AVX2`` at start-up); ONNX Runtime
+    has no such switch and runs the host's best ISA."""
+    if isa != "avx2":
+        return "x86"
+    if any(os.environ.get(k) != v for k, v in PINNED_AVX2.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_AVX2})
+    return "x86-avx2"
 
 
 def time_interleaved(

@@ -58,10 +58,16 @@ def _bsr_conv1x1(params: dict, _args: list[relax.Expr]) -> int:
     return 2 * geom.batch * geom.pixels * params["num_blocks"] * entries
 
 
+def _dense_conv1x1(params: dict, _args: list[relax.Expr]) -> int:
+    """2 x pixels x the weight's entries (the dense GEMM computes every one)."""
+    return 2 * params["batch"] * params["pixels"] * params["out_channels"] * params["in_channels"]
+
+
 FLOP_COUNTS: dict[str, Callable[[dict, list[relax.Expr]], int]] = {
     "pattern_conv2d": _pattern_conv,
     "pattern_conv2d_lanes": _pattern_conv,
     "bsr_conv1x1": _bsr_conv1x1,
+    "dense_conv1x1": _dense_conv1x1,
 }
 
 
