@@ -101,20 +101,25 @@ def conv_shape(geom: ConvGeometry | Conv1x1Geometry, depthwise: bool = False) ->
 LANES_KERNEL_LANES = (8, 16)  # AVX2 and AVX-512 (NEON's 4 lanes not measured)
 
 
-def _lanes_format(fmt: str, geom: ConvGeometry) -> bool:
+def _lanes_format(fmt: str, geom: ConvGeometry, lanes: int) -> bool:
     """Whether a conv packed as ``fmt`` (its filters grouped by the target's 16 or 8 lanes) runs
-    on the filters-in-lanes kernel: pattern-sparse ones and dense ones but 1x1 convs, which are
-    a GEMM.
+    on the filters-in-lanes kernel: pattern-sparse ones; dense ones but 1x1 convs, which are a
+    GEMM, and at 8 lanes (AVX2) only dense 3x3 convs.
 
     Against the per-pixel kernel: AVX2 build (8 lanes) on AMD Zen 5, 2 threads, ResNet-18's 3x3
     layers pattern-pruned per group of 8 filters 1.0-2.3x, dense 1.05-3.1x (150-190 GFLOP/s,
-    65-80 % of the AVX2 FMA peak); AVX-512 VM, 2 threads, dense 3x3 layers 1.5-2.6x
-    (350-400 GFLOP/s), the 7x7 stem 1.34x. Against the packed GEMM, dense 1x1 convs with + ReLU
-    on AMD Zen 5, AVX-512, 2 threads: on 7x7 maps the GEMM is 1.2-1.6x faster (ResNet-50's
-    512x2048 0.297 vs 0.445 ms, ONNX Runtime 0.277; MobileNetV2's 1280x320 0.105 vs 0.164 ms,
-    ORT 0.107), as for stride 2 to 7x7 (2048x1024 from 14x14: 0.506 vs 0.743 ms; ResNet-18's
-    512x256: 0.047 vs 0.057 ms); on AVX2 0.37-0.64x on 7x7 maps."""
-    return fmt == "pattern" or (fmt == "dense" and geom.kernel != (1, 1))
+    65-80 % of the AVX2 FMA peak), but the dense 7x7 stem (3 -> 64, stride 2, + bias) 0.38x
+    (3.37 vs 1.28 ms; PyTorch pinned to AVX2 1.10); AVX-512 VM, 2 threads, dense 3x3 layers
+    1.5-2.6x (350-400 GFLOP/s), the 7x7 stem 1.34x. Against the packed GEMM, dense 1x1 convs
+    with + ReLU on AMD Zen 5, AVX-512, 2 threads: on 7x7 maps the GEMM is 1.2-1.6x faster
+    (ResNet-50's 512x2048 0.297 vs 0.445 ms, ONNX Runtime 0.277; MobileNetV2's 1280x320 0.105
+    vs 0.164 ms, ORT 0.107), as for stride 2 to 7x7 (2048x1024 from 14x14: 0.506 vs 0.743 ms;
+    ResNet-18's 512x256: 0.047 vs 0.057 ms); on AVX2 0.37-0.64x on 7x7 maps."""
+    if fmt == "pattern":
+        return True
+    if fmt != "dense" or geom.kernel == (1, 1):
+        return False
+    return lanes == 16 or geom.kernel == (3, 3)
 
 
 def _pointwise(geom: ConvGeometry) -> bool:
@@ -183,7 +188,8 @@ def _pattern_plan(
         reason += f"; filters share kernels in groups of {group} (one load feeds {group})"
     o, c = weight.shape[:2]
     pixels = geom.batch * geom.out_height * geom.out_width
-    in_lanes = lanes in LANES_KERNEL_LANES and group % lanes == 0 and _lanes_format(fmt, geom)
+    grouped = lanes in LANES_KERNEL_LANES and group % lanes == 0
+    in_lanes = grouped and _lanes_format(fmt, geom, lanes)
     if fmt == "dense" and not in_lanes and _pointwise(geom):
         cfg = default_gemm_config(lanes, target.registers)
         kernel, packing, kept_taps = "conv_gemm", pack_rows(weight.reshape(o, c), cfg.rows), o * c

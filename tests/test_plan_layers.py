@@ -101,13 +101,15 @@ def test_dense_baseline_plans_every_conv_dense(imported):
 
 
 @pytest.mark.parametrize("size", [7, 28])
-def test_dense_1x1_runs_on_the_gemm_and_dense_3x3_in_lanes_on_both_isas(size):
-    for k in (1, 3):
+def test_dense_convs_kernel_per_isa(size):
+    """Dense 1x1 convs on the GEMM, 3x3 in lanes on both ISAs, 7x7 in lanes on AVX-512 only."""
+    expected = {1: ("conv_gemm",) * 2, 3: ("lanes",) * 2, 7: ("lanes", "pattern")}
+    for k, kernels in expected.items():
         conv = nn.Conv2d(32, 32, k, padding=k // 2).eval()
         mod = import_model(conv, (torch.randn(1, 32, size, size),)).mod
-        for lanes, registers in ((16, 32), (8, 16)):
+        for (lanes, registers), kernel in zip(((16, 32), (8, 16)), kernels, strict=True):
             (plan,) = plan_layers(mod, PlanTarget(lanes, registers, 2)).values()
-            assert plan.kernel == ("conv_gemm" if k == 1 else "lanes"), (k, lanes)
+            assert plan.kernel == kernel, (k, lanes)
 
 
 def test_the_pipeline_plans_once_and_the_rewrites_follow_the_plans(imported, monkeypatch):
