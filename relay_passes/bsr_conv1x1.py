@@ -20,8 +20,8 @@ from tvm_sparse.report import LayerRecord
 
 from .block_choice import block_kernel_args, block_notes
 from .epilogue import EpilogueMatch
-from .layer_plan import BLOCK_CONV_KERNELS, LayerPlan, Plans, PlanTarget, planned_rewrite
-from .plan_layers import plan_layers
+from .layer_plan import BLOCK_CONV_KERNELS, LayerPlan, Plans, PlanTarget
+from .plan_layers import planned_rewrite
 from .utils import add_kernel
 
 
@@ -37,7 +37,7 @@ def RewriteBSRConv1x1(  # noqa: N802 (TVM's pass naming)
     ``plans`` are the pipeline's (``plan_layers``); without them the pass plans the convs
     itself with ``costs``, appends the rows of the convs it rewrote to ``records`` and
     (op, shape, why) of the 1x1 convs it left to ``notes``."""
-    target = PlanTarget(lanes, 32 if lanes == 16 else 16, num_threads, costs)
+    target = PlanTarget(lanes=lanes, cores=num_threads, costs=costs)  # (registers: other kernels)
     kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
     def emit(bb: relax.BlockBuilder, match: EpilogueMatch, visit, plan: LayerPlan) -> relax.Expr:
@@ -59,6 +59,6 @@ def RewriteBSRConv1x1(  # noqa: N802 (TVM's pass naming)
 
     return planned_rewrite(
         "RewriteBSRConv1x1", "relax.nn.conv2d", BLOCK_CONV_KERNELS,
-        lambda mod: plans if plans is not None else plan_layers(mod, target, ("relax.nn.conv2d",)),
-        emit, channel_axis=1, on_plans=block_notes(BLOCK_CONV_KERNELS, records, notes),
+        plans, target, emit, channel_axis=1,
+        on_plans=block_notes(BLOCK_CONV_KERNELS, records, notes),
     )  # fmt: skip

@@ -20,8 +20,8 @@ from tvm_sparse.report import LayerRecord
 
 from .block_choice import block_kernel_args, block_notes
 from .epilogue import EpilogueMatch
-from .layer_plan import BLOCK_LINEAR_KERNELS, LayerPlan, Plans, PlanTarget, planned_rewrite
-from .plan_layers import plan_layers
+from .layer_plan import BLOCK_LINEAR_KERNELS, LayerPlan, Plans, PlanTarget
+from .plan_layers import planned_rewrite
 from .utils import add_kernel
 
 
@@ -53,6 +53,6 @@ def RewriteBSRMatmul(  # noqa: N802 (TVM's pass naming)
 
     return planned_rewrite(
         "RewriteBSRMatmul", "relax.matmul", BLOCK_LINEAR_KERNELS,
-        lambda mod: plans if plans is not None else plan_layers(mod, target, ("relax.matmul",)),
-        emit, channel_axis=-1, on_plans=block_notes(BLOCK_LINEAR_KERNELS, records, notes),
+        plans, target, emit, channel_axis=-1,
+        on_plans=block_notes(BLOCK_LINEAR_KERNELS, records, notes),
     )  # fmt: skip

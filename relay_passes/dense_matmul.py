@@ -19,8 +19,8 @@ from schedules.pattern_conv2d import Epilogue
 from tvm_sparse.report import LayerRecord
 
 from .epilogue import EpilogueMatch
-from .layer_plan import LINEAR_KERNELS, LayerPlan, Plans, PlanTarget, planned_rewrite
-from .plan_layers import plan_layers
+from .layer_plan import LINEAR_KERNELS, LayerPlan, Plans, PlanTarget
+from .plan_layers import planned_rewrite
 from .utils import add_kernel
 
 
@@ -66,6 +66,5 @@ def RewriteDenseMatmul(  # noqa: N802 (TVM's pass naming)
 
     return planned_rewrite(
         "RewriteDenseMatmul", "relax.matmul", LINEAR_KERNELS,
-        lambda mod: plans if plans is not None else plan_layers(mod, target, ("relax.matmul",)),
-        emit, channel_axis=-1, on_plans=report,
+        plans, target, emit, channel_axis=-1, on_plans=report,
     )  # fmt: skip

@@ -1,8 +1,9 @@
 """LayerPlan: what one conv2d / matmul layer becomes, decided once before any rewrite.
 
 A plan holds the layer's format, its packed weight, the kernel that runs it and that kernel's
-config, with the reason; the rewrite passes only emit what the plan says (``planned_rewrite``)
-and the compile report is the plans' rows (``LayerPlan.record``). ``plan_layers`` makes them.
+config, with the reason; the rewrite passes only emit what the plan says
+(``plan_layers.planned_rewrite``) and the compile report is the plans' rows
+(``LayerPlan.record``). ``plan_layers`` makes them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from tvm import relax
 from tvm_sparse.formats.block import CostTable
 from tvm_sparse.report import LayerRecord
 
-from .epilogue import EpilogueMatch, describe
-from .rewrite import Emit, anchored_rewrite_pass
+from .epilogue import EpilogueMatch
 
 # The kernels a plan can name, each emitted by one pass.
 CONV_KERNELS = ("pattern", "lanes", "conv_gemm")  # RewriteConv2D
@@ -92,41 +92,3 @@ def planned_calls(mod: tvm.IRModule, plans: Plans) -> dict[relax.Call, LayerPlan
                     if binding.var in plans:
                         calls[binding.value] = plans[binding.var]
     return calls
-
-
-def planned_rewrite(
-    name: str,
-    op_name: str,
-    kernels: tuple[str, ...],
-    make_plans: Callable[[tvm.IRModule], Plans],
-    emit: PlanEmit,
-    channel_axis: int,
-    on_plans: Callable[[list[LayerPlan]], None] = lambda plans: None,
-) -> tvm.transform.Pass:
-    """A module pass rewriting every ``op_name`` call whose plan names one of ``kernels`` (with
-    its epilogue) by ``emit(bb, match, visit, plan)``. ``make_plans(mod)`` gives the plans (the
-    pipeline's, made once, or the pass's own); ``on_plans`` is then told them in graph order
-    (a pass used alone reports its layers from them)."""
-
-    @tvm.transform.module_pass(opt_level=0, name=name)
-    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plans = make_plans(mod)
-        calls = planned_calls(mod, plans)
-
-        def unsupported(call: relax.Call) -> str | None:
-            plan = calls.get(call)
-            if plan is None or plan.kernel not in kernels:
-                return "planned for another kernel" if plan is not None else "no plan"
-            return None
-
-        def fused(bb: relax.BlockBuilder, match: EpilogueMatch, visit: Callable) -> relax.Expr:
-            plan = calls[match.anchor]
-            plan.epilogue = describe(match)
-            return emit(bb, match, visit, plan)
-
-        rewrite: Emit = fused
-        out = anchored_rewrite_pass(name, op_name, unsupported, rewrite, channel_axis)(mod)
-        on_plans(sorted(plans.values(), key=lambda plan: plan.index))
-        return out
-
-    return transform

@@ -18,14 +18,14 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from schedules.dense_gemm import GemmConfig, conv1x1_gemm_template
-from schedules.pattern_conv2d import ConvGeometry, Epilogue, pattern_conv2d_template
+from schedules.dense_gemm import conv1x1_gemm_template
+from schedules.pattern_conv2d import Epilogue, pattern_conv2d_template
 from schedules.pattern_conv2d_lanes import pattern_conv2d_lanes_template
 from tvm_sparse.report import LayerRecord
 
 from .epilogue import EpilogueMatch
-from .layer_plan import CONV_KERNELS, LEFT_TO_TVM, LayerPlan, Plans, PlanTarget, planned_rewrite
-from .plan_layers import plan_layers
+from .layer_plan import CONV_KERNELS, LEFT_TO_TVM, LayerPlan, Plans, PlanTarget
+from .plan_layers import planned_rewrite
 from .utils import add_kernel
 
 
@@ -33,15 +33,13 @@ def _emit_gemm(
     bb: relax.BlockBuilder,
     kernels: dict,
     visit,
-    packed_rows: np.ndarray,
-    geom: ConvGeometry,
+    plan: LayerPlan,
     epilogue: tuple[Epilogue, EpilogueMatch],
-    cfg: GemmConfig,
-    machine: tuple[int, int],
+    cores: int,
 ) -> relax.Expr:
     """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM template (a strided conv on
-    the input sliced to the pixels it reads); ``machine``: the target's cores and registers."""
-    cores, registers = machine
+    the input sliced to the pixels it reads)."""
+    geom, cfg = plan.geometry, plan.config
     epi, match = epilogue
     x, stride = visit(match.anchor.args[0]), geom.stride[0]
     if stride > 1:
@@ -57,9 +55,9 @@ def _emit_gemm(
     name = f"dense_conv1x1_{o}x{c}"
     kernel = add_kernel(
         bb, kernels, key, name,
-        lambda: conv1x1_gemm_template(geom.batch, c, o, dims, epi, cfg, cores, registers, name),
+        lambda: conv1x1_gemm_template(geom.batch, c, o, dims, epi, cfg, cores, name),
     )  # fmt: skip
-    args = [x, relax.const(packed_rows)]
+    args = [x, relax.const(plan.packing)]
     if match.bias is not None:
         args.append(relax.const(match.bias))
     if match.residual is not None:
@@ -91,8 +89,7 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
             activation=match.activation,
         )
         if plan.kernel == "conv_gemm":
-            machine = (num_threads, registers)
-            return _emit_gemm(bb, kernels, visit, plan.packing, geom, (epi, match), cfg, machine)
+            return _emit_gemm(bb, kernels, visit, plan, (epi, match), num_threads)
         packed = plan.packing
         max_taps = packed.kernel_values.shape[1]
         nonempty = packed.num_kernels > 0
@@ -139,6 +136,5 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
 
     return planned_rewrite(
         "RewriteConv2D", "relax.nn.conv2d", CONV_KERNELS,
-        lambda mod: plans if plans is not None else plan_layers(mod, target, ("relax.nn.conv2d",)),
-        emit, channel_axis=1, on_plans=report,
+        plans, target, emit, channel_axis=1, on_plans=report,
     )  # fmt: skip

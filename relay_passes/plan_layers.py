@@ -3,6 +3,7 @@
 ``plan_layers(mod, target)`` returns ``{binding var: LayerPlan}``; ``PlanLayers(target, plans)``
 is the same as a module pass that fills ``plans`` (the pipeline runs it before the rewrites,
 which then only emit the kernels their plans name; the report is the plans' rows).
+``planned_rewrite`` is the skeleton of those rewrites.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import tvm
 from tvm import relax
 
 from .conv_plan import plan_conv2d
-from .layer_plan import LayerPlan, Plans, PlanTarget
+from .epilogue import EpilogueMatch, describe
+from .layer_plan import LayerPlan, PlanEmit, Plans, PlanTarget, planned_calls
 from .linear_plan import plan_matmul
+from .rewrite import Emit, anchored_rewrite_pass
 
 PLANNERS: dict[str, Callable[[relax.Call, int, PlanTarget], LayerPlan]] = {
     "relax.nn.conv2d": plan_conv2d,
@@ -47,5 +50,44 @@ def PlanLayers(target: PlanTarget, plans: Plans) -> tvm.transform.Pass:  # noqa:
         plans.clear()
         plans.update(plan_layers(mod, target))
         return mod
+
+    return transform
+
+
+def planned_rewrite(
+    name: str,
+    op_name: str,
+    kernels: tuple[str, ...],
+    plans: Plans | None,
+    target: PlanTarget,
+    emit: PlanEmit,
+    channel_axis: int,
+    on_plans: Callable[[list[LayerPlan]], None] = lambda plans: None,
+) -> tvm.transform.Pass:
+    """A module pass rewriting every ``op_name`` call whose plan names one of ``kernels`` (with
+    its epilogue) by ``emit(bb, match, visit, plan)``. ``plans`` are the pipeline's, made once;
+    without them (a pass used alone) the pass plans its ``op_name`` calls for ``target``.
+    ``on_plans`` is then told the plans in graph order (a pass used alone reports from them)."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        planned = plans if plans is not None else plan_layers(mod, target, (op_name,))
+        calls = planned_calls(mod, planned)
+
+        def unsupported(call: relax.Call) -> str | None:
+            plan = calls.get(call)
+            if plan is None or plan.kernel not in kernels:
+                return "planned for another kernel" if plan is not None else "no plan"
+            return None
+
+        def fused(bb: relax.BlockBuilder, match: EpilogueMatch, visit: Callable) -> relax.Expr:
+            plan = calls[match.anchor]
+            plan.epilogue = describe(match)
+            return emit(bb, match, visit, plan)
+
+        rewrite: Emit = fused
+        out = anchored_rewrite_pass(name, op_name, unsupported, rewrite, channel_axis)(mod)
+        on_plans(sorted(planned.values(), key=lambda plan: plan.index))
+        return out
 
     return transform

@@ -166,12 +166,12 @@ def test_encoder_sized_linear_fuses_its_chain():
 
 def test_gemm_template_default_is_the_hand_kernel_and_its_space_is_pinned() -> None:
     cfg = GemmConfig(rows=8, vectors=3, lanes=16)
-    func = conv1x1_gemm_template(1, 24, 40, (5, 7), Epilogue(True), cfg, 2, 32, "g")
+    func = conv1x1_gemm_template(1, 24, 40, (5, 7), Epilogue(True), cfg, 2, "g")
     expected = conv1x1_gemm_primfunc(1, 24, 40, 35, Epilogue(True), cfg, 2, "g", (5, 7))
     tvm.ir.assert_structural_equal(realize(func).without_attr("tvm_sparse.params"), expected)
     assert knob_space(func) == {"rows": [8, 1, 2, 4], "vectors": [3, 1, 2, 4]}
-    # AVX2: weights packed by 4 rows, 16 registers
-    avx2 = conv1x1_gemm_template(1, 24, 40, (5, 7), Epilogue(), GemmConfig(4, 3, 8), 2, 16, "g")
+    # AVX2: weights packed by 4 rows
+    avx2 = conv1x1_gemm_template(1, 24, 40, (5, 7), Epilogue(), GemmConfig(4, 3, 8), 2, "g")
     assert knob_space(avx2) == {"rows": [4, 1, 2], "vectors": [3, 1, 2, 4]}
 
 

@@ -60,7 +60,8 @@ def _bsr_conv1x1(params: dict, _args: list[relax.Expr]) -> int:
 
 def _dense_conv1x1(params: dict, _args: list[relax.Expr]) -> int:
     """2 x pixels x the weight's entries (the dense GEMM computes every one)."""
-    return 2 * params["batch"] * params["pixels"] * params["out_channels"] * params["in_channels"]
+    pixels = math.prod(params["out_dims"])
+    return 2 * params["batch"] * pixels * params["out_channels"] * params["in_channels"]
 
 
 FLOP_COUNTS: dict[str, Callable[[dict, list[relax.Expr]], int]] = {
