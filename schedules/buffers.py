@@ -32,3 +32,9 @@ def accumulator_rows(count: int, width: int, dtype: str = "float32") -> list[tir
     """``count`` rows of ``width`` elements, each its own allocation: TVM puts those under
     1 KiB on the stack (``STACK_BYTES``), where LLVM keeps them in registers."""
     return [allocated_view((width,), dtype) for _ in range(count)]
+
+
+def prefetch(element: tirx.BufferLoad) -> None:
+    """Prefetch the cache line holding ``element`` (read, into all cache levels)."""
+    address = tirx.address_of(element)
+    T.evaluate(tirx.call_intrin("void", "tirx.prefetch", address, 0, 3, 1))

@@ -17,6 +17,12 @@ the whole of K.
 
 Parallel jobs are (image, column tile, chunk of row tiles): a job streams its column panel of
 B once per row tile from L1 / L2 while A's tiles are read once.
+
+In a whole model a 1x1 conv's weight comes from DRAM (ResNet-50 holds 100 MB of weights, L3 is
+32 MB), where the tile consumes it at ~2 bytes a cycle per core: the conv GEMM prefetches the
+packed weight ``PREFETCH_BYTES`` ahead of the tile. Chains of distinct 1x1 convs, AMD Zen 5,
+2 threads, vs ONNX Runtime: 2048x512 / 512x2048 on 7x7 0.67x -> 0.98-1.03x, 1024x256 / 256x1024
+on 14x14 0.74x -> 0.94-0.97x, 512x128 on 28x28 1.01x -> 1.06x (64 to 256 k ahead alike).
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .buffers import accumulator_rows, allocated_view
+from .buffers import accumulator_rows, allocated_view, prefetch
 from .epilogue import Epilogue
 from .tunable import Knobs, TunableKernel, register, template
 from .vector_math import span, splat
 
 ZERO = tirx.const(0.0, "float32")
 SCHEDULED_ATTR = "tirx.is_scheduled"  # final kernels: no MetaSchedule task, no default schedule
+PREFETCH_BYTES = 4096  # how far ahead of the tile the conv GEMM prefetches its packed weight
 
 
 @dataclass(frozen=True)
@@ -115,16 +122,25 @@ Finish = Callable[[int, int, int, "tirx.PrimExpr"], None]  # (row, offset, width
 
 
 def emit_tile(
-    depth: int, rows: int, widths: tuple[int, ...], a_at: ScalarAt, b_at: VectorAt, finish: Finish
+    depth: int,
+    rows: int,
+    widths: tuple[int, ...],
+    a_at: ScalarAt,
+    b_at: VectorAt,
+    finish: Finish,
+    ahead: Callable[[tirx.PrimExpr], None] | None = None,
 ) -> None:
     """One register tile: ``rows`` x ``widths`` accumulators over ``depth`` k, then ``finish``
-    on each vector. Rows and offsets are Python constants: LLVM keeps the tile in registers."""
+    on each vector; ``ahead(k)`` (prefetches) runs at each k. Rows and offsets are Python
+    constants: LLVM keeps the tile in registers."""
     offsets = _offsets(widths)
     acc = accumulator_rows(rows, sum(widths))
     for r in range(rows):
         for off, w in zip(offsets, widths, strict=True):
             T.buffer_store(acc[r], splat(ZERO, w), [span(off, w)])
     with T.serial(0, depth) as kk:
+        if ahead is not None:
+            ahead(kk)
         b = [b_at(kk, off, w) for off, w in zip(offsets, widths, strict=True)]
         for r in range(rows):
             a = a_at(r, kk)
@@ -228,6 +244,7 @@ def conv1x1_gemm_primfunc(
         resid = None
         if resid_arg is not None:
             resid = T.decl_buffer((batch, out_channels, pixels), "float32", data=resid_arg.data)
+        w_flat = T.decl_buffer((w.shape[0] * w.shape[1] * w.shape[2],), "float32", data=w.data)
         with T.parallel(0, col_jobs * chunks) as job:
             n = job // chunks // (col_jobs // batch)
             col_tile = job // chunks % (col_jobs // batch)
@@ -243,6 +260,10 @@ def conv1x1_gemm_primfunc(
                     def a_at(r: int, kk: tirx.PrimExpr) -> tirx.PrimExpr:
                         return w[row_tile, kk, part * rows + r]
 
+                    def ahead(kk: tirx.PrimExpr) -> None:
+                        at = (row_tile * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
+                        prefetch(w_flat[tirx.min(at, w_flat.shape[0] - 1)])
+
                     def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
                         return panel[kk, span(off, width)]
 
@@ -257,7 +278,7 @@ def conv1x1_gemm_primfunc(
                             T.buffer_store(out, value, list(at))
 
                     with T.If(row_tile < row_tiles), T.Then():
-                        emit_tile(in_channels, rows, widths, a_at, b_at, finish)
+                        emit_tile(in_channels, rows, widths, a_at, b_at, finish, ahead)
 
             if last is None:
                 tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, tile_rows)

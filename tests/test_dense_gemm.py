@@ -13,6 +13,7 @@ from kernel_utils import ISA_TARGETS
 import tvm_sparse
 from relay_passes.linear_plan import GEMM_MIN_ROWS
 from schedules.dense_gemm import (
+    PREFETCH_BYTES,
     GemmConfig,
     column_tiles,
     conv1x1_gemm_primfunc,
@@ -106,6 +107,17 @@ def test_column_tiles_cover_the_map_once():
             # the accumulators of the last tile fit the registers the full tiles use
             assert last.rows * len(last.widths) <= cfg.rows * cfg.vectors
             assert cfg.rows % last.rows == 0
+
+
+def test_conv_gemm_prefetches_its_weight_ahead_of_the_tile():
+    """Each k of a tile prefetches the packed weight ``PREFETCH_BYTES`` ahead, clamped to the
+    weight (in a model the weight streams from DRAM; see the module docstring)."""
+    cfg = GemmConfig(rows=8, vectors=3, lanes=16)
+    script = conv1x1_gemm_primfunc(1, 64, 32, 49, cfg=cfg, cores=2).script()
+    lines = [line for line in script.splitlines() if "T.prefetch" in line]
+    assert len(lines) == 2  # the full tiles and the last one (49 pixels: 48 + 1)
+    ahead, last = PREFETCH_BYTES // 4, 4 * 64 * 8 - 1  # the packed weight is (4, 64, 8)
+    assert all(f"+ {ahead}, {last})" in line for line in lines), lines
 
 
 def test_packings_round_trip():

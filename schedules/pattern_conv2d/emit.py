@@ -12,7 +12,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ..buffers import accumulator_rows
+from ..buffers import accumulator_rows, prefetch
 from ..epilogue import Epilogue, optional_load
 from ..geometry import ConvGeometry
 from .config import PatternConvConfig
@@ -149,8 +149,7 @@ class _Emitter:
         for plane in range(self.tl.planes):
             for r, x in self.lines:
                 col = x0 + x if self.from_tile_column else x
-                addr = tvm.tirx.address_of(pad[n, c, plane, y + r, col])
-                T.evaluate(tvm.tirx.call_intrin("void", "tirx.prefetch", addr, 0, 3, 1))
+                prefetch(pad[n, c, plane, y + r, col])
 
     def add_kernel(self, acc, pad, n, row0, x0, k, p: int, span=0) -> None:
         """acc[f][r] += kernel k's taps (pattern p) for the filters of ``acc``, reading pad[n]
