@@ -44,9 +44,8 @@ MODELS = {"resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": mobilenet_
 
 def dense_layers(name: str) -> list[dict]:
     """The distinct conv / linear layers of ``MODELS[name]`` on a 224x224 image (shape, stride,
-    groups, input size), in first-use order; 3x3 convs with groups 1 excluded (those are the
-    pattern-pruned ones, benchmarked by ``bench_conv_layers.py``) unless the model has no
-    other 3x3 (none here)."""
+    groups, input size), in first-use order. The 3x3 convs are here unpruned, as in the
+    unpruned models (their pattern-pruned forms: ``bench_conv_layers.py``)."""
     model, seen, layers = MODELS[name]().eval(), set(), []
 
     def hook(module: torch.nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
@@ -55,8 +54,6 @@ def dense_layers(name: str) -> list[dict]:
             key = ("fc", module.in_features, module.out_features, 1, 1, 0, 1, 1)
         else:
             k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
-            if k == 3 and module.groups == 1 and module.in_channels > 3:
-                return
             key = ("conv", module.in_channels, module.out_channels, k, s, p, module.groups)
             key += (x.shape[-1],)
         if key not in seen:
