@@ -205,7 +205,8 @@ def _pattern_plan(
     elif in_lanes:
         kernel, packing, kept_taps = "lanes", packed, packed.num_taps
         reason += "; filters computed in vector lanes"
-        cfg = lanes_default_config(geom, target.registers, target.cores, packed.num_kernels / o)
+        per_filter = packed.num_kernels / o
+        cfg = lanes_default_config(geom, target.registers, target.cores, per_filter, fmt == "dense")
     else:
         kernel, packing, kept_taps = "pattern", packed, packed.num_taps
         tile = tile_defaults(geom, target.registers, lanes)

@@ -18,6 +18,7 @@ import tvm_sparse
 from relay_passes.pattern_conv2d import RewriteConv2D
 from schedules.pattern_conv2d import ConvGeometry, Epilogue
 from schedules.pattern_conv2d_lanes import (
+    DENSE_ROWS,
     SHARED_INPUT_BYTES,
     LanesConfig,
     inside_tiles,
@@ -122,6 +123,11 @@ def test_default_tiles_fill_the_registers_and_divide_the_map() -> None:
     assert cfg(56, stride=2) == LanesConfig(rows=3, cols=7, prefetch=4)  # 28 wide out
     assert cfg(7) == LanesConfig(rows=3, cols=7)  # 3 rows of 7 do not divide 7: still 3
     assert cfg(2).rows == 2  # never more rows than the map
+    # Dense 3x3 convs (every kernel full): at most DENSE_ROWS rows, any map, any stride.
+    for size, stride in ((56, 1), (28, 1), (56, 2), (14, 2), (7, 1)):
+        geom = ConvGeometry(1, 64, size, size, 64, (3, 3), (stride, stride), (1, 1, 1, 1))
+        dense = lanes_default_config(geom, registers=32, kernels_per_filter=64.0, dense=True)
+        assert dense == replace(lanes_default_config(geom, 32, 2, 64.0), rows=DENSE_ROWS)
     # A 7x7 stem: 8 accumulators of 49 unrolled taps (bigger tiles outgrow the i-cache).
     stem = ConvGeometry(1, 3, 224, 224, 64, (7, 7), (2, 2), (3, 3, 3, 3))
     assert lanes_default_config(stem, kernels_per_filter=3.0) == LanesConfig(1, 8, prefetch=4)

@@ -44,6 +44,7 @@ ResNet-18's 3x3 layers, 85-100 % of the FMA peak, against ~340 for 4 filters tog
 from .config import LanesConfig
 from .emit import pattern_conv2d_lanes_primfunc, transposed
 from .heuristics import (
+    DENSE_ROWS,
     LINE_FLOATS,
     PREFETCH_ABOVE_BYTES,
     SHARED_INPUT_BYTES,
@@ -57,6 +58,7 @@ from .template import PATTERN_CONV2D_LANES, pattern_conv2d_lanes_template
 from .tiling import inside_tiles, lines_read, overlap_width, row_width, tile_readers
 
 __all__ = [
+    "DENSE_ROWS",
     "LINE_FLOATS",
     "PATTERN_CONV2D_LANES",
     "PREFETCH_ABOVE_BYTES",
