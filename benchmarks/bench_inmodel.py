@@ -99,15 +99,12 @@ def ort_profile(model: bytes, x: np.ndarray, runs: int, threads: int, names: dic
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
     sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, feed)
-    with open(sess.end_profiling()) as f:  # drop the warm-up runs' events
-        skipped = sum(1 for e in json.load(f) if e.get("cat") == "Node")
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    for _ in range(runs + 3):
+    warm = 3
+    for _ in range(warm + runs):
         sess.run(None, feed)
     with open(sess.end_profiling()) as f:
-        events = [e for e in json.load(f) if e.get("cat") == "Node"][skipped:]
+        events = [e for e in json.load(f) if e.get("cat") == "Node"]
+    events = events[len(events) // (warm + runs) * warm :]  # drop the warm-up runs' events
     per_shape: dict[str, float] = defaultdict(float)
     for e in events:
         if e["name"].endswith("_kernel_time"):

@@ -16,7 +16,6 @@ dilation 1, static shapes; anything else is left to TVM):
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 from tvm import relax
@@ -100,13 +99,6 @@ def conv_shape(geom: ConvGeometry | Conv1x1Geometry, depthwise: bool = False) ->
 
 
 LANES_KERNEL_LANES = (8, 16)  # AVX2 and AVX-512 (NEON's 4 lanes not measured)
-# Depthwise convs on maps at least this wide take the per-filter order (``PatternConvConfig.
-# per_filter``). MobileNetV2 in-model, AMD Zen 5, 2 threads, medians of 8 profiles (ms, all
-# calls of a shape): 96 channels stride 2 on 112x112 0.258 -> 0.145, stride 2 on 56 / 28 / 14
-# 0.047 / 0.024 / 0.021 -> 0.037 / 0.016 / 0.013, stride 1 on 14 0.066 / 0.049 -> 0.059 / 0.042;
-# on 7x7 maps a filter's 49 outputs do not pay for its own staging pass (960 channels 0.057
-# -> 0.088).
-PER_FILTER_MIN_WIDTH = 14
 
 
 def _lanes_format(fmt: str, geom: ConvGeometry, lanes: int) -> bool:
@@ -205,13 +197,16 @@ def _pattern_plan(
     elif in_lanes:
         kernel, packing, kept_taps = "lanes", packed, packed.num_taps
         reason += "; filters computed in vector lanes"
-        per_filter = packed.num_kernels / o
-        cfg = lanes_default_config(geom, target.registers, target.cores, per_filter, fmt == "dense")
+        kernels_per_filter = packed.num_kernels / o
+        cfg = lanes_default_config(
+            geom, target.registers, target.cores, kernels_per_filter, fmt == "dense"
+        )
     else:
         kernel, packing, kept_taps = "pattern", packed, packed.num_taps
         tile = tile_defaults(geom, target.registers, lanes)
-        cfg = default_config(geom, filter_group=group, shares=target.cores, **tile)
-        cfg = replace(cfg, per_filter=depthwise and geom.width >= PER_FILTER_MIN_WIDTH)
+        cfg = default_config(
+            geom, filter_group=group, shares=target.cores, depthwise=depthwise, **tile
+        )
     kh, kw = geom.kernel
     return LayerPlan(
         index, "conv2d", conv_shape(geom, depthwise), fmt, kernel, reason,

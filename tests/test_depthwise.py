@@ -14,11 +14,15 @@ from kernel_utils import ISA_TARGETS
 from torch import nn
 
 import tvm_sparse
-from relay_passes.conv_plan import PER_FILTER_MIN_WIDTH
 from relay_passes.layer_plan import PlanTarget
 from relay_passes.plan_layers import plan_layers
 from schedules.epilogue import Epilogue
-from schedules.pattern_conv2d import ConvGeometry, PatternConvConfig, pattern_conv2d_primfunc
+from schedules.pattern_conv2d import (
+    PER_FILTER_MIN_WIDTH,
+    ConvGeometry,
+    PatternConvConfig,
+    pattern_conv2d_primfunc,
+)
 from tvm_sparse.frontend import import_model
 
 TOL = 1e-4  # float32, another summation order: relative to the largest output

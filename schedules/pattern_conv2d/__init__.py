@@ -76,7 +76,13 @@ from ..epilogue import EPILOGUE_ACTIVATIONS, Epilogue, activation
 from ..geometry import ConvGeometry
 from .config import PatternConvConfig
 from .emit import pattern_conv2d_primfunc
-from .heuristics import SEGMENT_MIN_VECTORS, default_config, segment_min_vectors, tile_defaults
+from .heuristics import (
+    PER_FILTER_MIN_WIDTH,
+    SEGMENT_MIN_VECTORS,
+    default_config,
+    segment_min_vectors,
+    tile_defaults,
+)
 from .template import (
     PATTERN_CONV2D,
     config_knobs,
@@ -102,6 +108,7 @@ from .tiling import (
 __all__ = [
     "EPILOGUE_ACTIVATIONS",
     "PATTERN_CONV2D",
+    "PER_FILTER_MIN_WIDTH",
     "SEGMENT_MIN_VECTORS",
     "STACK_BYTES",
     "ConvGeometry",

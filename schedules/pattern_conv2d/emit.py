@@ -308,7 +308,7 @@ class _Emitter:
         (row tile, column tile, filters) jobs, each staging the rows it reads (none where the
         input is read ``in_place`` from its staged layout), a filter tile's whole reduction
         kept in registers."""
-        geom, tl, cfg, kptr = self.geom, self.tl, self.cfg, self.kptr
+        geom, tl, cfg = self.geom, self.tl, self.cfg
         n_img, chans, group, cols = geom.batch, geom.in_channels, cfg.filters, self.cols
         tiles, tile_row = tl.tiles, tl.tile_row
         jobs = geom.out_channels // group
@@ -338,15 +338,20 @@ class _Emitter:
                     tile = job // per_tile
                     x0 = job % per_tile // jobs * cols
                     i0 = job % jobs * group
-                    acc = self.new_tile(group)
-                    # Grouped filters' kernels are stored one filter after the other.
-                    span = T.Bind(kptr[i0 + 1, 0] - kptr[i0, 0]) if group > 1 else 0
-                    row0 = tile * tile_row - first
                     source, slot = (self.data, n) if in_place else (pad, share)
-                    for p in range(self.num_p):
-                        with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
-                            self.add_kernel(acc, source, slot, row0, x0, k, p, span)
-                    self.store_tile(acc, n, tile, x0, i0)
+                    self.filter_tile(source, slot, n, tile, tile * tile_row - first, x0, i0, group)
+
+    def filter_tile(self, source, slot, n, tile, row0, x0, i0, group: int) -> None:
+        """One output tile of ``group`` filters from i0: every kernel of theirs, read from
+        ``source[slot]`` from staged row ``row0``, then the epilogue and the store."""
+        kptr = self.kptr
+        acc = self.new_tile(group)
+        # Grouped filters' kernels are stored one filter after the other.
+        span = T.Bind(kptr[i0 + 1, 0] - kptr[i0, 0]) if group > 1 else 0
+        for p in range(self.num_p):
+            with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
+                self.add_kernel(acc, source, slot, row0, x0, k, p, span)
+        self.store_tile(acc, n, tile, x0, i0)
 
     def per_filter(self) -> None:
         """The depthwise order (``cfg.per_filter``): parallel shares of the filters; for each,
@@ -371,11 +376,7 @@ class _Emitter:
                     self.stage(pad, share, n, self.kchan[first], 0, tl.plane_rows)
                     with T.serial(0, tl.tiles * tl.col_tiles) as t:
                         tile, x0 = t // tl.col_tiles, t % tl.col_tiles * self.cols
-                        acc = self.new_tile(1)
-                        for p in range(self.num_p):
-                            with T.serial(kptr[i, p], kptr[i, p + 1]) as k:
-                                self.add_kernel(acc, pad, share, tile * tl.tile_row, x0, k, p)
-                        self.store_tile(acc, n, tile, x0, i)
+                        self.filter_tile(pad, share, n, tile, tile * tl.tile_row, x0, i, 1)
 
     def channel_blocked(self) -> None:
         """The channel-block-outer loop order (``cfg.channel_block`` > 0, one filter per tile):
