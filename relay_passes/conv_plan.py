@@ -6,8 +6,9 @@ dilation 1, static shapes; anything else is left to TVM):
 1. a 1x1 conv whose weight is block-sparse enough that the BSR / BCR kernel is estimated faster
    than what would run instead (``formats.block.choose_conv1x1_format``, the target's cost
    table) -> ``bsr_conv1x1`` (``schedules.bsr_matmul``);
-2. otherwise the weight's format (``formats.sparsity.choose_conv_format``: pattern or dense;
-   depthwise convs as one full kernel per filter), packed as ``PatternWeight``, and its kernel:
+2. a depthwise conv (one filter per channel) -> ``depthwise`` (``schedules.depthwise_conv2d``);
+3. otherwise the weight's format (``formats.sparsity.choose_conv_format``: pattern or dense),
+   packed as ``PatternWeight``, and its kernel:
    the filters-in-lanes kernel (``lanes``) where the filters share kernels in groups of the
    target's lanes (``_lanes_format``), the packed GEMM (``conv_gemm``) for the other dense
    pointwise convs, else the per-pixel pattern kernel (``pattern``).
@@ -22,6 +23,7 @@ from tvm import relax
 
 from schedules.bsr_matmul import Conv1x1Geometry, default_bsr_conv_config
 from schedules.dense_gemm import default_gemm_config, pack_rows
+from schedules.depthwise_conv2d import default_depthwise_config, pack_depthwise
 from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
 from schedules.pattern_conv2d_lanes import lanes_default_config
 from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
@@ -141,10 +143,26 @@ def plan_conv2d(call: relax.Call, index: int, target: PlanTarget) -> LayerPlan:
         if choice.format in BLOCK_FORMATS:
             return _block_plan(index, geom, weight.reshape(weight.shape[0], -1), choice, target)
         note = choice.reason
-    depthwise = int(call.attrs.groups) > 1
-    plan = _pattern_plan(index, conv_geometry(call), weight, depthwise, target)
+    if int(call.attrs.groups) > 1:
+        return _depthwise_plan(index, conv_geometry(call), weight, target)
+    plan = _pattern_plan(index, conv_geometry(call), weight, target)
     plan.block_note = note
     return plan
+
+
+def _depthwise_plan(
+    index: int, geom: ConvGeometry, weight: np.ndarray, target: PlanTarget
+) -> LayerPlan:
+    """A depthwise conv (one filter per channel) on the depthwise kernel, read in place."""
+    pixels = geom.batch * geom.out_height * geom.out_width
+    taps = int(np.prod(weight.shape))
+    return LayerPlan(
+        index, "conv2d", conv_shape(geom, depthwise=True), "depthwise", "depthwise",
+        "depthwise conv read in place (no staging)", density=1.0,
+        flops_dense=2 * pixels * taps, flops_kept=2 * pixels * taps,
+        geometry=geom, packing=pack_depthwise(weight),
+        config=default_depthwise_config(geom, target.lanes),
+    )  # fmt: skip
 
 
 def _block_plan(
@@ -165,24 +183,12 @@ def _block_plan(
 
 
 def _pattern_plan(
-    index: int, geom: ConvGeometry, weight: np.ndarray, depthwise: bool, target: PlanTarget
+    index: int, geom: ConvGeometry, weight: np.ndarray, target: PlanTarget
 ) -> LayerPlan:
     """A conv on the pattern, lanes or GEMM kernel, its weight packed as ``PatternWeight``."""
-    diagonal = None
-    if depthwise:  # as a conv whose filter o keeps only kernel (o, o): one kernel per filter
-        o = weight.shape[0]
-        diagonal = np.eye(o, dtype=bool)
-        weight = np.einsum("oc,ohw->ochw", diagonal, weight[:, 0]).astype(np.float32)
     stats = conv_sparsity(weight)
     fmt, reason = choose_conv_format(stats) if target.sparse else ("dense", "sparse=False")
-    if depthwise:
-        fmt, reason = "depthwise", "one full kernel per filter on the pattern kernel"
-    packed = PatternWeight.from_dense(
-        weight,
-        num_shares=target.cores,
-        keep_zeros=fmt in ("dense", "depthwise"),
-        kernel_mask=diagonal,
-    )
+    packed = PatternWeight.from_dense(weight, num_shares=target.cores, keep_zeros=fmt == "dense")
     group, lanes = packed.filter_group, target.lanes
     if group > 1 and fmt == "pattern":
         reason += f"; filters share kernels in groups of {group} (one load feeds {group})"
@@ -204,14 +210,11 @@ def _pattern_plan(
     else:
         kernel, packing, kept_taps = "pattern", packed, packed.num_taps
         tile = tile_defaults(geom, target.registers, lanes)
-        cfg = default_config(
-            geom, filter_group=group, shares=target.cores, depthwise=depthwise, **tile
-        )
+        cfg = default_config(geom, filter_group=group, shares=target.cores, **tile)
     kh, kw = geom.kernel
     return LayerPlan(
-        index, "conv2d", conv_shape(geom, depthwise), fmt, kernel, reason,
-        density=1.0 if depthwise else stats.density,
-        flops_dense=2 * pixels * o * kh * kw * (1 if depthwise else c),
+        index, "conv2d", conv_shape(geom), fmt, kernel, reason, density=stats.density,
+        flops_dense=2 * pixels * o * kh * kw * c,
         flops_kept=2 * pixels * kept_taps,
         geometry=geom, packing=packing, config=cfg,
     )  # fmt: skip

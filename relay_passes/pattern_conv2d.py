@@ -7,7 +7,8 @@ together with its epilogue (bias add, residual add, ReLU / ReLU6 / clip, GELU), 
 - ``pattern``: ``schedules.pattern_conv2d`` on the ``PatternWeight`` (a dense weight is one full
   pattern: a direct conv with a sound vectorized schedule instead of TVM's untuned default);
 - ``lanes``: ``schedules.pattern_conv2d_lanes``, a group of filters in the vector lanes;
-- ``conv_gemm``: a dense pointwise conv as ``schedules.dense_gemm``'s packed GEMM.
+- ``conv_gemm``: a dense pointwise conv as ``schedules.dense_gemm``'s packed GEMM;
+- ``depthwise``: ``schedules.depthwise_conv2d``, one filter per channel, read in place.
 
 Convs planned for the block kernel are ``RewriteBSRConv1x1``'s; the rest stay on TVM's path.
 """
@@ -19,6 +20,7 @@ import tvm
 from tvm import relax
 
 from schedules.dense_gemm import conv1x1_gemm_template
+from schedules.depthwise_conv2d import depthwise_conv2d_template
 from schedules.pattern_conv2d import Epilogue, pattern_conv2d_template
 from schedules.pattern_conv2d_lanes import pattern_conv2d_lanes_template
 from tvm_sparse.report import LayerRecord
@@ -65,6 +67,31 @@ def _emit_gemm(
     return relax.call_tir(kernel, args, relax.TensorType((geom.batch, o, *dims), "float32"))
 
 
+def _emit_depthwise(
+    bb: relax.BlockBuilder,
+    kernels: dict,
+    visit,
+    plan: LayerPlan,
+    epilogue: tuple[Epilogue, EpilogueMatch],
+) -> relax.Expr:
+    """A depthwise conv as ``schedules.depthwise_conv2d``'s template."""
+    geom, cfg = plan.geometry, plan.config
+    epi, match = epilogue
+    kh, kw = geom.kernel
+    name = f"depthwise_conv2d_{geom.out_channels}x1x{kh}x{kw}"
+    kernel = add_kernel(
+        bb, kernels, ("depthwise", geom, epi, cfg), name,
+        lambda: depthwise_conv2d_template(geom, epi, cfg, name),
+    )  # fmt: skip
+    args = [visit(match.anchor.args[0]), relax.const(plan.packing)]
+    if match.bias is not None:
+        args.append(relax.const(match.bias))
+    if match.residual is not None:
+        args.append(visit(match.residual))
+    out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
+    return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
+
+
 def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
     num_threads: int = 1,
     sparse: bool = True,
@@ -90,6 +117,8 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         )
         if plan.kernel == "conv_gemm":
             return _emit_gemm(bb, kernels, visit, plan, (epi, match), num_threads)
+        if plan.kernel == "depthwise":
+            return _emit_depthwise(bb, kernels, visit, plan, (epi, match))
         packed = plan.packing
         max_taps = packed.kernel_values.shape[1]
         nonempty = packed.num_kernels > 0

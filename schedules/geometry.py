@@ -18,6 +18,11 @@ class ConvGeometry:
     stride: tuple[int, int]
     padding: tuple[int, int, int, int]  # top, left, bottom, right
 
+    @classmethod
+    def from_json(cls, fields: dict) -> ConvGeometry:
+        """The geometry from its fields as JSON holds them (``dataclasses.asdict``: lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
     @property
     def out_height(self) -> int:
         top, _, bottom, _ = self.padding

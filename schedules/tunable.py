@@ -40,6 +40,7 @@ KERNEL_MODULES = (
     "schedules.pattern_conv2d_lanes",
     "schedules.bsr_matmul",
     "schedules.dense_gemm",
+    "schedules.depthwise_conv2d",
 )
 
 Knobs = dict[str, int]

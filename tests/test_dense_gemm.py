@@ -14,6 +14,7 @@ import tvm_sparse
 from relay_passes.linear_plan import GEMM_MIN_ROWS
 from schedules.dense_gemm import (
     PREFETCH_BYTES,
+    ColumnTile,
     GemmConfig,
     column_tiles,
     conv1x1_gemm_primfunc,
@@ -102,11 +103,25 @@ def test_column_tiles_cover_the_map_once():
         covered = full * cfg.width + (sum(last.widths) if last else 0)
         assert covered == columns
         if last is not None:
-            assert last.start == full * cfg.width
+            assert last.start == full * cfg.width and last.cross == 0
             assert all(0 < w <= cfg.lanes for w in last.widths)
             # the accumulators of the last tile fit the registers the full tiles use
             assert last.rows * len(last.widths) <= cfg.rows * cfg.vectors
             assert cfg.rows % last.rows == 0
+
+
+def test_a_last_column_joins_the_last_full_tile_rows_in_lanes():
+    cfg = GemmConfig(rows=8, vectors=3, lanes=16, cross=1)
+    assert default_gemm_config(16, 32) == cfg  # AVX-512; AVX2 spills (see default_gemm_config)
+    assert default_gemm_config(8, 16).cross == 0 and default_gemm_config(4, 32).cross == 0
+    # 7x7: 48 + 1 -> the last full tile at 8 rows, plus the column (before: 4 rows x 4 vectors)
+    assert column_tiles(49, cfg, cfg.cross) == (0, ColumnTile(0, (16, 16, 16), 8, cross=1))
+    assert column_tiles(49, cfg) == (0, ColumnTile(0, (16, 16, 16, 1), 4))
+    assert column_tiles(97, cfg, 1) == (1, ColumnTile(48, (16, 16, 16), 8, cross=1))
+    assert column_tiles(50, cfg, 1) == column_tiles(50, cfg)  # two columns: a partial vector
+    assert column_tiles(1, cfg, 1) == column_tiles(1, cfg)  # no full tile to join
+    script = conv1x1_gemm_primfunc(1, 64, 32, 49, cfg=cfg, cores=2).script()
+    assert "weight[v % 4 + v_1, v_2, T.Ramp(0, 1, 8)]" in script  # its weights: one 8-lane load
 
 
 def test_conv_gemm_prefetches_its_weight_ahead_of_the_tile():
@@ -189,20 +204,22 @@ def test_gemm_template_default_is_the_hand_kernel_and_its_space_is_pinned() -> N
 
 @pytest.mark.parametrize("target", ISA_TARGETS)
 @pytest.mark.parametrize("tile_rows, vectors", [(1, 1), (2, 4), (4, 2), (8, 3)])
-def test_every_tile_of_the_space_matches_numpy(target, tile_rows, vectors) -> None:
-    """Odd sizes (19 filters, 13 channels, 37 pixels: partial row tiles and vectors), bias +
-    residual + ReLU, at tiles the tuner may pick (rows dividing the packed rows)."""
+@pytest.mark.parametrize("dims", [(1, 37), (7, 7)])
+def test_every_tile_of_the_space_matches_numpy(target, tile_rows, vectors, dims) -> None:
+    """Odd sizes (19 filters, 13 channels, 37 pixels: partial row tiles and vectors; 49 pixels:
+    a last column rows-in-lanes, forced on AVX2 too), bias + residual + ReLU, at tiles the
+    tuner may pick (rows dividing the packed rows)."""
     tgt = tvm.target.Target(resolve_target(target))
     lanes = vector_lanes(tgt)
     packed = default_gemm_config(lanes, vector_registers(tgt)).rows
     if packed % tile_rows:
         pytest.skip(f"{tile_rows} rows do not divide the packed {packed}")
     rng = np.random.default_rng(tile_rows * 10 + vectors)
-    o, c, dims = 19, 13, (1, 37)
-    w, x = rng.standard_normal((o, c), "float32"), rng.standard_normal((2, c, 37), "float32")
-    b, r = rng.standard_normal(o, "float32"), rng.standard_normal((2, o, 37), "float32")
-    cfg = GemmConfig(packed, vectors, lanes)
-    func = conv1x1_gemm_primfunc(2, c, o, 37, Epilogue(True, True, "relu"), cfg, 2, "g", dims,
+    o, c, p = 19, 13, dims[0] * dims[1]
+    w, x = rng.standard_normal((o, c), "float32"), rng.standard_normal((2, c, p), "float32")
+    b, r = rng.standard_normal(o, "float32"), rng.standard_normal((2, o, p), "float32")
+    cfg = GemmConfig(packed, vectors, lanes, cross=1)
+    func = conv1x1_gemm_primfunc(2, c, o, p, Epilogue(True, True, "relu"), cfg, 2, "g", dims,
                                  tile_rows=tile_rows)  # fmt: skip
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
     args = [x.reshape(2, c, *dims), pack_rows(w, packed), b, r.reshape(2, o, *dims)]

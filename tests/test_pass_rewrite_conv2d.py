@@ -5,6 +5,7 @@ import tvm
 from tvm import relax
 
 from relay_passes.pattern_conv2d import RewriteConv2D
+from schedules.depthwise_conv2d import DepthwiseConfig, depthwise_conv2d_template
 from schedules.pattern_conv2d import (
     ConvGeometry,
     Epilogue,
@@ -139,16 +140,30 @@ def test_grouped_conv_is_left_to_tvm():
     assert records[0].format == "tvm" and "groups=2" in records[0].reason
 
 
-def test_depthwise_conv_becomes_one_kernel_per_filter():
+def test_depthwise_conv_with_fused_bias_relu():
+    """A depthwise conv and its bias + ReLU: one call to the depthwise kernel, read in place."""
     w = np.random.default_rng(6).standard_normal((8, 1, 3, 3)).astype("float32")
-    after, records = _run(_before(w, groups=8, relu=True))
-    calls = [b.value for b in after["main"].body.blocks[0].bindings]
-    calls = [c for c in calls if isinstance(c, relax.Call)]
-    assert [getattr(c.op, "name", "") for c in calls] == ["relax.call_tir"]
-    assert records[0].format == "depthwise" and records[0].epilogue == "relu"
-    packed_channels = calls[0].args[1][2].value.numpy()  # kernel_channel
-    packed_order = calls[0].args[1][4].value.numpy()  # filter_order
-    np.testing.assert_array_equal(packed_channels, packed_order)  # filter o reads channel o
+    b = np.arange(8, dtype="float32")
+    after, records = _run(_before(w, b, relu=True, groups=8))
+    geom = ConvGeometry(1, 8, 10, 10, 8, (3, 3), (1, 1), (1, 1, 1, 1))
+    # the default config at 8 lanes, pinned: 2 vectors a row, 4 rows in flight
+    kernel = depthwise_conv2d_template(
+        geom,
+        Epilogue(bias=True, activation="relu"),
+        DepthwiseConfig(4, 8),
+        "depthwise_conv2d_8x1x3x3",
+    )
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
+    gv = bb.add_func(kernel, "depthwise_conv2d_8x1x3x3")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            args = [x, relax.const(w.reshape(8, 9)), relax.const(b)]
+            y = bb.emit(relax.call_tir(gv, args, relax.TensorType((1, 8, 10, 10), "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+    assert records[0].format == "depthwise" and records[0].epilogue == "bias+relu"
 
 
 def test_shared_intermediate_is_not_fused():

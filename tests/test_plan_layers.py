@@ -59,7 +59,7 @@ EXPECTED = [  # (op, format, kernel), graph order
     ("conv2d", "pattern", "pattern"),
     ("conv2d", "dense", "conv_gemm"),
     ("conv2d", "bsr", "bsr_conv1x1"),
-    ("conv2d", "depthwise", "pattern"),
+    ("conv2d", "depthwise", "depthwise"),
     ("conv2d", LEFT_TO_TVM, LEFT_TO_TVM),
     ("matmul", "bsr", "bsr_matmul"),
     ("matmul", "dense", "gemv"),
@@ -91,7 +91,7 @@ def test_without_a_cost_table_no_layer_is_block_sparse(imported):
     plans = plan_layers(imported, PlanTarget(lanes=8, registers=16, cores=2, costs=None))
     kernels = [p.kernel for p in sorted(plans.values(), key=lambda plan: plan.index)]
     # the block-pruned 1x1 is sparse per group of 8 filters: the lanes kernel takes it
-    assert kernels == ["pattern", "conv_gemm", "lanes", "pattern", "tvm", "gemv", "gemv"]
+    assert kernels == ["pattern", "conv_gemm", "lanes", "depthwise", "tvm", "gemv", "gemv"]
 
 
 def test_dense_baseline_plans_every_conv_dense(imported):

@@ -77,7 +77,6 @@ from ..geometry import ConvGeometry
 from .config import PatternConvConfig
 from .emit import pattern_conv2d_primfunc
 from .heuristics import (
-    PER_FILTER_MIN_WIDTH,
     SEGMENT_MIN_VECTORS,
     default_config,
     segment_min_vectors,
@@ -108,7 +107,6 @@ from .tiling import (
 __all__ = [
     "EPILOGUE_ACTIVATIONS",
     "PATTERN_CONV2D",
-    "PER_FILTER_MIN_WIDTH",
     "SEGMENT_MIN_VECTORS",
     "STACK_BYTES",
     "ConvGeometry",

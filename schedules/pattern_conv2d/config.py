@@ -45,9 +45,3 @@ class PatternConvConfig:
     # vectors one row at a time. Applies where the rows fit (``folded_rows``), with whole rows
     # per tile, the phase staging and the registers-only order; else 1.
     fold: int = 1
-    # Depthwise order (each filter reads one channel; registers-only order, one filter a job):
-    # shares split the filters, and each filter stages its channel's rows into the share's one
-    # staged plane, then computes all its tiles while they sit in L1 / L2. The other orders
-    # stage every channel's rows a share reads before any filter: for MobileNetV2's 96-channel
-    # stride-2 layer on 112x112, 6.4 MB staged, then read back from L3.
-    per_filter: bool = False

@@ -71,10 +71,6 @@ def pattern_conv2d_primfunc(
         same = (tl.segment, tl.lane_tail, tl.planes) == (staged_input.segment, staged_input.tail, 1)
         if not same or cfg.vector != staged_input.vector:
             raise ValueError(f"{cfg} cannot read the staged input {staged_input}")
-    if cfg.per_filter and num_kernels > filters:
-        raise ValueError(
-            f"per_filter stages one channel per filter: {num_kernels} kernels for {filters} filters"
-        )
     if staged_output is not None and epilogue.residual:
         raise ValueError("a staged output takes no residual (it is read in NCHW)")
     emit = _Emitter(geom, patterns, num_kernels, epilogue, cfg, tl, staged_input, staged_output)
@@ -84,8 +80,6 @@ def pattern_conv2d_primfunc(
         emit.declare_args(max_taps)
         if cfg.channel_block > 0 and group == 1:
             emit.channel_blocked()
-        elif cfg.per_filter and group == 1 and not in_place:
-            emit.per_filter()
         else:
             emit.registers_only(in_place)
     # No global symbol: the module that takes the kernel names it (several layers share one).
@@ -352,31 +346,6 @@ class _Emitter:
             with T.serial(kptr[i0, p], kptr[i0, p + 1]) as k:
                 self.add_kernel(acc, source, slot, row0, x0, k, p, span)
         self.store_tile(acc, n, tile, x0, i0)
-
-    def per_filter(self) -> None:
-        """The depthwise order (``cfg.per_filter``): parallel shares of the filters; for each,
-        its channel's rows staged into the share's one plane, then every tile of the filter.
-
-        ``pad`` is a view of one channel per share with a zero channel stride: staging channel
-        c and reading kernel k's channel (``add_kernel``) both address that plane, which holds
-        the channel of the filter being computed."""
-        geom, tl, kptr = self.geom, self.tl, self.kptr
-        n_img, chans, filters = geom.batch, geom.in_channels, geom.out_channels
-        shares = max(1, min(self.cfg.shares, filters))
-        per_share = math.ceil(filters / shares)
-        plane = (tl.planes, tl.plane_rows, tl.row_w)
-        staged = T.alloc_buffer((shares, *plane), "float32")
-        strides = [math.prod(plane), 0, plane[1] * plane[2], plane[2], 1]
-        pad = T.decl_buffer((shares, chans, *plane), "float32", data=staged.data, strides=strides)
-        with T.serial(0, n_img) as n, T.parallel(0, shares) as share:
-            with T.serial(0, per_share) as j:
-                i = share * per_share + j
-                with T.If(i < filters), T.Then():
-                    first = T.Bind(tvm.tirx.min(kptr[i, 0], max(self.num_kernels, 1) - 1))
-                    self.stage(pad, share, n, self.kchan[first], 0, tl.plane_rows)
-                    with T.serial(0, tl.tiles * tl.col_tiles) as t:
-                        tile, x0 = t // tl.col_tiles, t % tl.col_tiles * self.cols
-                        self.filter_tile(pad, share, n, tile, tile * tl.tile_row, x0, i, 1)
 
     def channel_blocked(self) -> None:
         """The channel-block-outer loop order (``cfg.channel_block`` > 0, one filter per tile):

@@ -26,15 +26,6 @@ SEGMENT_MIN_VECTORS = {
 }
 
 
-# Depthwise convs on maps at least this wide take the per-filter order (``PatternConvConfig.
-# per_filter``). MobileNetV2 in-model, AMD Zen 5, 2 threads, medians of 8 profiles (ms, all
-# calls of a shape): 96 channels stride 2 on 112x112 0.258 -> 0.145, stride 2 on 56 / 28 / 14
-# 0.047 / 0.024 / 0.021 -> 0.037 / 0.016 / 0.013, stride 1 on 14 0.066 / 0.049 -> 0.059 / 0.042;
-# on 7x7 maps a filter's 49 outputs do not pay for its own staging pass (960 channels 0.057
-# -> 0.088).
-PER_FILTER_MIN_WIDTH = 14
-
-
 def default_config(
     geom: ConvGeometry,
     filter_group: int = 1,
@@ -42,7 +33,6 @@ def default_config(
     accumulators: int = 12,
     shares: int = 2,
     fold_vector: int = 0,
-    depthwise: bool = False,
 ) -> PatternConvConfig:
     """Largest register tile (filters x rows x width) within ``accumulators`` vector registers.
 
@@ -51,8 +41,6 @@ def default_config(
     accumulators per target; ``shares``: the cores the filters were balanced over.
     ``fold_vector``: a wider vector that narrow maps may fill several rows at a time (``fold``),
     used when filters are computed together (else too few accumulators hide the FMA latency).
-    ``depthwise`` (each filter reads one channel): the per-filter order on maps at least
-    ``PER_FILTER_MIN_WIDTH`` wide.
     """
     fold = 1
     if fold_vector and filter_group > 1:
@@ -107,7 +95,6 @@ def default_config(
         prefetch=0 if segmented else _prefetch_distance(geom, rows, fold, vecs_per_row * vector),
         fold=fold,
         segmented=segmented,
-        per_filter=depthwise and geom.width >= PER_FILTER_MIN_WIDTH,
     )
 
 

@@ -96,7 +96,7 @@ def stage_rows_segmented(pad, slot, data, geom: ConvGeometry, n, rows, vec: int,
                     gather_row(pad, data, (*slot, ph, j), (n, slot[1], y), cols, geom.width, vec)
 
 
-def _gather_columns(data, row: tuple, cols: list[int], width: int, vec: int) -> tirx.PrimExpr:
+def gather_columns(data, row: tuple, cols: list[int], width: int, vec: int) -> tirx.PrimExpr:
     """The vector of ``data[(*row, x)]`` for x in ``cols``, 0 where x is outside [0, width): a
     shuffle of the row's ``vec``-column vectors it needs (the last one shorter) and a zero."""
     zero = tirx.Broadcast(tvm.tirx.const(0.0, "float32"), vec)
@@ -116,7 +116,7 @@ def gather_row(
     dst, data, dst_row: tuple, src_row: tuple, cols: list[int], width: int, lanes: int = 16
 ) -> None:
     """dst[*dst_row, q] = data[*src_row, cols[q]] (0 outside [0, width)) for every q, ``lanes``
-    at a time, each a shuffle of the input vectors it reads (``_gather_columns``). Measured here
+    at a time, each a shuffle of the input vectors it reads (``gather_columns``). Measured here
     on stride-2 phase rows against strided loads (TVM emits those lane by lane): 15 % less
     staging time, 1.03-1.04x on the groups-of-4 layers that stage them."""
     for v in range(0, len(cols), lanes):
@@ -126,7 +126,7 @@ def gather_row(
             value = data[(*src_row, x)] if 0 <= x < width else tvm.tirx.const(0.0, "float32")
             T.buffer_store(dst, value, [*dst_row, v])
         else:
-            value = _gather_columns(data, src_row, part, width, lanes)
+            value = gather_columns(data, src_row, part, width, lanes)
             T.buffer_store(dst, value, [*dst_row, tirx.Ramp(v, 1, len(part))])
 
 

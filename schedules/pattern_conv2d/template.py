@@ -30,7 +30,6 @@ def config_knobs(cfg: PatternConvConfig) -> Knobs:
         "shares": cfg.shares,
         "prefetch": cfg.prefetch,
         "fold": cfg.fold,
-        "per_filter": int(cfg.per_filter),
     }
 
 
@@ -48,7 +47,6 @@ def knobs_config(knobs: Knobs) -> PatternConvConfig:
         shares=knobs.get("shares", 2),
         prefetch=knobs.get("prefetch", 0),
         fold=knobs.get("fold", 1),
-        per_filter=bool(knobs.get("per_filter", 0)),
     )
 
 
@@ -101,8 +99,7 @@ def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
     layout, the loop order: reduction in registers, or input channels outermost in blocks
     of 16 / 32 / 64 (ungrouped packings only; ``shares``, the parallel split, stays at its
     default: one per core), the prefetch distance (0 / 3 / 6 / 12 kernels), and the folds that apply
-    (output rows per vector on narrow maps); depthwise layers (default ``per_filter``) either
-    loop order, others never the depthwise one (it stages one channel per filter)."""
+    (output rows per vector on narrow maps)."""
     out_channels, out_h = params["geom"]["out_channels"], params_geometry(params).out_height
     in_channels = params["geom"]["in_channels"]
     lanes = params["lanes"]
@@ -118,7 +115,6 @@ def _space(params: dict, default: Knobs) -> dict[str, list[int]]:
         "shares": [default["shares"]],
         "prefetch": sorted({0, 3, 6, 12, default.get("prefetch", 0)}),
         "fold": sorted({1, default.get("fold", 1)} | set(_folds(params_geometry(params), lanes))),
-        "per_filter": [0, 1] if default.get("per_filter", 0) else [0],
     }
     staged_in = _layout(params.get("staged_input"))
     if staged_in:  # whole rows the tiles cover exactly (the layout's rows), no fold
@@ -136,8 +132,7 @@ def _folds(geom: ConvGeometry, lanes: int) -> list[int]:
 
 def params_geometry(params: dict) -> ConvGeometry:
     """The layer's geometry from its kernel parameters (``layer_params``)."""
-    g = params["geom"]
-    return ConvGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
+    return ConvGeometry.from_json(params["geom"])
 
 
 PATTERN_CONV2D = register(TunableKernel("pattern_conv2d", _build, _space))

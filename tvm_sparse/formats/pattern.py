@@ -110,21 +110,18 @@ class PatternWeight:
         patterns: list[Pattern] | None = None,
         num_shares: int = 1,
         keep_zeros: bool = False,
-        kernel_mask: np.ndarray | None = None,
         group_filters: bool = True,
     ) -> PatternWeight:
         """Pack a dense OIHW weight; ``num_shares`` is the number of cores to balance over.
 
-        ``keep_zeros=True`` packs kernels with the full tap set (zeros computed): every kernel,
-        or those where the (O, C) boolean ``kernel_mask`` is set (a depthwise conv's diagonal).
+        ``keep_zeros=True`` packs every kernel with the full tap set (zeros computed).
         ``group_filters=False`` packs every filter on its own (``filter_group`` 1).
         """
         weight = np.asarray(weight, dtype=np.float32)
         out_ch, in_ch, kh, kw = weight.shape
         masks = kernel_masks(weight)
         if keep_zeros:
-            keep = np.ones((out_ch, in_ch), bool) if kernel_mask is None else kernel_mask
-            masks = np.repeat(keep[:, :, None], kh * kw, axis=2)
+            masks = np.ones((out_ch, in_ch, kh * kw), bool)
             patterns = [tuple(range(kh * kw))]
         pats = list(patterns) if patterns is not None else pattern_library(weight)
         num_p = len(pats)

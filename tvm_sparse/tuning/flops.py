@@ -39,8 +39,7 @@ def _pattern_conv(params: dict, args: list[relax.Expr]) -> int:
     """2 x (multiply-adds per output pixel) x pixels; per pixel, each kept kernel contributes
     its pattern's taps (``kernel_ptr``, the call's second argument, counts the kernels of each
     (filter, pattern)); without the constant, every kernel counts its padded ``max_taps``."""
-    g = params["geom"]
-    geom = ConvGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
+    geom = ConvGeometry.from_json(params["geom"])
     ptr = const_value(args[1]) if len(args) > 1 else None
     sizes = [len(p) for p in params["patterns"]]
     if ptr is not None and ptr.ndim == 2 and ptr.shape[1] == len(sizes) + 1:
@@ -64,11 +63,19 @@ def _dense_conv1x1(params: dict, _args: list[relax.Expr]) -> int:
     return 2 * params["batch"] * pixels * params["out_channels"] * params["in_channels"]
 
 
+def _depthwise_conv(params: dict, _args: list[relax.Expr]) -> int:
+    """2 x output pixels x channels x taps."""
+    geom = ConvGeometry.from_json(params["geom"])
+    kh, kw = geom.kernel
+    return 2 * geom.batch * geom.out_height * geom.out_width * geom.out_channels * kh * kw
+
+
 FLOP_COUNTS: dict[str, Callable[[dict, list[relax.Expr]], int]] = {
     "pattern_conv2d": _pattern_conv,
     "pattern_conv2d_lanes": _pattern_conv,
     "bsr_conv1x1": _bsr_conv1x1,
     "dense_conv1x1": _dense_conv1x1,
+    "depthwise_conv2d": _depthwise_conv,
 }
 
 
