@@ -77,7 +77,6 @@ def test_stored_notebook_is_the_executed_builder_output(name: str) -> None:
     assert nb.metadata.get("tvm_sparse", {}).get("executed_seconds"), "not saved by the builder"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_in_a_fresh_kernel(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(builder.QUICK_ENV, "1")  # the kernel inherits the environment

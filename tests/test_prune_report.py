@@ -96,7 +96,6 @@ def test_report_uses_the_compiler_detection() -> None:
     assert "conv2" in report.to_markdown() and "x fewer" in str(report)
 
 
-@pytest.mark.slow
 def test_report_agrees_with_the_compile_report() -> None:
     compiler = pytest.importorskip("tvm_sparse.compiler", reason="tvm_sparse.compile not built")
     net = _pruned_net()

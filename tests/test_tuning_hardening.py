@@ -150,10 +150,10 @@ def test_whole_pattern_pruned_resnet18_tunes_on_each_isa(isa, tmp_path) -> None:
     assert_matches_torch(tvm_sparse.compile(net, (x,), tgt, tuning=str(tmp_path)), net, x)
 
 
-@pytest.mark.slow
 def test_model_with_every_kernel_kind_tunes_and_matches_pytorch(models, tmp_path) -> None:
-    """Pattern, lanes (on AVX-512), dense direct, BSR 1x1, BSR / dense matmul kernels and TVM's
-    own ones, each tuned on a one-trial budget for this host; the max-pool kernel is final."""
+    """Pattern, lanes (on AVX-512), dense direct, BSR 1x1, depthwise, BSR / dense matmul
+    kernels and TVM's own ones, each tuned on a one-trial budget for this host; the max-pool
+    kernel is final."""
     net, x = models["every kernel"]
     result = tvm_sparse.tune(net, (x,), "x86", trials=1, min_task_trials=1, work_dir=tmp_path,
                              verify=0, model_check=False, progress=False)  # fmt: skip

@@ -126,7 +126,7 @@ def every_kernel_model(seed: int = 0):
     """A small net with a layer on each kind of tvm-sparse kernel (for 3x32x32 inputs): a dense
     7x7 stem conv, a 3x3 max-pool, a 3x3 conv pruned per group of 16 filters (the
     filters-in-lanes kernel on AVX-512), a pattern-pruned stride-2 3x3 conv, a block-pruned
-    1x1 conv, a block-pruned and a dense ``Linear``."""
+    1x1 conv, a depthwise 3x3 conv, a block-pruned and a dense ``Linear``."""
     import torch
     from torch import nn
 
@@ -140,6 +140,7 @@ def every_kernel_model(seed: int = 0):
         pattern_prune_model_(conv(16, 32, 3, padding=1), 8, 0.5, seed, filter_group=16),
         pattern_prune_model_(conv(32, 32, 3, 2, 1), 8, 0.3, seed + 1),
         block_prune_model_(conv(32, 64, 1), keep=0.2),
+        conv(64, 64, 3, padding=1, groups=64),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         block_prune_model_(nn.Sequential(nn.Linear(64, 64), nn.ReLU()), keep=0.2),
         nn.Linear(64, 10),
