@@ -197,7 +197,7 @@ def _pattern_plan(
     grouped = lanes in LANES_KERNEL_LANES and group % lanes == 0
     in_lanes = grouped and _lanes_format(fmt, geom, lanes)
     if fmt == "dense" and not in_lanes and _pointwise(geom):
-        cfg = default_gemm_config(lanes, target.registers)
+        cfg = default_gemm_config(lanes, target.registers, geom.out_height * geom.out_width)
         kernel, packing, kept_taps = "conv_gemm", pack_rows(weight.reshape(o, c), cfg.rows), o * c
         reason += "; packed GEMM"
     elif in_lanes:

@@ -10,9 +10,9 @@ the whole of K.
   A is the weight, packed as ``(ceil(O / rows), C, rows)`` so a tile's broadcasts are
   contiguous; B is the input read in place, a tile's columns being ``vectors`` x lanes pixels.
   The map's last columns (H*W not a multiple of the tile) join the last tile as one more
-  vector, partial where H*W is not a multiple of the lanes, with half the rows; on AVX-512 a
-  last single column (7x7 maps: 49 = 3 x 16 + 1) instead joins it rows-in-lanes, one vector of
-  the tile's weights times the pixel (``emit_tile``'s ``cross``).
+  vector, partial where H*W is not a multiple of the lanes, with half the rows; a last single
+  column (7x7 maps: 49 = 3 x 16 + 1) instead joins it rows-in-lanes, one vector of the tile's
+  weights times the pixel (``emit_tile``'s ``cross``; AVX-512, and AVX2 at 4 x 2 tiles).
 - **linear** ``out[m, n] = sum_k x[m, k] W[k, n]``: A is the input (tokens broadcast), B the
   weight packed as ``(ceil(N / width), K, width)``, zero-padded; the last tile stores only the
   columns that exist.
@@ -63,17 +63,21 @@ class GemmConfig:
         return self.vectors * self.lanes
 
 
-def default_gemm_config(lanes: int, registers: int) -> GemmConfig:
+def default_gemm_config(lanes: int, registers: int, columns: int | None = None) -> GemmConfig:
     """The tile for a target: accumulators fill three quarters of the vector registers (the
     rest hold B's vectors and the broadcast): AVX-512 / NEON 8 x 3 (24 of 32), AVX2 4 x 3.
 
     The map's last column goes rows-in-lanes (``cross``) where the tile's rows fit one vector
-    and the registers have room for it: AVX-512, not NEON (8 rows are two of its vectors).
-    AMD Zen 5, 2 threads, 1x1 convs on 7x7 maps alone: 1.05-1.21x with it on AVX-512,
-    0.67-0.78x on AVX2 (16 registers: the tile spills)."""
+    and the registers hold its accumulator, weight vector and broadcast too: AVX-512 at 8 x 3;
+    AVX2 at 4 x 2, taken where the map's ``columns`` are whole 2-vector tiles and one column
+    (7x7 maps: 49 = 3 x 16 + 1); not NEON (8 rows are two of its vectors). AMD Zen 5, 2 threads,
+    1x1 convs on 7x7 maps alone: AVX-512 1.05-1.21x; AVX2 4 x 2 with the column 1.09-1.22x over
+    4 x 3 (72-75 % of the AVX2 peak, from 61-66 %), 4 x 3 with it 0.67-0.78x (it spills)."""
     if registers >= 32:
         rows = 8
         return GemmConfig(rows, vectors=3, lanes=lanes, cross=CROSS_COLUMNS * (rows <= lanes))
+    if columns is not None and columns % (3 * lanes) and columns % (2 * lanes) == CROSS_COLUMNS:
+        return GemmConfig(rows=4, vectors=2, lanes=lanes, cross=CROSS_COLUMNS)
     return GemmConfig(rows=4, vectors=3, lanes=lanes)
 
 
@@ -287,7 +291,7 @@ def conv1x1_gemm_primfunc(
 
             def tile(start: tirx.PrimExpr, widths: tuple[int, ...], rows: int, cross: int) -> None:
                 sub = cfg.rows // rows  # sub-tiles of a packed row tile
-                panel = stage_panel(x, n, start, widths + (cross,) * bool(cross), in_channels)
+                panel = stage_panel(x, n, start, widths + ((cross,) if cross else ()), in_channels)
                 with T.serial(0, chunk * sub) as t:
                     row_tile, part = (first + t // sub, t % sub) if sub > 1 else (first + t, 0)
                     o0 = row_tile * cfg.rows + part * rows

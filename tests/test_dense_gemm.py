@@ -114,6 +114,10 @@ def test_a_last_column_joins_the_last_full_tile_rows_in_lanes():
     cfg = GemmConfig(rows=8, vectors=3, lanes=16, cross=1)
     assert default_gemm_config(16, 32) == cfg  # AVX-512; AVX2 spills (see default_gemm_config)
     assert default_gemm_config(8, 16).cross == 0 and default_gemm_config(4, 32).cross == 0
+    # AVX2: 4 x 2 tiles with the column where the map is whole 2-vector tiles and one column
+    assert default_gemm_config(8, 16, 49) == GemmConfig(rows=4, vectors=2, lanes=8, cross=1)
+    assert default_gemm_config(8, 16, 196) == default_gemm_config(8, 16) == GemmConfig(4, 3, 8)
+    assert default_gemm_config(16, 32, 49) == cfg
     # 7x7: 48 + 1 -> the last full tile at 8 rows, plus the column (before: 4 rows x 4 vectors)
     assert column_tiles(49, cfg, cfg.cross) == (0, ColumnTile(0, (16, 16, 16), 8, cross=1))
     assert column_tiles(49, cfg) == (0, ColumnTile(0, (16, 16, 16, 1), 4))

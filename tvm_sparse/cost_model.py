@@ -173,7 +173,7 @@ class _Measure:
             x = self.rng.standard_normal((1, c, hw, hw)).astype("float32")
             out = np.zeros((1, o, hw, hw), "float32")
             w = self.rng.standard_normal((o, c)).astype("float32")
-            cfg = default_gemm_config(self.lanes, self.regs)
+            cfg = default_gemm_config(self.lanes, self.regs, hw * hw)
             func = conv1x1_gemm_primfunc(1, c, o, hw * hw, Epilogue(), cfg, self.cores,
                                          out_dims=(hw, hw))  # fmt: skip
             pts_dense.append((o * c * hw * hw, _time(func, [x, pack_rows(w, cfg.rows), out],
