@@ -185,32 +185,37 @@ def _block_plan(
 def _pattern_plan(
     index: int, geom: ConvGeometry, weight: np.ndarray, target: PlanTarget
 ) -> LayerPlan:
-    """A conv on the pattern, lanes or GEMM kernel, its weight packed as ``PatternWeight``."""
+    """A conv on the GEMM (dense pointwise convs: ``_lanes_format`` never takes them), lanes or
+    pattern kernel, the latter two on its weight packed as ``PatternWeight`` (which a GEMM does
+    not need: ~0.9 s for a 2048x1024 weight)."""
     stats = conv_sparsity(weight)
     fmt, reason = choose_conv_format(stats) if target.sparse else ("dense", "sparse=False")
-    packed = PatternWeight.from_dense(weight, num_shares=target.cores, keep_zeros=fmt == "dense")
-    group, lanes = packed.filter_group, target.lanes
-    if group > 1 and fmt == "pattern":
-        reason += f"; filters share kernels in groups of {group} (one load feeds {group})"
     o, c = weight.shape[:2]
-    pixels = geom.batch * geom.out_height * geom.out_width
-    grouped = lanes in LANES_KERNEL_LANES and group % lanes == 0
-    in_lanes = grouped and _lanes_format(fmt, geom, lanes)
-    if fmt == "dense" and not in_lanes and _pointwise(geom):
+    lanes = target.lanes
+    if fmt == "dense" and _pointwise(geom):
         cfg = default_gemm_config(lanes, target.registers, geom.out_height * geom.out_width)
         kernel, packing, kept_taps = "conv_gemm", pack_rows(weight.reshape(o, c), cfg.rows), o * c
         reason += "; packed GEMM"
-    elif in_lanes:
-        kernel, packing, kept_taps = "lanes", packed, packed.num_taps
-        reason += "; filters computed in vector lanes"
-        kernels_per_filter = packed.num_kernels / o
-        cfg = lanes_default_config(
-            geom, target.registers, target.cores, kernels_per_filter, fmt == "dense"
-        )
     else:
-        kernel, packing, kept_taps = "pattern", packed, packed.num_taps
-        tile = tile_defaults(geom, target.registers, lanes)
-        cfg = default_config(geom, filter_group=group, shares=target.cores, **tile)
+        packed = PatternWeight.from_dense(
+            weight, num_shares=target.cores, keep_zeros=fmt == "dense"
+        )
+        group = packed.filter_group
+        if group > 1 and fmt == "pattern":
+            reason += f"; filters share kernels in groups of {group} (one load feeds {group})"
+        grouped = lanes in LANES_KERNEL_LANES and group % lanes == 0
+        if grouped and _lanes_format(fmt, geom, lanes):
+            kernel, packing, kept_taps = "lanes", packed, packed.num_taps
+            reason += "; filters computed in vector lanes"
+            kernels_per_filter = packed.num_kernels / o
+            cfg = lanes_default_config(
+                geom, target.registers, target.cores, kernels_per_filter, fmt == "dense"
+            )
+        else:
+            kernel, packing, kept_taps = "pattern", packed, packed.num_taps
+            tile = tile_defaults(geom, target.registers, lanes)
+            cfg = default_config(geom, filter_group=group, shares=target.cores, **tile)
+    pixels = geom.batch * geom.out_height * geom.out_width
     kh, kw = geom.kernel
     return LayerPlan(
         index, "conv2d", conv_shape(geom), fmt, kernel, reason, density=stats.density,
