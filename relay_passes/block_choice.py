@@ -22,13 +22,9 @@ def block_kernel_args(
     match: EpilogueMatch, visit: Callable, packed, block_rows: int, out_features: int
 ) -> list[relax.Expr]:
     """Input, packed weight arrays, bias padded to whole block rows, residual: the kernel's args."""
-    args = [visit(match.anchor.args[0])] + [relax.const(a) for a in packed.kernel_args()]
-    if match.bias is not None:
-        pad = packed.num_rows * block_rows - out_features
-        args.append(relax.const(np.pad(match.bias, (0, pad))))
-    if match.residual is not None:
-        args.append(visit(match.residual))
-    return args
+    pad = (0, packed.num_rows * block_rows - out_features)
+    weight = [relax.const(a) for a in packed.kernel_args()]
+    return [visit(match.anchor.args[0]), *weight, *match.operands(visit, lambda b: np.pad(b, pad))]
 
 
 def block_notes(

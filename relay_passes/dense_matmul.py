@@ -53,11 +53,12 @@ def RewriteDenseMatmul(  # noqa: N802 (TVM's pass naming)
                 bb, kernels, (m, k, n, epi, cfg), name,
                 lambda: dense_matmul_primfunc(m, k, n, epi, cfg, name),
             )  # fmt: skip
-        args = [visit(x), relax.const(plan.packing)]
-        if match.bias is not None:
-            args.append(relax.const(np.pad(match.bias, (0, n_pad - n))))
-        if match.residual is not None:
-            args.append(visit(match.residual))
+        pad = (0, n_pad - n)
+        args = [
+            visit(x),
+            relax.const(plan.packing),
+            *match.operands(visit, lambda b: np.pad(b, pad)),
+        ]
         return relax.call_tir(kernel, args, relax.TensorType((*lead, n), "float32"))
 
     def report(planned: list[LayerPlan]) -> None:

@@ -44,6 +44,18 @@ class EpilogueMatch:
     activation: str = "none"
     absorbed: list[relax.Var] = field(default_factory=list)
 
+    def operands(
+        self, visit: Callable, bias: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> list[relax.Expr]:
+        """The fused kernel's epilogue arguments, after its own: the bias (laid out by ``bias``,
+        e.g. padded or reordered like the packed weight), then the visited residual."""
+        args: list[relax.Expr] = []
+        if self.bias is not None:
+            args.append(relax.const(self.bias if bias is None else bias(self.bias)))
+        if self.residual is not None:
+            args.append(visit(self.residual))
+        return args
+
 
 @dataclass(frozen=True)
 class EpiloguePattern:

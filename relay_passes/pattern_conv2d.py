@@ -59,11 +59,7 @@ def _emit_gemm(
         bb, kernels, key, name,
         lambda: conv1x1_gemm_template(geom.batch, c, o, dims, epi, cfg, cores, name),
     )  # fmt: skip
-    args = [x, relax.const(plan.packing)]
-    if match.bias is not None:
-        args.append(relax.const(match.bias))
-    if match.residual is not None:
-        args.append(visit(match.residual))
+    args = [x, relax.const(plan.packing), *match.operands(visit)]
     return relax.call_tir(kernel, args, relax.TensorType((geom.batch, o, *dims), "float32"))
 
 
@@ -83,11 +79,7 @@ def _emit_depthwise(
         bb, kernels, ("depthwise", geom, epi, cfg), name,
         lambda: depthwise_conv2d_template(geom, epi, cfg, name),
     )  # fmt: skip
-    args = [visit(match.anchor.args[0]), relax.const(plan.packing)]
-    if match.bias is not None:
-        args.append(relax.const(match.bias))
-    if match.residual is not None:
-        args.append(visit(match.residual))
+    args = [visit(match.anchor.args[0]), relax.const(plan.packing), *match.operands(visit)]
     out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
     return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
 
@@ -150,11 +142,8 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
             relax.const(packed.kernel_channel if nonempty else np.zeros(1, "int32")),
             relax.const(values),
             relax.const(packed.filter_order),
+            *match.operands(visit, lambda bias: bias[packed.filter_order]),
         ]
-        if match.bias is not None:
-            args.append(relax.const(match.bias[packed.filter_order]))
-        if match.residual is not None:
-            args.append(visit(match.residual))
         out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
         return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
 

@@ -40,11 +40,10 @@ from tvm.script.ir_builder import tirx as T
 
 from .buffers import accumulator_rows, allocated_view, prefetch
 from .epilogue import Epilogue
-from .tunable import Knobs, TunableKernel, register, template
+from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
 from .vector_math import span, splat
 
 ZERO = tirx.const(0.0, "float32")
-SCHEDULED_ATTR = "tirx.is_scheduled"  # final kernels: no MetaSchedule task, no default schedule
 PREFETCH_BYTES = 4096  # how far ahead of the tile the conv GEMM prefetches its packed weight
 CROSS_COLUMNS = 1  # map columns past whole tiles computed rows-in-lanes (see emit_tile)
 
@@ -468,5 +467,4 @@ def conv1x1_gemm_template(
         "lanes": cfg.lanes, "cross": cfg.cross, "cores": cores, "name": name,
     }  # fmt: skip
     knobs = {"rows": cfg.rows, "vectors": cfg.vectors}
-    func = _conv1x1_build(params, knobs).without_attr(SCHEDULED_ATTR)
-    return template(func, DENSE_CONV1X1.name, params, knobs)
+    return template(_conv1x1_build(params, knobs), DENSE_CONV1X1.name, params, knobs)

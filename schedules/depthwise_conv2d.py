@@ -33,10 +33,9 @@ from tvm.script.ir_builder import tirx as T
 from .epilogue import Epilogue
 from .geometry import ConvGeometry
 from .pattern_conv2d.staging import gather_columns
-from .tunable import Knobs, TunableKernel, register, template
+from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
 from .vector_math import splat
 
-SCHEDULED_ATTR = "tirx.is_scheduled"
 # Independent output vectors a tile keeps in flight (FMA latency x pipes, with room to spare);
 # at most this many more are emitted per tile (code size, registers for the shared loads).
 MIN_VECTORS = 8
@@ -174,5 +173,5 @@ def depthwise_conv2d_template(
         "lanes": cfg.lanes,
         "name": name,
     }
-    func = _build(params, {"rows": cfg.rows}).without_attr(SCHEDULED_ATTR)
-    return template(func, DEPTHWISE_CONV2D.name, params, {"rows": cfg.rows})
+    knobs = {"rows": cfg.rows}
+    return template(_build(params, knobs), DEPTHWISE_CONV2D.name, params, knobs)

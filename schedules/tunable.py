@@ -34,6 +34,8 @@ FLOPS_ATTR = "estimated_flops"
 KNOB_PREFIX = "tvm_sparse.knob."
 DEFAULT_PREFIX = "tvm_sparse.default."
 RULE_PREFIX = "tvm_sparse."
+# TVM's mark of a final kernel (no MetaSchedule task, no default schedule); a template drops it.
+SCHEDULED_ATTR = "tirx.is_scheduled"
 TARGET_KEYS = ("cpu", "arm_cpu")
 KERNEL_MODULES = (
     "schedules.pattern_conv2d",
@@ -82,13 +84,15 @@ def kernel(name: str) -> TunableKernel:
 
 
 def template(func: tirx.PrimFunc, kernel: str, params: dict, knobs: Knobs) -> tirx.PrimFunc:
-    """Wrap a generated kernel (built with ``knobs``) as a tunable template."""
+    """Wrap a generated kernel (built with ``knobs``) as a tunable template (a kernel built
+    final, ``SCHEDULED_ATTR``, loses the mark: the template is MetaSchedule's to tune)."""
     annotations = {"schedule_rule": RULE_PREFIX + kernel}
     annotations.update({DEFAULT_PREFIX + k: int(v) for k, v in knobs.items()})
     inner = s_tir.SBlock([], [], [], kernel, func.body, annotations=annotations)
     root = s_tir.SBlock([], [], [], "root", s_tir.SBlockRealize([], True, inner))
     body = s_tir.SBlockRealize([], True, root)
-    return func.with_body(body).with_attr(PARAMS_ATTR, json.dumps(params, sort_keys=True))
+    func = func.with_body(body).without_attr(SCHEDULED_ATTR)
+    return func.with_attr(PARAMS_ATTR, json.dumps(params, sort_keys=True))
 
 
 def tunable_block(func: tirx.BaseFunc) -> s_tir.SBlock | None:
