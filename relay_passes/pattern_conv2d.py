@@ -1,4 +1,4 @@
-"""RewriteConv2D: a ``relax.nn.conv2d`` planned for the pattern, lanes or GEMM kernel -> it.
+"""RewriteConv2D: a ``relax.nn.conv2d`` planned for one of ``CONV_KERNELS`` -> that kernel.
 
 Each conv2d whose plan (``conv_plan.plan_conv2d``) names one of ``CONV_KERNELS`` is replaced,
 together with its epilogue (bias add, residual add, ReLU / ReLU6 / clip, GELU), by one
@@ -8,6 +8,8 @@ together with its epilogue (bias add, residual add, ReLU / ReLU6 / clip, GELU), 
   pattern: a direct conv with a sound vectorized schedule instead of TVM's untuned default);
 - ``lanes``: ``schedules.pattern_conv2d_lanes``, a group of filters in the vector lanes;
 - ``conv_gemm``: a dense pointwise conv as ``schedules.dense_gemm``'s packed GEMM;
+- ``dense_conv``: a dense k x k conv on few input channels (a stem) as
+  ``schedules.dense_conv2d``'s GEMM over phase-split input rows;
 - ``depthwise``: ``schedules.depthwise_conv2d``, one filter per channel, read in place.
 
 Convs planned for the block kernel are ``RewriteBSRConv1x1``'s; the rest stay on TVM's path.
@@ -19,6 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from schedules.dense_conv2d import dense_conv2d_template
 from schedules.dense_gemm import conv1x1_gemm_template
 from schedules.depthwise_conv2d import depthwise_conv2d_template
 from schedules.pattern_conv2d import Epilogue, pattern_conv2d_template
@@ -63,22 +66,26 @@ def _emit_gemm(
     return relax.call_tir(kernel, args, relax.TensorType((geom.batch, o, *dims), "float32"))
 
 
-def _emit_depthwise(
+def _emit_direct(
     bb: relax.BlockBuilder,
     kernels: dict,
     visit,
     plan: LayerPlan,
     epilogue: tuple[Epilogue, EpilogueMatch],
 ) -> relax.Expr:
-    """A depthwise conv as ``schedules.depthwise_conv2d``'s template."""
+    """A depthwise conv as ``schedules.depthwise_conv2d``'s template, a few-channel dense conv
+    as ``schedules.dense_conv2d``'s: the input as it is, the packed weight, the epilogue's."""
     geom, cfg = plan.geometry, plan.config
     epi, match = epilogue
     kh, kw = geom.kernel
-    name = f"depthwise_conv2d_{geom.out_channels}x1x{kh}x{kw}"
+    if plan.kernel == "depthwise":
+        name, build = f"depthwise_conv2d_{geom.out_channels}x1x{kh}x{kw}", depthwise_conv2d_template
+    else:
+        name = f"dense_conv2d_{geom.out_channels}x{geom.in_channels}x{kh}x{kw}"
+        build = dense_conv2d_template
     kernel = add_kernel(
-        bb, kernels, ("depthwise", geom, epi, cfg), name,
-        lambda: depthwise_conv2d_template(geom, epi, cfg, name),
-    )  # fmt: skip
+        bb, kernels, (plan.kernel, geom, epi, cfg), name, lambda: build(geom, epi, cfg, name)
+    )
     args = [visit(match.anchor.args[0]), relax.const(plan.packing), *match.operands(visit)]
     out_shape = (geom.batch, geom.out_channels, geom.out_height, geom.out_width)
     return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
@@ -109,8 +116,8 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         )
         if plan.kernel == "conv_gemm":
             return _emit_gemm(bb, kernels, visit, plan, (epi, match), num_threads)
-        if plan.kernel == "depthwise":
-            return _emit_depthwise(bb, kernels, visit, plan, (epi, match))
+        if plan.kernel in ("depthwise", "dense_conv"):
+            return _emit_direct(bb, kernels, visit, plan, (epi, match))
         packed = plan.packing
         max_taps = packed.kernel_values.shape[1]
         nonempty = packed.num_kernels > 0

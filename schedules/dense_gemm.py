@@ -151,10 +151,12 @@ def emit_tile(
     ahead: Callable[[tirx.PrimExpr], None] | None = None,
     cross: int = 0,
     a_rows_at: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None,
+    inner: int = 1,
 ) -> None:
     """One register tile: ``rows`` x ``widths`` accumulators over ``depth`` k, then ``finish``
     on each vector; ``ahead(k)`` (prefetches) runs at each k. Rows and offsets are Python
-    constants: LLVM keeps the tile in registers.
+    constants: LLVM keeps the tile in registers. The k loop runs ``depth / inner`` times, each
+    iteration ``inner`` k unrolled (k = iteration * inner + a constant).
 
     ``cross`` more columns follow the widths, each accumulated as one vector of the ``rows``
     rows: ``a_rows_at(k)`` (A's ``rows`` values at ``k``, contiguous when packed) times B's
@@ -169,20 +171,25 @@ def emit_tile(
             T.buffer_store(acc[r], splat(ZERO, w), [span(off, w)])
     for column in across:
         T.buffer_store(column, splat(ZERO, rows), [span(0, rows)])
-    with T.serial(0, depth) as kk:
-        if ahead is not None:
-            ahead(kk)
-        b = [b_at(kk, off, w) for off, w in zip(offsets, widths, strict=True)]
-        for r in range(rows):
-            a = a_at(r, kk)
-            for off, w, bv in zip(offsets, widths, b, strict=True):
-                at = span(off, w)
-                T.buffer_store(acc[r], acc[r][at] + splat(a, w) * bv, [at])
-        if across:
-            a_rows = a_rows_at(kk)
-            for j, column in enumerate(across):
-                b_j = splat(b_at(kk, sum(widths) + j, 1), rows)
-                T.buffer_store(column, column[span(0, rows)] + a_rows * b_j, [span(0, rows)])
+    if depth % inner:
+        raise ValueError(f"depth {depth} is not a multiple of inner={inner}")
+    with T.serial(0, depth // inner) as outer:
+        for u in range(inner):
+            kk = outer * inner + u if inner > 1 else outer
+            if ahead is not None:
+                ahead(kk)
+            b = [b_at(kk, off, w) for off, w in zip(offsets, widths, strict=True)]
+            for r in range(rows):
+                a = a_at(r, kk)
+                for off, w, bv in zip(offsets, widths, b, strict=True):
+                    at = span(off, w)
+                    T.buffer_store(acc[r], acc[r][at] + splat(a, w) * bv, [at])
+            if across:
+                a_rows = a_rows_at(kk)
+                for j, column in enumerate(across):
+                    b_j = splat(b_at(kk, sum(widths) + j, 1), rows)
+                    at = span(0, rows)
+                    T.buffer_store(column, column[at] + a_rows * b_j, [at])
     for r in range(rows):
         for off, w in zip(offsets, widths, strict=True):
             finish(r, off, w, acc[r][span(off, w)])
@@ -235,6 +242,28 @@ def stage_panel(
         for off, w in zip(offsets, widths, strict=True):
             T.buffer_store(panel, x[n, kk, span(start + off, w)], [kk, span(off, w)])
     return panel
+
+
+def store_channel_row(
+    out: tirx.Buffer,
+    at: tuple,
+    value: tirx.PrimExpr,
+    epilogue: Epilogue,
+    operands: tuple[tirx.Buffer | None, tirx.Buffer | None],
+    channels: int,
+) -> None:
+    """``out[at] = epilogue(value)`` for a vector of one output channel's row (``at[1]``: the
+    channel; ``operands``: the bias, broadcast, and the residual, read at ``at``), skipped for
+    a packed tile's padding channels (from ``channels`` on)."""
+    bias, resid = operands
+    width = value.ty.dtype.lanes
+    value = epilogue.apply(
+        value,
+        None if bias is None else splat(bias[at[1]], width),
+        None if resid is None else resid[at],
+    )
+    with T.If(at[1] < channels), T.Then():
+        T.buffer_store(out, value, list(at))
 
 
 def _row_chunks(row_tiles: int, other_jobs: int, cores: int) -> int:
@@ -310,13 +339,7 @@ def conv1x1_gemm_primfunc(
 
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
                         at = (n, o0 + r, span(start + off, width))
-                        value = epilogue.apply(
-                            value,
-                            None if bias is None else splat(bias[o0 + r], width),
-                            None if resid is None else resid[at],
-                        )
-                        with T.If(o0 + r < out_channels), T.Then():
-                            T.buffer_store(out, value, list(at))
+                        store_channel_row(out, at, value, epilogue, (bias, resid), out_channels)
 
                     with T.If(row_tile < row_tiles), T.Then():
                         emit_tile(

@@ -5,6 +5,8 @@ import tvm
 from tvm import relax
 
 from relay_passes.pattern_conv2d import RewriteConv2D
+from schedules.dense_conv2d import DenseConvConfig, dense_conv2d_template
+from schedules.dense_gemm import GemmConfig
 from schedules.depthwise_conv2d import DepthwiseConfig, depthwise_conv2d_template
 from schedules.pattern_conv2d import (
     ConvGeometry,
@@ -164,6 +166,42 @@ def test_depthwise_conv_with_fused_bias_relu():
         bb.emit_func_output(out)
     tvm.ir.assert_structural_equal(after, bb.get())
     assert records[0].format == "depthwise" and records[0].epilogue == "bias+relu"
+
+
+def test_few_channel_conv_with_fused_bias_residual_relu():
+    """A dense conv on 3 input channels (a stem) and its bias, residual and ReLU: one call to
+    the few-channel dense kernel on the input as it is, the weight packed as the GEMM's A."""
+    w = np.random.default_rng(7).standard_normal((8, 3, 3, 3)).astype("float32")
+    b = np.arange(8, dtype="float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 10, 10), "float32"))
+    r = relax.Var("r", relax.TensorType((1, 8, 10, 10), "float32"))
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1))
+            y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, r)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    after, records = _run(bb.get())
+    geom = ConvGeometry(1, 3, 10, 10, 8, (3, 3), (1, 1), (1, 1, 1, 1))
+    # the default at 8 lanes / 16 registers, pinned: 4 filters x 3 vectors, 2 output rows a job
+    cfg = DenseConvConfig(GemmConfig(4, 3, 8), out_rows=2)
+    name = "dense_conv2d_8x3x3x3"
+    kernel = dense_conv2d_template(geom, Epilogue(True, True, "relu"), cfg, name)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 10, 10), "float32"))
+    r = relax.Var("r", relax.TensorType((1, 8, 10, 10), "float32"))
+    gv = bb.add_func(kernel, name)
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            packed = w.reshape(2, 4, 27).transpose(0, 2, 1)  # (row tiles, c * kh * kw, rows)
+            args = [x, relax.const(np.ascontiguousarray(packed)), relax.const(b), r]
+            y = bb.emit(relax.call_tir(gv, args, relax.TensorType((1, 8, 10, 10), "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(after, bb.get())
+    assert records[0].format == "dense" and records[0].epilogue == "bias+residual+relu"
 
 
 def test_shared_intermediate_is_not_fused():

@@ -306,8 +306,9 @@ def test_dense_convs_take_the_lanes_kernel_where_it_is_faster(kernel, size, expe
 @pytest.mark.skipif(not AVX512, reason="the lanes kernel is chosen on AVX-512 targets only")
 @pytest.mark.parametrize("sparse", [True, False])
 def test_compiled_dense_model_in_lanes_matches_pytorch(sparse) -> None:
-    """Unpruned 7x7 stem and 3x3 convs on the lanes kernel, the stride-2 1x1 conv (ResNet's
-    shortcut to a 7x7 map) on the GEMM, whether the weights are read for sparsity or not."""
+    """Unpruned: the 7x7 stem on the few-channel dense kernel, the 3x3 conv on the lanes
+    kernel, the stride-2 1x1 conv (ResNet's shortcut to a 7x7 map) on the GEMM, whether the
+    weights are read for sparsity or not."""
     torch.manual_seed(1)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 7, stride=2, padding=3), torch.nn.ReLU(),
@@ -319,7 +320,11 @@ def test_compiled_dense_model_in_lanes_matches_pytorch(sparse) -> None:
     cm = tvm_sparse.compile(net, (x,), sparse=sparse)
     assert [r.format for r in cm.layers] == ["dense"] * 3
     kernels = [r.reason.split("; ")[-1] for r in cm.layers]
-    assert kernels == ["filters computed in vector lanes"] * 2 + ["packed GEMM"]
+    assert kernels == [
+        "3 input channels: GEMM over phase-split input rows",
+        "filters computed in vector lanes",
+        "packed GEMM",
+    ]
     with torch.no_grad():
         np.testing.assert_allclose(cm(x), net(torch.from_numpy(x)).numpy(), **TOL)
 

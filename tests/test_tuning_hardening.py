@@ -151,14 +151,15 @@ def test_whole_pattern_pruned_resnet18_tunes_on_each_isa(isa, tmp_path) -> None:
 
 
 def test_model_with_every_kernel_kind_tunes_and_matches_pytorch(models, tmp_path) -> None:
-    """Pattern, lanes (on AVX-512), dense direct, BSR 1x1, depthwise, BSR / dense matmul
-    kernels and TVM's own ones, each tuned on a one-trial budget for this host; the max-pool
-    kernel is final."""
+    """Pattern, lanes (on AVX-512), few-channel dense (the stem), BSR 1x1, depthwise, BSR /
+    dense matmul kernels and TVM's own ones, each tuned on a one-trial budget for this host;
+    the max-pool kernel is final."""
     net, x = models["every kernel"]
     result = tvm_sparse.tune(net, (x,), "x86", trials=1, min_task_trials=1, work_dir=tmp_path,
                              verify=0, model_check=False, progress=False)  # fmt: skip
     assert all(t.trials >= 1 for t in result.tasks)
     assert sum(t.template for t in result.tasks) >= 4
+    assert any(t.name.startswith("dense_conv2d_16x3x7x7") and t.template for t in result.tasks)
     assert_matches_torch(tvm_sparse.compile(net, (x,), tuning=str(tmp_path)), net, x)
 
 

@@ -124,9 +124,9 @@ def block_prune_model_(model, keep: float = 0.1, block: tuple[int, int] = (8, 1)
 
 def every_kernel_model(seed: int = 0):
     """A small net with a layer on each kind of tvm-sparse kernel (for 3x32x32 inputs): a dense
-    7x7 stem conv, a 3x3 max-pool, a 3x3 conv pruned per group of 16 filters (the
-    filters-in-lanes kernel on AVX-512), a pattern-pruned stride-2 3x3 conv, a block-pruned
-    1x1 conv, a depthwise 3x3 conv, a block-pruned and a dense ``Linear``."""
+    7x7 stem conv (the few-channel dense kernel), a 3x3 max-pool, a 3x3 conv pruned per group
+    of 16 filters (the filters-in-lanes kernel on AVX-512), a pattern-pruned stride-2 3x3 conv,
+    a block-pruned 1x1 conv, a depthwise 3x3 conv, a block-pruned and a dense ``Linear``."""
     import torch
     from torch import nn
 

@@ -70,12 +70,18 @@ def _depthwise_conv(params: dict, _args: list[relax.Expr]) -> int:
     return 2 * geom.batch * geom.out_height * geom.out_width * geom.out_channels * kh * kw
 
 
+def _dense_conv(params: dict, args: list[relax.Expr]) -> int:
+    """2 x output pixels x filters x the taps of every input channel."""
+    return _depthwise_conv(params, args) * ConvGeometry.from_json(params["geom"]).in_channels
+
+
 FLOP_COUNTS: dict[str, Callable[[dict, list[relax.Expr]], int]] = {
     "pattern_conv2d": _pattern_conv,
     "pattern_conv2d_lanes": _pattern_conv,
     "bsr_conv1x1": _bsr_conv1x1,
     "dense_conv1x1": _dense_conv1x1,
     "depthwise_conv2d": _depthwise_conv,
+    "dense_conv2d": _dense_conv,
 }
 
 
