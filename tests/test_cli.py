@@ -68,6 +68,10 @@ def test_profile_lists_every_kernel_of_the_model(model_file):
     assert ("max_pool2d_s2" if pool_unsupported(pool, lanes) is None else "max_pool2d") in rows
     shares = [float(r[3].rstrip("%")) for r in rows.values()]
     assert abs(sum(shares) - 100.0) < 1.0 and all(float(r[2]) >= 0 for r in rows.values())
+    # each kernel writes a view into the planned storage (no allocation of its own)
+    kernel_calls = sum(int(r[1]) for name, r in rows.items() if not name.startswith("vm."))
+    assert int(rows["vm.builtin.alloc_tensor"][1]) == kernel_calls
+    assert int(rows["vm.builtin.alloc_storage"][1]) < kernel_calls / 2
     assert res.stdout.splitlines()[-1].startswith("sum of kernels")
 
 
