@@ -13,7 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from schedules.dense_gemm import linear_gemm_primfunc, padded
+from schedules.dense_gemm import linear_gemm_template, padded
 from schedules.dense_matmul import dense_matmul_primfunc, padded_columns
 from schedules.pattern_conv2d import Epilogue
 from tvm_sparse.report import LayerRecord
@@ -45,7 +45,7 @@ def RewriteDenseMatmul(  # noqa: N802 (TVM's pass naming)
             name, n_pad = f"dense_linear_{k}x{n}", padded(n, cfg)
             kernel = add_kernel(
                 bb, kernels, ("gemm", lead, k, n, epi, cfg), name,
-                lambda: linear_gemm_primfunc(lead, k, n, epi, cfg, cores, name),
+                lambda: linear_gemm_template(lead, k, n, epi, cfg, cores, name),
             )  # fmt: skip
         else:
             m, name, n_pad = lead[0], f"dense_matmul_{k}x{n}", padded_columns(n, cfg)

@@ -365,13 +365,15 @@ def linear_gemm_primfunc(
     cfg: GemmConfig | None = None,
     cores: int = 1,
     name: str = "dense_linear",
+    tile_rows: int | None = None,
 ) -> tirx.PrimFunc:
     """Arguments: x (*lead, K), weight ``pack_columns(W, cfg.width)`` of W (K, N),
     [bias (N_padded,)], [residual (*lead, N)], out (*lead, N); N_padded = ``padded(n, cfg)``.
-    The leading dims (tokens x batch) are the GEMM's rows."""
+    The leading dims (tokens x batch) are the GEMM's rows, ``tile_rows`` (default
+    ``cfg.rows``; at most M) of them a register tile."""
     cfg = cfg or GemmConfig()
     m = math.prod(lead)
-    rows = min(cfg.rows, m)
+    rows = min(tile_rows or cfg.rows, m)
     col_tiles = math.ceil(n / cfg.width)
     last_widths = tuple(split_vectors(n - (col_tiles - 1) * cfg.width, cfg.lanes))
     row_tiles = math.ceil(m / rows)
@@ -439,10 +441,12 @@ __all__ = [
     "default_gemm_config",
     "emit_tile",
     "linear_gemm_primfunc",
+    "linear_gemm_template",
     "pack_columns",
     "pack_rows",
     "padded",
     "split_vectors",
+    "store_channel_row",
     "tile_block",
 ]
 
@@ -491,3 +495,42 @@ def conv1x1_gemm_template(
     }  # fmt: skip
     knobs = {"rows": cfg.rows, "vectors": cfg.vectors}
     return template(_conv1x1_build(params, knobs), DENSE_CONV1X1.name, params, knobs)
+
+
+# --- MetaSchedule search space of the linear GEMM -----------------------------------------
+
+
+def _linear_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
+    cfg = GemmConfig(params["packed_rows"], params["vectors"], params["lanes"])
+    return linear_gemm_primfunc(
+        tuple(params["lead"]), params["k"], params["n"], Epilogue(**params["epilogue"]), cfg,
+        params["cores"], params["name"], tile_rows=knobs["rows"],
+    )  # fmt: skip
+
+
+def _linear_space(params: dict, default: Knobs) -> dict[str, list[int]]:
+    """1-8 token rows a tile (at most the tokens); the columns are the packed weight's."""
+    return {"rows": list(range(1, min(8, math.prod(params["lead"])) + 1))}
+
+
+DENSE_LINEAR = register(TunableKernel("dense_linear", _linear_build, _linear_space))
+
+
+def linear_gemm_template(
+    lead: tuple[int, ...],
+    k: int,
+    n: int,
+    epilogue: Epilogue,
+    cfg: GemmConfig,
+    cores: int,
+    name: str,
+) -> tirx.PrimFunc:
+    """The linear GEMM at ``cfg`` (its weight packed by ``cfg.width``) as a MetaSchedule
+    template; the knob is the tile's token rows."""
+    params = {
+        "lead": list(lead), "k": k, "n": n, "epilogue": asdict(epilogue),
+        "packed_rows": cfg.rows, "vectors": cfg.vectors, "lanes": cfg.lanes, "cores": cores,
+        "name": name,
+    }  # fmt: skip
+    knobs = {"rows": min(cfg.rows, math.prod(lead))}
+    return template(_linear_build(params, knobs), DENSE_LINEAR.name, params, knobs)

@@ -20,8 +20,11 @@ from schedules.dense_gemm import (
     conv1x1_gemm_primfunc,
     conv1x1_gemm_template,
     default_gemm_config,
+    linear_gemm_primfunc,
+    linear_gemm_template,
     pack_columns,
     pack_rows,
+    padded,
 )
 from schedules.epilogue import Epilogue
 from schedules.tunable import knob_space, realize
@@ -233,6 +236,37 @@ def test_every_tile_of_the_space_matches_numpy(target, tile_rows, vectors, dims)
     np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
 
 
+def test_linear_template_default_is_the_hand_kernel_and_its_space_is_pinned() -> None:
+    cfg = GemmConfig(rows=8, vectors=3, lanes=16)
+    func = linear_gemm_template((2, 37), 24, 40, Epilogue(True), cfg, 2, "l")
+    expected = linear_gemm_primfunc((2, 37), 24, 40, Epilogue(True), cfg, 2, "l")
+    tvm.ir.assert_structural_equal(realize(func).without_attr("tvm_sparse.params"), expected)
+    assert knob_space(func) == {"rows": [8, 1, 2, 3, 4, 5, 6, 7]}
+    few = linear_gemm_template((3,), 24, 40, Epilogue(), GemmConfig(4, 3, 8), 2, "l")
+    assert knob_space(few) == {"rows": [3, 1, 2]}  # 3 tokens: the default tile is all of them
+
+
+@pytest.mark.parametrize("target", ISA_TARGETS)
+@pytest.mark.parametrize("tile_rows", [1, 3, 8])
+def test_every_linear_tile_of_the_space_matches_numpy(target, tile_rows) -> None:
+    """37 tokens of 13 features x 19 outputs (a partial last row tile and column tile), bias +
+    residual + ReLU, at the token rows the tuner may pick."""
+    tgt = tvm.target.Target(resolve_target(target))
+    cfg = default_gemm_config(vector_lanes(tgt), vector_registers(tgt))
+    rng = np.random.default_rng(tile_rows)
+    x, w = rng.standard_normal((37, 13), "float32"), rng.standard_normal((13, 19), "float32")
+    b, r = rng.standard_normal(19, "float32"), rng.standard_normal((37, 19), "float32")
+    func = linear_gemm_primfunc((37,), 13, 19, Epilogue(True, True, "relu"), cfg, 2, "l",
+                                tile_rows=tile_rows)  # fmt: skip
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
+    b_padded = np.pad(b, (0, padded(19, cfg) - 19))
+    args = [x, pack_columns(w, cfg.width), b_padded, r]
+    out = tvm.runtime.tensor(np.zeros((37, 19), "float32"))
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    ref = np.maximum(x @ w + b + r, 0)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
+
+
 def test_dense_1x1_gemm_is_tuned_and_applied(tmp_path) -> None:
     """A dense 1x1 conv's GEMM is a MetaSchedule task (rows / vectors knobs), tuned on a tiny
     budget and applied by compile; the compiled model matches PyTorch."""
@@ -246,6 +280,24 @@ def test_dense_1x1_gemm_is_tuned_and_applied(tmp_path) -> None:
     assert task.name.startswith("dense_conv1x1") and task.trials >= 2
     cm = tvm_sparse.compile(model, (x, r), tuning=str(tmp_path))
     assert "packed GEMM" in cm.layers[0].reason
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), torch.from_numpy(r)).numpy()
+    assert np.max(np.abs(cm(x, r) - ref)) <= TOL * max(1.0, float(np.abs(ref).max()))
+
+
+def test_linear_gemm_is_tuned_and_applied(tmp_path) -> None:
+    """A linear layer over tokens is a MetaSchedule task (the rows knob), tuned on a tiny
+    budget and applied by compile; the compiled model matches PyTorch."""
+    model = LinearBlock(32, 40, residual=False, relu=True).eval()
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 20, 32)).astype("float32")
+    r = np.zeros((1, 20, 40), "float32")
+    result = tvm_sparse.tune(model, (x, r), trials=6, work_dir=str(tmp_path), progress=False,
+                             verify=0, model_check=False)  # fmt: skip
+    (task,) = [t for t in result.tasks if t.template]
+    assert task.name.startswith("dense_linear") and task.trials >= 2
+    cm = tvm_sparse.compile(model, (x, r), tuning=str(tmp_path))
+    assert "GEMM" in cm.layers[0].reason
     with torch.no_grad():
         ref = model(torch.from_numpy(x), torch.from_numpy(r)).numpy()
     assert np.max(np.abs(cm(x, r) - ref)) <= TOL * max(1.0, float(np.abs(ref).max()))

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from tvm import relax
 
 from relay_passes.dense_matmul import RewriteDenseMatmul
+from schedules.dense_gemm import GemmConfig, linear_gemm_template, pack_columns
 from schedules.dense_matmul import (
     MatmulConfig,
     dense_matmul_primfunc,
@@ -85,6 +86,38 @@ def test_linear_with_bias_and_relu_becomes_one_call():
     records = []
     tvm.ir.assert_structural_equal(RewriteDenseMatmul(records, lanes=16)(before), expected)
     assert records[0].epilogue == "bias+relu"
+
+
+def test_linear_over_tokens_with_bias_and_gelu_becomes_one_gemm_template_call():
+    """(2, 16) tokens x a 32x40 weight: the GEMM over the rows, as its MetaSchedule template
+    (default tile pinned: 8 rows x 3 vectors of 16, the weight packed 48 columns wide)."""
+    w = np.random.default_rng(1).standard_normal((32, 40)).astype("float32")
+    b = np.arange(40, dtype="float32")
+    x = relax.Var("x", relax.TensorType((2, 16, 32), "float32"))
+
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w)))
+            y = bb.emit(relax.op.add(y, relax.const(b)))
+            y = bb.emit_output(relax.op.nn.gelu(y))
+        bb.emit_func_output(y)
+    before = bb.get()
+
+    cfg, name = GemmConfig(8, 3, 16), "dense_linear_32x40"
+    kernel = linear_gemm_template((2, 16), 32, 40, Epilogue(True, False, "gelu"), cfg, 2, name)
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(kernel, name)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            args = [x, relax.const(pack_columns(w, 48)), relax.const(np.pad(b, (0, 8)))]
+            y = bb.emit_output(relax.call_tir(gv, args, relax.TensorType((2, 16, 40), "float32")))
+        bb.emit_func_output(y)
+
+    records = []
+    after = RewriteDenseMatmul(records, lanes=16, registers=32, cores=2)(before)
+    tvm.ir.assert_structural_equal(after, bb.get())
+    assert records[0].epilogue == "bias+gelu" and "GEMM" in records[0].reason
 
 
 def test_non_constant_weight_is_left_to_tvm():

@@ -63,6 +63,11 @@ def _dense_conv1x1(params: dict, _args: list[relax.Expr]) -> int:
     return 2 * params["batch"] * pixels * params["out_channels"] * params["in_channels"]
 
 
+def _dense_linear(params: dict, _args: list[relax.Expr]) -> int:
+    """2 x tokens x the weight's entries."""
+    return 2 * math.prod(params["lead"]) * params["k"] * params["n"]
+
+
 def _depthwise_conv(params: dict, _args: list[relax.Expr]) -> int:
     """2 x output pixels x channels x taps."""
     geom = ConvGeometry.from_json(params["geom"])
@@ -80,6 +85,7 @@ FLOP_COUNTS: dict[str, Callable[[dict, list[relax.Expr]], int]] = {
     "pattern_conv2d_lanes": _pattern_conv,
     "bsr_conv1x1": _bsr_conv1x1,
     "dense_conv1x1": _dense_conv1x1,
+    "dense_linear": _dense_linear,
     "depthwise_conv2d": _depthwise_conv,
     "dense_conv2d": _dense_conv,
 }
