@@ -32,6 +32,7 @@ from tvm.script.ir_builder import tirx as T
 from .buffers import allocated_view
 from .dense_gemm import GemmConfig, tile_block
 from .operand_view import OperandView
+from .tunable import SCHEDULED_ATTR
 from .vector_math import row_reduce, span, splat, vector_exp
 
 NEG_INF = float("-inf")
@@ -87,7 +88,7 @@ def attention_primfunc(
     lanes = cfg.lanes
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
         sources = [
             T.arg(label, T.buffer(view.source, "float32"))
             for label, view in (("q", g.q), ("kt", g.kt), ("v", g.v))

@@ -28,7 +28,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .buffers import STACK_BYTES, accumulator_rows
 from .epilogue import Epilogue, optional_load
-from .tunable import Knobs, TunableKernel, register, template
+from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
 
 ZERO = tvm.tirx.const(0.0, "float32")
 
@@ -82,7 +82,7 @@ def bsr_matmul_primfunc(
         T.func_name(name)
         # Final (``tirx.is_scheduled``): MetaSchedule can neither schedule nor sample it, so it
         # is no tuning task; TVM's default schedules leave it as it is.
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
         x_arg = T.arg("x", T.buffer((*lead, k), "float32"))
         ptr = T.arg("block_ptr", T.buffer((n_rows + 1,), "int32"))
         bcol = T.arg("block_col", T.buffer((max(num_blocks, 1),), "int32"))

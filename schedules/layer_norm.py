@@ -16,6 +16,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .tunable import SCHEDULED_ATTR
 from .vector_math import row_map, row_reduce, span, splat
 
 
@@ -43,7 +44,7 @@ def layer_norm_primfunc(
     f32 = "float32"
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
         x_arg = T.arg("x", T.buffer((*g.lead, e), f32))
         r_arg = T.arg("residual", T.buffer((*g.lead, e), f32)) if g.residual else None
         gamma = T.arg("gamma", T.buffer((e,), f32)) if g.scale else None

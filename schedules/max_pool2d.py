@@ -27,6 +27,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .buffers import allocated_view
+from .tunable import SCHEDULED_ATTR
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def max_pool2d_primfunc(
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         # Scheduled already: tuning and TVM's default schedules leave it alone.
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, "tirx.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
         data = T.arg("data", T.buffer((n_img, chans, height, width), "float32"))
         out = T.arg("out", T.buffer((n_img, chans, out_h, out_w), "float32"))
         # A root block: Relax's RewriteDataflowReshape inspects every one-input call_tir's

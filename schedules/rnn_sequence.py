@@ -69,6 +69,7 @@ from .rnn_geometry import (
     recurrent_unsupported,
 )
 from .rnn_weights import BlockLayout, pack_recurrent_weight, pad_gate_rows
+from .tunable import SCHEDULED_ATTR
 from .vector_math import const_vector, keep, vector_sigmoid, vector_tanh
 
 __all__ = [
@@ -265,7 +266,7 @@ def recurrent_sequence_primfunc(
             {
                 "tir.noalias": True,
                 "op_pattern": 8,
-                "tirx.is_scheduled": True,
+                SCHEDULED_ATTR: True,
                 RECURRENT_ATTR: {
                     "cell": geom.cell,
                     "steps": steps,

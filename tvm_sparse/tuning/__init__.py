@@ -30,7 +30,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
-from schedules.tunable import tunable_block
+from schedules.tunable import SCHEDULED_ATTR, tunable_block
 from tvm_sparse.errors import last_line
 from tvm_sparse.frontend import random_inputs
 from tvm_sparse.pipeline import lower, prepare
@@ -259,7 +259,7 @@ def _scheduled(func) -> bool:
     """A final hand kernel (``tirx.is_scheduled``, TVM's mark, as MetaSchedule's own task
     conversion skips): nothing to search, and its vector body would stop MetaSchedule's FLOP
     estimator (no rule for broadcasts and shuffles)."""
-    return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))
+    return bool(func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False))
 
 
 def _budgets(tasks: list[TaskResult], trials: int, floor: int) -> list[int]:
