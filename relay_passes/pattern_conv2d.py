@@ -42,27 +42,22 @@ def _emit_gemm(
     epilogue: tuple[Epilogue, EpilogueMatch],
     cores: int,
 ) -> relax.Expr:
-    """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM template (a strided conv on
-    the input sliced to the pixels it reads)."""
+    """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM template (a strided conv's
+    panels gathered from its input map)."""
     geom, cfg = plan.geometry, plan.config
     epi, match = epilogue
-    x, stride = visit(match.anchor.args[0]), geom.stride[0]
-    if stride > 1:
-        x = bb.emit(
-            relax.op.strided_slice(
-                x, axes=[2, 3], begin=[0, 0], end=[geom.height, geom.width],
-                strides=[stride, stride],
-            )
-        )  # fmt: skip
-    dims = (geom.out_height, geom.out_width)
+    dims, stride = (geom.out_height, geom.out_width), geom.stride[0]
+    in_dims = (geom.height, geom.width) if stride > 1 else None
     o, c = geom.out_channels, geom.in_channels
-    key = ("gemm", geom.batch, c, o, dims, epi, cfg)
+    key = ("gemm", geom.batch, c, o, dims, epi, cfg, stride, in_dims)
     name = f"dense_conv1x1_{o}x{c}"
     kernel = add_kernel(
         bb, kernels, key, name,
-        lambda: conv1x1_gemm_template(geom.batch, c, o, dims, epi, cfg, cores, name),
+        lambda: conv1x1_gemm_template(
+            geom.batch, c, o, dims, epi, cfg, cores, name, stride, in_dims
+        ),
     )  # fmt: skip
-    args = [x, relax.const(plan.packing), *match.operands(visit)]
+    args = [visit(match.anchor.args[0]), relax.const(plan.packing), *match.operands(visit)]
     return relax.call_tir(kernel, args, relax.TensorType((geom.batch, o, *dims), "float32"))
 
 

@@ -267,6 +267,37 @@ def test_every_linear_tile_of_the_space_matches_numpy(target, tile_rows) -> None
     np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
 
 
+@pytest.mark.parametrize("target", ISA_TARGETS)
+@pytest.mark.parametrize(("stride", "in_dims"), [(2, (13, 13)), (2, (15, 10)), (3, (22, 20))])
+@pytest.mark.parametrize("tile_rows", [1, 4])
+def test_strided_panels_gathered_from_the_input_match_numpy(target, stride, in_dims, tile_rows):
+    """A strided 1x1 conv read from its input map (no slice first): odd and even input sizes,
+    a 7x7 output (its last column rows-in-lanes), stride 3, bias + residual + ReLU."""
+    tgt = tvm.target.Target(resolve_target(target))
+    cfg = default_gemm_config(vector_lanes(tgt), vector_registers(tgt), 49)
+    o, c = 19, 13
+    dims = tuple((d - 1) // stride + 1 for d in in_dims)
+    rng = np.random.default_rng(stride * 100 + in_dims[1])
+    x = rng.standard_normal((2, c, *in_dims), "float32")
+    w, b = rng.standard_normal((o, c), "float32"), rng.standard_normal(o, "float32")
+    r = rng.standard_normal((2, o, *dims), "float32")
+    func = conv1x1_gemm_primfunc(2, c, o, dims[0] * dims[1], Epilogue(True, True, "relu"), cfg,
+                                 2, "g", dims, tile_rows=tile_rows, stride=stride,
+                                 in_dims=in_dims)  # fmt: skip
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
+    out = tvm.runtime.tensor(np.zeros((2, o, *dims), "float32"))
+    args = [x, pack_rows(w, cfg.rows), b, r]
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    sliced = x[:, :, ::stride, ::stride]
+    ref = np.maximum(np.einsum("oc,nchw->nohw", w, sliced) + b[:, None, None] + r, 0)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
+
+
+def test_a_strided_gemm_needs_its_input_dims():
+    with pytest.raises(ValueError, match="needs its out_dims and in_dims"):
+        conv1x1_gemm_primfunc(1, 8, 8, 49, out_dims=(7, 7), stride=2)
+
+
 def test_dense_1x1_gemm_is_tuned_and_applied(tmp_path) -> None:
     """A dense 1x1 conv's GEMM is a MetaSchedule task (rows / vectors knobs), tuned on a tiny
     budget and applied by compile; the compiled model matches PyTorch."""
