@@ -20,7 +20,7 @@ rows already (measured in ``benchmarks/README.md``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import tvm
@@ -29,7 +29,14 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .buffers import allocated_view
-from .dense_gemm import GemmConfig, column_tiles, emit_tile, pack_rows, store_channel_row
+from .dense_gemm import (
+    GemmConfig,
+    column_tiles,
+    default_gemm_config,
+    emit_tile,
+    pack_rows,
+    store_channel_row,
+)
 from .epilogue import Epilogue
 from .geometry import ConvGeometry
 from .pattern_conv2d.staging import gather_row
@@ -51,8 +58,8 @@ class DenseConvConfig:
 def default_dense_conv_config(geom: ConvGeometry, lanes: int, registers: int) -> DenseConvConfig:
     """The GEMM's tile for the target (``default_gemm_config`` without the rows-in-lanes column)
     and 2 output rows a job."""
-    rows, vectors = (8, 3) if registers >= 32 else (4, 3)
-    return DenseConvConfig(GemmConfig(rows, vectors, lanes), out_rows=min(2, geom.out_height))
+    gemm = replace(default_gemm_config(lanes, registers), cross=0)
+    return DenseConvConfig(gemm, out_rows=min(2, geom.out_height))
 
 
 def pack_dense_conv(weight: np.ndarray, rows: int) -> np.ndarray:

@@ -298,37 +298,33 @@ def test_a_strided_gemm_needs_its_input_dims():
         conv1x1_gemm_primfunc(1, 8, 8, 49, out_dims=(7, 7), stride=2)
 
 
+def _tuned_and_applied(model, inputs: tuple, trials: int, work_dir, task: str, reason: str):
+    """Tune ``model`` on ``trials``: its one template task is named ``task...`` and measured at
+    least twice; compiled with the records, its layer says ``reason`` and it matches PyTorch."""
+    result = tvm_sparse.tune(model, inputs, trials=trials, work_dir=str(work_dir),
+                             progress=False, verify=0, model_check=False)  # fmt: skip
+    (tuned,) = [t for t in result.tasks if t.template]
+    assert tuned.name.startswith(task) and tuned.trials >= 2
+    cm = tvm_sparse.compile(model, inputs, tuning=str(work_dir))
+    assert reason in cm.layers[0].reason
+    with torch.no_grad():
+        ref = model(*(torch.from_numpy(a) for a in inputs)).numpy()
+    assert np.max(np.abs(cm(*inputs) - ref)) <= TOL * max(1.0, float(np.abs(ref).max()))
+
+
 def test_dense_1x1_gemm_is_tuned_and_applied(tmp_path) -> None:
     """A dense 1x1 conv's GEMM is a MetaSchedule task (rows / vectors knobs), tuned on a tiny
     budget and applied by compile; the compiled model matches PyTorch."""
     model = PointwiseBlock(32, 48, 1, True, False, "relu").eval()
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((1, 32, 12, 12)).astype("float32")
+    x = np.random.default_rng(5).standard_normal((1, 32, 12, 12)).astype("float32")
     r = np.zeros((1, 48, 12, 12), "float32")
-    result = tvm_sparse.tune(model, (x, r), trials=8, work_dir=str(tmp_path), progress=False,
-                             verify=0, model_check=False)  # fmt: skip
-    (task,) = [t for t in result.tasks if t.template]
-    assert task.name.startswith("dense_conv1x1") and task.trials >= 2
-    cm = tvm_sparse.compile(model, (x, r), tuning=str(tmp_path))
-    assert "packed GEMM" in cm.layers[0].reason
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x), torch.from_numpy(r)).numpy()
-    assert np.max(np.abs(cm(x, r) - ref)) <= TOL * max(1.0, float(np.abs(ref).max()))
+    _tuned_and_applied(model, (x, r), 8, tmp_path, "dense_conv1x1", "packed GEMM")
 
 
 def test_linear_gemm_is_tuned_and_applied(tmp_path) -> None:
     """A linear layer over tokens is a MetaSchedule task (the rows knob), tuned on a tiny
     budget and applied by compile; the compiled model matches PyTorch."""
     model = LinearBlock(32, 40, residual=False, relu=True).eval()
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((1, 20, 32)).astype("float32")
+    x = np.random.default_rng(6).standard_normal((1, 20, 32)).astype("float32")
     r = np.zeros((1, 20, 40), "float32")
-    result = tvm_sparse.tune(model, (x, r), trials=6, work_dir=str(tmp_path), progress=False,
-                             verify=0, model_check=False)  # fmt: skip
-    (task,) = [t for t in result.tasks if t.template]
-    assert task.name.startswith("dense_linear") and task.trials >= 2
-    cm = tvm_sparse.compile(model, (x, r), tuning=str(tmp_path))
-    assert "GEMM" in cm.layers[0].reason
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x), torch.from_numpy(r)).numpy()
-    assert np.max(np.abs(cm(x, r) - ref)) <= TOL * max(1.0, float(np.abs(ref).max()))
+    _tuned_and_applied(model, (x, r), 6, tmp_path, "dense_linear", "GEMM")

@@ -68,16 +68,22 @@ def _dense_linear(params: dict, _args: list[relax.Expr]) -> int:
     return 2 * math.prod(params["lead"]) * params["k"] * params["n"]
 
 
-def _depthwise_conv(params: dict, _args: list[relax.Expr]) -> int:
-    """2 x output pixels x channels x taps."""
-    geom = ConvGeometry.from_json(params["geom"])
+def _direct_conv(geom: ConvGeometry, channels_per_filter: int) -> int:
+    """2 x output pixels x filters x the taps of each filter's channels (every one computed)."""
     kh, kw = geom.kernel
-    return 2 * geom.batch * geom.out_height * geom.out_width * geom.out_channels * kh * kw
+    pixels = geom.batch * geom.out_height * geom.out_width
+    return 2 * pixels * geom.out_channels * channels_per_filter * kh * kw
 
 
-def _dense_conv(params: dict, args: list[relax.Expr]) -> int:
-    """2 x output pixels x filters x the taps of every input channel."""
-    return _depthwise_conv(params, args) * ConvGeometry.from_json(params["geom"]).in_channels
+def _depthwise_conv(params: dict, _args: list[relax.Expr]) -> int:
+    """One channel per filter."""
+    return _direct_conv(ConvGeometry.from_json(params["geom"]), 1)
+
+
+def _dense_conv(params: dict, _args: list[relax.Expr]) -> int:
+    """Every input channel per filter."""
+    geom = ConvGeometry.from_json(params["geom"])
+    return _direct_conv(geom, geom.in_channels)
 
 
 FLOP_COUNTS: dict[str, Callable[[dict, list[relax.Expr]], int]] = {
