@@ -8,12 +8,13 @@ the whole of K.
 
 - **1x1 conv** ``out[n, o, p] = sum_c W[o, c] x[n, c, p]`` (p a pixel of the flattened map):
   A is the weight, packed as ``(ceil(O / rows), C, rows)`` so a tile's broadcasts are
-  contiguous; B is the input read in place, a tile's columns being ``vectors`` x lanes pixels.
+  contiguous; B is the input, a tile's columns being ``vectors`` x lanes pixels, read in place
+  or through a panel a job's first row tile fills (``b_source``).
   The map's last columns (H*W not a multiple of the tile) join the last tile as one more
   vector, partial where H*W is not a multiple of the lanes, with half the rows; a last single
   column (7x7 maps: 49 = 3 x 16 + 1) instead joins it rows-in-lanes, one vector of the tile's
   weights times the pixel (``emit_tile``'s ``cross``; AVX-512, and AVX2 at 4 x 2 tiles). A
-  strided conv's panels are gathered from its input map (``stage_panel``), with no slice
+  strided conv's panels are gathered from its input map (``b_source``), with no slice
   first: alone on AMD Zen 5, ResNet's stride-2 1x1 convs on 56x56 / 28x28 inputs 1.20-1.71x
   (AVX2 build 1.09-1.34x) against the input sliced by its own kernel, on 14x14 0.98-1.01x.
 - **linear** ``out[m, n] = sum_k x[m, k] W[k, n]``: A is the input (tokens broadcast), B the
@@ -21,7 +22,13 @@ the whole of K.
   columns that exist.
 
 Parallel jobs are (image, column tile, chunk of row tiles): a job streams its column panel of
-B once per row tile from L1 / L2 while A's tiles are read once.
+B once per row tile from L1 / L2 while A's tiles are read once. The 1x1 conv numbers its jobs
+chunk-major (a chunk's column tiles adjacent): the runtime hands each thread one contiguous range
+of jobs, so where a map has few column tiles (14x14: 3 full and a heavier last one, split in two
+chunks) each thread gets half of the weight's rows and its share of the last tile, rather than
+whole column tiles. AMD Zen 5, 2 threads, alone: 1x1 convs on 14x14 maps 1.05-1.09x (e.g.
+256x1024 from 410 to 445 GFLOP/s); AVX2 build 1.00-1.03x; unchanged where a job is a whole
+column (56x56, 28x28).
 
 In a whole model a 1x1 conv's weight comes from DRAM (ResNet-50 holds 100 MB of weights, L3 is
 32 MB), where the tile consumes it at ~2 bytes a cycle per core: the conv GEMM prefetches the
@@ -49,6 +56,7 @@ from .vector_math import span, splat
 ZERO = tirx.const(0.0, "float32")
 PREFETCH_BYTES = 4096  # how far ahead of the tile the conv GEMM prefetches its packed weight
 CROSS_COLUMNS = 1  # map columns past whole tiles computed rows-in-lanes (see emit_tile)
+CACHE_LINE = 64  # bytes
 
 
 @dataclass(frozen=True)
@@ -232,30 +240,58 @@ def tile_block(
         tiles(last.start, last.widths, last.rows)
 
 
-def stage_panel(
+def b_source(
     x: tirx.Buffer,
     n: tirx.PrimExpr,
     start: tirx.PrimExpr,
     widths: tuple[int, ...],
     depth: int,
     strided: tuple[int, int, int] | None = None,
-) -> tirx.Buffer:
-    """Copy the columns ``[start, start + sum(widths))`` of ``x[n]``'s ``depth`` rows into a
-    contiguous panel. Read in place, a tile's k-th vectors lie a map apart: one page per k,
-    which the TLB and the prefetchers may not follow (64x256 on 56x56, one thread: 130
-    GFLOP/s with or without the copy; kept for its 192-byte stride).
+) -> tuple[VectorAt, Callable[[tirx.PrimExpr], None] | None]:
+    """Where a job's tiles read B, the columns ``[start, start + sum(widths))`` of ``x[n]``'s
+    ``depth`` rows, as ``b_at(k, offset, width)``; and ``fill(k)``, what the job's first row
+    tile also does at each k (None: nothing):
 
-    ``strided`` (stride, output width, input width): the columns are output pixels of a
-    strided 1x1 conv, each gathered from the input map (``x`` its flat (C, H*W) view); the
-    tile's input offsets are computed once."""
-    offsets = _offsets(widths)
+    - ``strided`` (stride, output width, input width): the columns are output pixels of a
+      strided 1x1 conv, gathered from the input map (``x`` its flat (C, H*W) view) into a
+      contiguous panel before the tiles, the tile's input offsets computed once;
+    - a map whose rows are whole cache lines (56x56, 28x28, 112x112): read in place, every
+      vector load aligned;
+    - any other (14x14, 7x7): the loads in place would split cache lines. The first row tile
+      copies each k's vectors into a contiguous panel as it loads them, the copy's loads
+      overlapping its FMAs; the other row tiles read the panel.
+
+    AMD Zen 5, 2 threads, alone, against a panel copied before the tiles: in place 64x256 /
+    24x144 / 64x64 on 56x56 and 96x16 on 112x112 1.05-1.24x (AVX2 build 1.04-1.09x), 28x28
+    1.00-1.05x; filled by the first tile 96x384 / 64x384 on 14x14 1.09-1.14x, K = 1024 on
+    14x14 and 7x7 1.00-1.02x (read in place there: 0.94-0.95x). Whole ResNet-50 / MobileNetV2:
+    within the 2-4 % by which two compiles of the same model differ."""
+    if strided is not None:
+        panel = _gathered_panel(x, n, start, widths, depth, strided)
+        return (lambda kk, off, w: panel[kk, span(off, w)]), None
+    if int(x.shape[-1]) * 4 % CACHE_LINE == 0:
+        return (lambda kk, off, w: x[n, kk, span(start + off, w)]), None
     panel = allocated_view((depth, sum(widths)))
-    if strided is None:
-        with T.serial(0, depth) as kk:
-            for off, w in zip(offsets, widths, strict=True):
-                T.buffer_store(panel, x[n, kk, span(start + off, w)], [kk, span(off, w)])
-        return panel
+
+    def fill(kk: tirx.PrimExpr) -> None:
+        for off, w in zip(_offsets(widths), widths, strict=True):
+            T.buffer_store(panel, x[n, kk, span(start + off, w)], [kk, span(off, w)])
+
+    return (lambda kk, off, w: panel[kk, span(off, w)]), fill
+
+
+def _gathered_panel(
+    x: tirx.Buffer,
+    n: tirx.PrimExpr,
+    start: tirx.PrimExpr,
+    widths: tuple[int, ...],
+    depth: int,
+    strided: tuple[int, int, int],
+) -> tirx.Buffer:
+    """The strided conv's panel (``b_source``): ``depth`` rows of the output pixels from
+    ``start`` on, each gathered from every ``stride``-th row and column of the input map."""
     stride, out_w, in_w = strided
+    panel = allocated_view((depth, sum(widths)))
     at = allocated_view((sum(widths),), "int32")
     for j in range(sum(widths)):
         p = start + j
@@ -288,6 +324,14 @@ def store_channel_row(
         T.buffer_store(out, value, list(at))
 
 
+def job_tiles(job, batch: int, col_jobs: int, chunk: int) -> tuple:
+    """A conv GEMM job's (image, column tile, first row tile), numbered chunk-major: the jobs of
+    one chunk of row tiles are adjacent, every image's column tiles among them (see the module
+    docstring). ``job``: an int or the parallel loop's variable."""
+    per_image = col_jobs // batch
+    return job % col_jobs // per_image, job % col_jobs % per_image, job // col_jobs * chunk
+
+
 def _row_chunks(row_tiles: int, other_jobs: int, cores: int) -> int:
     """Row tiles per job: whole columns of tiles where there are enough column jobs to feed
     ``cores`` (4 jobs each), else split so there are."""
@@ -314,7 +358,7 @@ def conv1x1_gemm_primfunc(
     out as 4-D maps of ``pixels = H * W`` (read through flat views). The register tile is
     ``tile_rows`` (a divisor of the packed ``cfg.rows``; default all of them) x ``cfg.vectors``.
     ``stride`` > 1: x is the conv's input map of ``in_dims``, each panel gathered from every
-    ``stride``-th row and column of it (``stage_panel``)."""
+    ``stride``-th row and column of it (``b_source``)."""
     cfg = cfg or GemmConfig()
     tile_rows = tile_rows or cfg.rows
     if cfg.rows % tile_rows:
@@ -343,15 +387,13 @@ def conv1x1_gemm_primfunc(
             resid = T.decl_buffer((batch, out_channels, pixels), "float32", data=resid_arg.data)
         w_flat = T.decl_buffer((w.shape[0] * w.shape[1] * w.shape[2],), "float32", data=w.data)
         with T.parallel(0, col_jobs * chunks) as job:
-            n = job // chunks // (col_jobs // batch)
-            col_tile = job // chunks % (col_jobs // batch)
-            first = job % chunks * chunk
+            n, col_tile, first = job_tiles(job, batch, col_jobs, chunk)
 
             def tile(start: tirx.PrimExpr, widths: tuple[int, ...], rows: int, cross: int) -> None:
                 sub = cfg.rows // rows  # sub-tiles of a packed row tile
                 strided = (stride, dims[-1], in_dims[-1]) if stride > 1 else None
                 columns = widths + ((cross,) if cross else ())
-                panel = stage_panel(x, n, start, columns, in_channels, strided)
+                b_at, fill = b_source(x, n, start, columns, in_channels, strided)
                 with T.serial(0, chunk * sub) as t:
                     row_tile, part = (first + t // sub, t % sub) if sub > 1 else (first + t, 0)
                     o0 = row_tile * cfg.rows + part * rows
@@ -366,20 +408,34 @@ def conv1x1_gemm_primfunc(
                         at = (row_tile * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
                         prefetch(w_flat[tirx.min(at, w_flat.shape[0] - 1)])
 
-                    def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
-                        return panel[kk, span(off, width)]
-
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
                         at = (n, o0 + r, span(start + off, width))
                         store_channel_row(out, at, value, epilogue, (bias, resid), out_channels)
 
-                    with T.If(row_tile < row_tiles), T.Then():
+                    def filling(kk: tirx.PrimExpr) -> None:
+                        fill(kk)
+                        ahead(kk)
+
+                    def emit(at_each_k: Callable[[tirx.PrimExpr], None]) -> None:
                         emit_tile(
-                            in_channels, rows, widths, a_at, b_at, finish, ahead, cross, a_rows_at
-                        )
+                            in_channels, rows, widths, a_at, b_at, finish, at_each_k, cross,
+                            a_rows_at,
+                        )  # fmt: skip
+
+                    if fill is None:
+                        with T.If(row_tile < row_tiles), T.Then():
+                            emit(ahead)
+                    else:  # a job's first row tile always exists
+                        with T.If(t == 0):
+                            with T.Then():
+                                emit(filling)
+                            with T.Else(), T.If(row_tile < row_tiles), T.Then():
+                                emit(ahead)
 
             if last is None:
                 tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, tile_rows, 0)
+            elif full == 0:  # the map is one tile
+                tile(last.start, last.widths, last.rows, last.cross)
             else:
                 with T.If(col_tile < full):
                     with T.Then():
@@ -471,7 +527,9 @@ __all__ = [
     "column_tiles",
     "conv1x1_gemm_primfunc",
     "default_gemm_config",
+    "b_source",
     "emit_tile",
+    "job_tiles",
     "linear_gemm_primfunc",
     "linear_gemm_template",
     "pack_columns",

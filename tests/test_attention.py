@@ -170,15 +170,16 @@ def test_pass_leaves_softmax_over_another_axis():
 
 
 class SelfAttention(torch.nn.Module):
-    """nn.MultiheadAttention with an additive float mask given as an input. (A boolean
-    ``key_padding_mask`` does not import: TVM 0.27's legalization of ``full`` fails on it.)"""
+    """nn.MultiheadAttention with its mask given as an input: ``mask_arg`` names it, an additive
+    float ``attn_mask`` or a boolean ``key_padding_mask`` (True: a padded key)."""
 
-    def __init__(self) -> None:
+    def __init__(self, mask_arg: str = "attn_mask") -> None:
         super().__init__()
         self.attn = torch.nn.MultiheadAttention(48, 4, batch_first=True)
+        self.mask_arg = mask_arg
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        return self.attn(x, x, x, need_weights=False, **{self.mask_arg: mask})[0]
 
 
 def _attention_rows(cm: tvm_sparse.CompiledModel) -> list:
@@ -244,3 +245,20 @@ def test_kernel_reads_a_fused_qkv_projection_in_place(target):
         *(torch.from_numpy(np.ascontiguousarray(a)) for a in (q, k, v)), scale=0.5
     ).numpy()
     _close(got, ref)
+
+
+def test_boolean_key_padding_mask_is_fused_and_masks_the_padded_keys():
+    """Sequences of 7 and 4 tokens in a batch of 7: the padded keys get no weight (the
+    output of the short one's real tokens equals it computed alone)."""
+    torch.manual_seed(0)
+    net = SelfAttention("key_padding_mask").eval()
+    x = np.random.default_rng(0).standard_normal((2, 7, 48)).astype("float32")
+    padded = np.zeros((2, 7), bool)
+    padded[1, 4:] = True
+    cm = tvm_sparse.compile(net, (x, padded))
+    got = cm(x, padded)
+    with torch.no_grad():
+        _close(got, net(torch.from_numpy(x), torch.from_numpy(padded)).numpy())
+        alone = net(torch.from_numpy(x[1:, :4]), torch.zeros((1, 4), dtype=torch.bool))
+    _close(got[1:, :4], alone.numpy())
+    assert [r.shape for r in _attention_rows(cm)] == ["8x7x7, depth 12"]

@@ -2,6 +2,8 @@
 PyTorch on every x86 ISA this host runs, odd sizes, strides and the fused epilogue; the tiling
 helpers; the pass's choice."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from schedules.dense_gemm import (
     conv1x1_gemm_primfunc,
     conv1x1_gemm_template,
     default_gemm_config,
+    job_tiles,
     linear_gemm_primfunc,
     linear_gemm_template,
     pack_columns,
@@ -128,7 +131,33 @@ def test_a_last_column_joins_the_last_full_tile_rows_in_lanes():
     assert column_tiles(50, cfg, 1) == column_tiles(50, cfg)  # two columns: a partial vector
     assert column_tiles(1, cfg, 1) == column_tiles(1, cfg)  # no full tile to join
     script = conv1x1_gemm_primfunc(1, 64, 32, 49, cfg=cfg, cores=2).script()
-    assert "weight[v % 4 + v_1, v_2, T.Ramp(0, 1, 8)]" in script  # its weights: one 8-lane load
+    assert "weight[v + v_1, v_2, T.Ramp(0, 1, 8)]" in script  # its weights: one 8-lane load
+
+
+@pytest.mark.parametrize(
+    ("dims", "panels"),
+    [((8, 8), []), ((4, 28), []), ((7, 7), [49]), ((14, 14), [48, 52]), ((5, 7), [35])],
+)
+def test_conv_gemm_reads_rows_of_whole_lines_in_place_and_copies_the_rest(dims, panels):
+    """B is read in place where the map's rows are whole cache lines (64 and 112 pixels: every
+    vector load aligned); elsewhere each column tile gets a contiguous panel of K rows (the
+    full tiles' 48 columns, the last tile's), which its first row tile fills as it goes. A
+    map of one tile (7x7: 48 + 1 columns rows-in-lanes) has no code for full tiles."""
+    cfg = GemmConfig(rows=8, vectors=3, lanes=16, cross=1)
+    script = conv1x1_gemm_primfunc(1, 24, 32, dims[0] * dims[1], cfg=cfg, out_dims=dims).script()
+    allocs = re.findall(r"T.alloc_buffer\(\(24, (\d+)\)\)", script)
+    assert sorted(map(int, allocs)) == panels
+
+
+def test_conv_gemm_jobs_split_row_chunks_between_threads():
+    """Each (image, column tile, row chunk) is one job, and where a map has few column tiles
+    (256 x 1024 on 14x14: 4, the last heavier) each thread's contiguous half of the jobs holds
+    every column tile of one half of the weight's rows."""
+    jobs = [job_tiles(job, batch=2, col_jobs=8, chunk=16) for job in range(16)]
+    assert sorted(jobs) == sorted((n, c, r) for n in (0, 1) for c in range(4) for r in (0, 16))
+    first, second = jobs[:8], jobs[8:]
+    assert {(n, c) for n, c, _ in first} == {(n, c) for n, c, _ in second}  # all tiles each
+    assert {r for *_, r in first} == {0} and {r for *_, r in second} == {16}
 
 
 def test_conv_gemm_prefetches_its_weight_ahead_of_the_tile():
@@ -137,7 +166,9 @@ def test_conv_gemm_prefetches_its_weight_ahead_of_the_tile():
     cfg = GemmConfig(rows=8, vectors=3, lanes=16)
     script = conv1x1_gemm_primfunc(1, 64, 32, 49, cfg=cfg, cores=2).script()
     lines = [line for line in script.splitlines() if "T.prefetch" in line]
-    assert len(lines) == 2  # the full tiles and the last one (49 pixels: 48 + 1)
+    # one tile (49 pixels: 48 + 1), as a job's first row tile (filling the panel, see
+    # b_source) and as the others
+    assert len(lines) == 2
     ahead, last = PREFETCH_BYTES // 4, 4 * 64 * 8 - 1  # the packed weight is (4, 64, 8)
     assert all(f"+ {ahead}, {last})" in line for line in lines), lines
 
@@ -211,11 +242,12 @@ def test_gemm_template_default_is_the_hand_kernel_and_its_space_is_pinned() -> N
 
 @pytest.mark.parametrize("target", ISA_TARGETS)
 @pytest.mark.parametrize("tile_rows, vectors", [(1, 1), (2, 4), (4, 2), (8, 3)])
-@pytest.mark.parametrize("dims", [(1, 37), (7, 7)])
+@pytest.mark.parametrize("dims", [(1, 37), (7, 7), (4, 20)])
 def test_every_tile_of_the_space_matches_numpy(target, tile_rows, vectors, dims) -> None:
     """Odd sizes (19 filters, 13 channels, 37 pixels: partial row tiles and vectors; 49 pixels:
-    a last column rows-in-lanes, forced on AVX2 too), bias + residual + ReLU, at tiles the
-    tuner may pick (rows dividing the packed rows)."""
+    a last column rows-in-lanes, forced on AVX2 too; 80 pixels, rows of whole cache lines: B
+    read in place), bias + residual + ReLU, at tiles the tuner may pick (rows dividing the
+    packed rows)."""
     tgt = tvm.target.Target(resolve_target(target))
     lanes = vector_lanes(tgt)
     packed = default_gemm_config(lanes, vector_registers(tgt)).rows
