@@ -160,6 +160,25 @@ def test_conv_gemm_jobs_split_row_chunks_between_threads():
     assert {r for *_, r in first} == {0} and {r for *_, r in second} == {16}
 
 
+@pytest.mark.parametrize(
+    ("side", "out_channels", "jobs"), [(7, 2048, 12), (7, 160, 12), (14, 256, 8), (28, 64, 32)]
+)
+def test_conv_gemm_jobs_are_a_multiple_of_the_threads(side, out_channels, jobs):
+    """The runtime gives each thread an equal range of jobs, whole only where they divide
+    evenly. On AVX2's tiles a 7x7 map has 3 column tiles (4 x 2 tiles and a column): its rows
+    split in 4 chunks, not 3. 14x14 and 28x28 have 8 and 32 column tiles (4 x 3): one chunk
+    each. AVX-512's 65 on a 56x56 map stay one chunk (33 against 32.5 jobs: within 5 %)."""
+
+    def parallel_jobs(lanes: int, registers: int, side: int, out_channels: int) -> int:
+        cfg = default_gemm_config(lanes, registers, side * side)
+        func = conv1x1_gemm_primfunc(1, 32, out_channels, side * side, cfg=cfg, cores=2,
+                                     out_dims=(side, side))  # fmt: skip
+        return int(re.search(r"T.parallel\((\d+)\)", func.script()).group(1))
+
+    assert parallel_jobs(8, 16, side, out_channels) == jobs
+    assert parallel_jobs(16, 32, 56, 64) == 65
+
+
 def test_conv_gemm_prefetches_its_weight_ahead_of_the_tile():
     """Each k of a tile prefetches the packed weight ``PREFETCH_BYTES`` ahead, clamped to the
     weight (in a model the weight streams from DRAM; see the module docstring)."""
