@@ -1,0 +1,633 @@
+"""Dense GEMM with a constant operand packed at compile time: 1x1 convs (NCHW) and linear layers
+over tokens. TIR kernel generator.
+
+Both are ``C = A @ B`` computed by one register tile of ``rows`` x ``vectors`` vectors: per ``k``
+the tile loads ``vectors`` vectors of B's row ``k`` and broadcasts ``rows`` values of A's column
+``k`` (one FMA each, AVX-512's embedded broadcast), the accumulators staying in registers for
+the whole of K.
+
+- **1x1 conv** ``out[n, o, p] = sum_c W[o, c] x[n, c, p]`` (p a pixel of the flattened map):
+  A is the weight, packed as ``(ceil(O / rows), C, rows)`` so a tile's broadcasts are
+  contiguous; B is the input, a tile's columns being ``vectors`` x lanes pixels, read in place
+  or through a panel a job's first row tile fills (``b_source``).
+  The map's last columns (H*W not a multiple of the tile) join the last tile as one more
+  vector, partial where H*W is not a multiple of the lanes, with half the rows; a last single
+  column (7x7 maps: 49 = 3 x 16 + 1) instead joins it rows-in-lanes, one vector of the tile's
+  weights times the pixel (``emit_tile``'s ``cross``; AVX-512, and AVX2 at 4 x 2 tiles). A
+  strided conv's panels are gathered from its input map (``b_source``), with no slice
+  first: alone on AMD Zen 5, ResNet's stride-2 1x1 convs on 56x56 / 28x28 inputs 1.20-1.71x
+  (AVX2 build 1.09-1.34x) against the input sliced by its own kernel, on 14x14 0.98-1.01x.
+- **linear** ``out[m, n] = sum_k x[m, k] W[k, n]``: A is the input (tokens broadcast), B the
+  weight packed as ``(ceil(N / width), K, width)``, zero-padded; the last tile stores only the
+  columns that exist.
+
+Parallel jobs are (image, column tile, chunk of row tiles): a job streams its column panel of
+B once per row tile from L1 / L2 while A's tiles are read once. The 1x1 conv numbers its jobs
+chunk-major (a chunk's column tiles adjacent): the runtime hands each thread one contiguous range
+of jobs, so where a map has few column tiles (14x14: 3 full and a heavier last one, split in two
+chunks) each thread gets half of the weight's rows and its share of the last tile, rather than
+whole column tiles. AMD Zen 5, 2 threads, alone: 1x1 convs on 14x14 maps 1.05-1.09x (e.g.
+256x1024 from 410 to 445 GFLOP/s); AVX2 build 1.00-1.03x; unchanged where a job is a whole
+column (56x56, 28x28).
+
+In a whole model a 1x1 conv's weight comes from DRAM (ResNet-50 holds 100 MB of weights, L3 is
+32 MB), where the tile consumes it at ~2 bytes a cycle per core: the conv GEMM prefetches the
+packed weight ``PREFETCH_BYTES`` ahead of the tile. Chains of distinct 1x1 convs, AMD Zen 5,
+2 threads, vs ONNX Runtime: 2048x512 / 512x2048 on 7x7 0.67x -> 0.98-1.03x, 1024x256 / 256x1024
+on 14x14 0.74x -> 0.94-0.97x, 512x128 on 28x28 1.01x -> 1.06x (64 to 256 k ahead alike).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .buffers import accumulator_rows, allocated_view, prefetch
+from .epilogue import Epilogue
+from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
+from .vector_math import span, splat
+
+ZERO = tirx.const(0.0, "float32")
+PREFETCH_BYTES = 4096  # how far ahead of the tile the conv GEMM prefetches its packed weight
+CROSS_COLUMNS = 1  # map columns past whole tiles computed rows-in-lanes (see emit_tile)
+CACHE_LINE = 64  # bytes
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """The register tile: ``rows`` broadcast values x ``vectors`` vectors of ``lanes``."""
+
+    rows: int = 8
+    vectors: int = 3
+    lanes: int = 16
+    cross: int = 0  # most map columns past whole tiles computed rows-in-lanes (``column_tiles``)
+
+    @property
+    def width(self) -> int:
+        return self.vectors * self.lanes
+
+
+def default_gemm_config(lanes: int, registers: int, columns: int | None = None) -> GemmConfig:
+    """The tile for a target: accumulators fill three quarters of the vector registers (the
+    rest hold B's vectors and the broadcast): AVX-512 / NEON 8 x 3 (24 of 32), AVX2 4 x 3.
+
+    The map's last column goes rows-in-lanes (``cross``) where the tile's rows fit one vector
+    and the registers hold its accumulator, weight vector and broadcast too: AVX-512 at 8 x 3;
+    AVX2 at 4 x 2, taken where the map's ``columns`` are whole 2-vector tiles and one column
+    (7x7 maps: 49 = 3 x 16 + 1); not NEON (8 rows are two of its vectors). AMD Zen 5, 2 threads,
+    1x1 convs on 7x7 maps alone: AVX-512 1.05-1.21x; AVX2 4 x 2 with the column 1.09-1.22x over
+    4 x 3 (72-75 % of the AVX2 peak, from 61-66 %), 4 x 3 with it 0.67-0.78x (it spills)."""
+    if registers >= 32:
+        rows = 8
+        return GemmConfig(rows, vectors=3, lanes=lanes, cross=CROSS_COLUMNS * (rows <= lanes))
+    if columns is not None and columns % (3 * lanes) and columns % (2 * lanes) == CROSS_COLUMNS:
+        return GemmConfig(rows=4, vectors=2, lanes=lanes, cross=CROSS_COLUMNS)
+    return GemmConfig(rows=4, vectors=3, lanes=lanes)
+
+
+@dataclass(frozen=True)
+class ColumnTile:
+    """Columns ``[start, start + sum(widths))`` computed ``rows`` rows at a time; each width is
+    one vector (a partial one where it is less than the lanes). Then ``cross`` more columns,
+    each one vector of the ``rows`` rows (``emit_tile``)."""
+
+    start: int
+    widths: tuple[int, ...]
+    rows: int
+    cross: int = 0
+
+
+def column_tiles(columns: int, cfg: GemmConfig, cross: int = 0) -> tuple[int, ColumnTile | None]:
+    """``columns`` as ``full`` tiles of ``cfg.width`` then one last tile (None if they fit
+    exactly). A remainder of at most ``cross`` columns joins the last full tile as that many
+    rows-in-lanes vectors (one FMA per column and k, at the full rows); a larger one joins it as
+    one more vector, at half the rows so the accumulators still fit the registers."""
+    full, rest = divmod(columns, cfg.width)
+    if rest == 0:
+        return full, None
+    if full and rest <= cross:
+        return full - 1, ColumnTile(
+            (full - 1) * cfg.width, (cfg.lanes,) * cfg.vectors, cfg.rows, rest
+        )
+    if full == 0:
+        widths = tuple(split_vectors(rest, cfg.lanes))
+        rows = cfg.rows if len(widths) <= cfg.vectors else cfg.rows // 2
+        return 0, ColumnTile(0, widths, rows)
+    widths = (cfg.lanes,) * cfg.vectors + tuple(split_vectors(rest, cfg.lanes))
+    return full - 1, ColumnTile((full - 1) * cfg.width, widths, max(1, cfg.rows // 2))
+
+
+def split_vectors(count: int, lanes: int) -> list[int]:
+    """``count`` columns as vectors of ``lanes`` and one partial vector."""
+    return [lanes] * (count // lanes) + ([count % lanes] if count % lanes else [])
+
+
+def pack_rows(weight: np.ndarray, rows: int) -> np.ndarray:
+    """(M, K) -> (ceil(M / rows), K, rows), zero-padded: a tile's broadcasts, contiguous."""
+    m, k = weight.shape
+    padded = np.pad(weight, ((0, -m % rows), (0, 0)))
+    return np.ascontiguousarray(padded.reshape(-1, rows, k).transpose(0, 2, 1))
+
+
+def pack_columns(weight: np.ndarray, width: int) -> np.ndarray:
+    """(K, N) -> (ceil(N / width), K, width), zero-padded: a tile's vectors, contiguous."""
+    k, n = weight.shape
+    padded = np.pad(weight, ((0, 0), (0, -n % width)))
+    return np.ascontiguousarray(padded.reshape(k, -1, width).transpose(1, 0, 2))
+
+
+def _offsets(widths: tuple[int, ...]) -> list[int]:
+    """Where each vector of a tile's columns starts."""
+    return [sum(widths[:i]) for i in range(len(widths))]
+
+
+ScalarAt = Callable[[int, "tirx.PrimExpr"], "tirx.PrimExpr"]  # (row in tile, k) -> A value
+VectorAt = Callable[["tirx.PrimExpr", int, int], "tirx.PrimExpr"]  # (k, column offset, width) -> B
+Finish = Callable[[int, int, int, "tirx.PrimExpr"], None]  # (row, offset, width, sum) -> store
+
+
+def emit_tile(
+    depth: int,
+    rows: int,
+    widths: tuple[int, ...],
+    a_at: ScalarAt,
+    b_at: VectorAt,
+    finish: Finish,
+    ahead: Callable[[tirx.PrimExpr], None] | None = None,
+    cross: int = 0,
+    a_rows_at: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None,
+    inner: int = 1,
+) -> None:
+    """One register tile: ``rows`` x ``widths`` accumulators over ``depth`` k, then ``finish``
+    on each vector; ``ahead(k)`` (prefetches) runs at each k. Rows and offsets are Python
+    constants: LLVM keeps the tile in registers. The k loop runs ``depth / inner`` times, each
+    iteration ``inner`` k unrolled (k = iteration * inner + a constant).
+
+    ``cross`` more columns follow the widths, each accumulated as one vector of the ``rows``
+    rows: ``a_rows_at(k)`` (A's ``rows`` values at ``k``, contiguous when packed) times B's
+    scalar ``b_at(k, column, 1)``; ``finish`` takes them a row at a time (width 1). A map of
+    49 pixels on 8 x 3 tiles of 16 lanes: 25 FMAs per k for 49 columns, against 16 for 4 rows
+    of 4 vectors (the last one lane) on the half-rows tile."""
+    offsets = _offsets(widths)
+    acc = accumulator_rows(rows, sum(widths))
+    across = accumulator_rows(cross, rows)
+    for r in range(rows):
+        for off, w in zip(offsets, widths, strict=True):
+            T.buffer_store(acc[r], splat(ZERO, w), [span(off, w)])
+    for column in across:
+        T.buffer_store(column, splat(ZERO, rows), [span(0, rows)])
+    if depth % inner:
+        raise ValueError(f"depth {depth} is not a multiple of inner={inner}")
+    with T.serial(0, depth // inner) as outer:
+        for u in range(inner):
+            kk = outer * inner + u if inner > 1 else outer
+            if ahead is not None:
+                ahead(kk)
+            b = [b_at(kk, off, w) for off, w in zip(offsets, widths, strict=True)]
+            for r in range(rows):
+                a = a_at(r, kk)
+                for off, w, bv in zip(offsets, widths, b, strict=True):
+                    at = span(off, w)
+                    T.buffer_store(acc[r], acc[r][at] + splat(a, w) * bv, [at])
+            if across:
+                a_rows = a_rows_at(kk)
+                for j, column in enumerate(across):
+                    b_j = splat(b_at(kk, sum(widths) + j, 1), rows)
+                    at = span(0, rows)
+                    T.buffer_store(column, column[at] + a_rows * b_j, [at])
+    for r in range(rows):
+        for off, w in zip(offsets, widths, strict=True):
+            finish(r, off, w, acc[r][span(off, w)])
+        for j, column in enumerate(across):
+            finish(r, sum(widths) + j, 1, column[r])
+
+
+def tile_block(
+    rows: int,
+    columns: int,
+    depth: int,
+    cfg: GemmConfig,
+    a_at: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
+    b_at: VectorAt,
+    finish: Finish,
+) -> None:
+    """A ``rows`` x ``columns`` block of ``A @ B`` as register tiles (``rows`` a multiple of
+    ``cfg.rows``): loops over the column tiles (``column_tiles``) and the row tiles of each.
+    ``a_at(row, k)``, ``b_at(k, column, width)`` and ``finish(row, column, width, sum)`` take
+    positions in the block."""
+    full, last = column_tiles(columns, cfg)
+
+    def tiles(start: tirx.PrimExpr, widths: tuple[int, ...], tile_rows: int) -> None:
+        with T.serial(0, rows // tile_rows) as t:
+            r0 = t * tile_rows
+            emit_tile(
+                depth, tile_rows, widths,
+                lambda r, kk: a_at(r0 + r, kk),
+                lambda kk, off, w: b_at(kk, start + off, w),
+                lambda r, off, w, value: finish(r0 + r, start + off, w, value),
+            )  # fmt: skip
+
+    if full:
+        with T.serial(0, full) as c:
+            tiles(c * cfg.width, (cfg.lanes,) * cfg.vectors, cfg.rows)
+    if last is not None:
+        tiles(last.start, last.widths, last.rows)
+
+
+def b_source(
+    x: tirx.Buffer,
+    n: tirx.PrimExpr,
+    start: tirx.PrimExpr,
+    widths: tuple[int, ...],
+    depth: int,
+    strided: tuple[int, int, int] | None = None,
+) -> tuple[VectorAt, Callable[[tirx.PrimExpr], None] | None]:
+    """Where a job's tiles read B, the columns ``[start, start + sum(widths))`` of ``x[n]``'s
+    ``depth`` rows, as ``b_at(k, offset, width)``; and ``fill(k)``, what the job's first row
+    tile also does at each k (None: nothing):
+
+    - ``strided`` (stride, output width, input width): the columns are output pixels of a
+      strided 1x1 conv, gathered from the input map (``x`` its flat (C, H*W) view) into a
+      contiguous panel before the tiles, the tile's input offsets computed once;
+    - a map whose rows are whole cache lines (56x56, 28x28, 112x112): read in place, every
+      vector load aligned;
+    - any other (14x14, 7x7): the loads in place would split cache lines. The first row tile
+      copies each k's vectors into a contiguous panel as it loads them, the copy's loads
+      overlapping its FMAs; the other row tiles read the panel.
+
+    AMD Zen 5, 2 threads, alone, against a panel copied before the tiles: in place 64x256 /
+    24x144 / 64x64 on 56x56 and 96x16 on 112x112 1.05-1.24x (AVX2 build 1.04-1.09x), 28x28
+    1.00-1.05x; filled by the first tile 96x384 / 64x384 on 14x14 1.09-1.14x, K = 1024 on
+    14x14 and 7x7 1.00-1.02x (read in place there: 0.94-0.95x). Whole ResNet-50 / MobileNetV2:
+    within the 2-4 % by which two compiles of the same model differ."""
+    if strided is not None:
+        panel = _gathered_panel(x, n, start, widths, depth, strided)
+        return (lambda kk, off, w: panel[kk, span(off, w)]), None
+    if int(x.shape[-1]) * 4 % CACHE_LINE == 0:
+        return (lambda kk, off, w: x[n, kk, span(start + off, w)]), None
+    panel = allocated_view((depth, sum(widths)))
+
+    def fill(kk: tirx.PrimExpr) -> None:
+        for off, w in zip(_offsets(widths), widths, strict=True):
+            T.buffer_store(panel, x[n, kk, span(start + off, w)], [kk, span(off, w)])
+
+    return (lambda kk, off, w: panel[kk, span(off, w)]), fill
+
+
+def _gathered_panel(
+    x: tirx.Buffer,
+    n: tirx.PrimExpr,
+    start: tirx.PrimExpr,
+    widths: tuple[int, ...],
+    depth: int,
+    strided: tuple[int, int, int],
+) -> tirx.Buffer:
+    """The strided conv's panel (``b_source``): ``depth`` rows of the output pixels from
+    ``start`` on, each gathered from every ``stride``-th row and column of the input map."""
+    stride, out_w, in_w = strided
+    panel = allocated_view((depth, sum(widths)))
+    at = allocated_view((sum(widths),), "int32")
+    for j in range(sum(widths)):
+        p = start + j
+        T.buffer_store(at, (p // out_w * in_w + p % out_w) * stride, [j])
+    with T.serial(0, depth) as kk:
+        for j in range(sum(widths)):
+            T.buffer_store(panel, x[n, kk, at[j]], [kk, j])
+    return panel
+
+
+def store_channel_row(
+    out: tirx.Buffer,
+    at: tuple,
+    value: tirx.PrimExpr,
+    epilogue: Epilogue,
+    operands: tuple[tirx.Buffer | None, tirx.Buffer | None],
+    channels: int,
+) -> None:
+    """``out[at] = epilogue(value)`` for a vector of one output channel's row (``at[1]``: the
+    channel; ``operands``: the bias, broadcast, and the residual, read at ``at``), skipped for
+    a packed tile's padding channels (from ``channels`` on)."""
+    bias, resid = operands
+    width = value.ty.dtype.lanes
+    value = epilogue.apply(
+        value,
+        None if bias is None else splat(bias[at[1]], width),
+        None if resid is None else resid[at],
+    )
+    with T.If(at[1] < channels), T.Then():
+        T.buffer_store(out, value, list(at))
+
+
+def job_tiles(job, batch: int, col_jobs: int, chunk: int) -> tuple:
+    """A conv GEMM job's (image, column tile, first row tile), numbered chunk-major: the jobs of
+    one chunk of row tiles are adjacent, every image's column tiles among them (see the module
+    docstring). ``job``: an int or the parallel loop's variable."""
+    per_image = col_jobs // batch
+    return job % col_jobs // per_image, job % col_jobs % per_image, job // col_jobs * chunk
+
+
+def _row_chunks(row_tiles: int, other_jobs: int, cores: int) -> int:
+    """Row tiles per job: whole columns of tiles where there are enough column jobs to feed
+    ``cores`` (4 jobs each), else split so there are."""
+    wanted = max(1, math.ceil(4 * cores / max(1, other_jobs)))
+    return math.ceil(row_tiles / min(row_tiles, wanted))
+
+
+def conv1x1_gemm_primfunc(
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    pixels: int,
+    epilogue: Epilogue = Epilogue(),
+    cfg: GemmConfig | None = None,
+    cores: int = 1,
+    name: str = "dense_conv1x1",
+    out_dims: tuple[int, int] | None = None,
+    tile_rows: int | None = None,
+    stride: int = 1,
+    in_dims: tuple[int, int] | None = None,
+) -> tirx.PrimFunc:
+    """Arguments: x (batch, C, P), weight ``pack_rows(W, cfg.rows)``, [bias (O,)],
+    [residual (batch, O, P)], out (batch, O, P); ``out_dims`` (H, W) declares x / residual /
+    out as 4-D maps of ``pixels = H * W`` (read through flat views). The register tile is
+    ``tile_rows`` (a divisor of the packed ``cfg.rows``; default all of them) x ``cfg.vectors``.
+    ``stride`` > 1: x is the conv's input map of ``in_dims``, each panel gathered from every
+    ``stride``-th row and column of it (``b_source``)."""
+    cfg = cfg or GemmConfig()
+    tile_rows = tile_rows or cfg.rows
+    if cfg.rows % tile_rows:
+        raise ValueError(f"tile_rows={tile_rows} does not divide the packed rows {cfg.rows}")
+    full, last = column_tiles(pixels, GemmConfig(tile_rows, cfg.vectors, cfg.lanes), cfg.cross)
+    row_tiles = math.ceil(out_channels / cfg.rows)
+    col_jobs = batch * (full + (last is not None))
+    chunk = _row_chunks(row_tiles, col_jobs, cores)
+    chunks = math.ceil(row_tiles / chunk)
+    dims = out_dims or (pixels,)
+    if stride > 1 and (out_dims is None or in_dims is None):
+        raise ValueError("a strided 1x1 conv GEMM needs its out_dims and in_dims")
+    in_dims = in_dims or dims
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name(name)
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
+        x_arg = T.arg("x", T.buffer((batch, in_channels, *in_dims), "float32"))
+        w = T.arg("weight", T.buffer((row_tiles, in_channels, cfg.rows), "float32"))
+        bias, resid_arg = epilogue.declare_args((out_channels,), (batch, out_channels, *dims))
+        out_arg = T.arg("out", T.buffer((batch, out_channels, *dims), "float32"))
+        x_flat = (batch, in_channels, math.prod(in_dims))
+        x = T.decl_buffer(x_flat, "float32", data=x_arg.data)
+        out = T.decl_buffer((batch, out_channels, pixels), "float32", data=out_arg.data)
+        resid = None
+        if resid_arg is not None:
+            resid = T.decl_buffer((batch, out_channels, pixels), "float32", data=resid_arg.data)
+        w_flat = T.decl_buffer((w.shape[0] * w.shape[1] * w.shape[2],), "float32", data=w.data)
+        with T.parallel(0, col_jobs * chunks) as job:
+            n, col_tile, first = job_tiles(job, batch, col_jobs, chunk)
+
+            def tile(start: tirx.PrimExpr, widths: tuple[int, ...], rows: int, cross: int) -> None:
+                sub = cfg.rows // rows  # sub-tiles of a packed row tile
+                strided = (stride, dims[-1], in_dims[-1]) if stride > 1 else None
+                columns = widths + ((cross,) if cross else ())
+                b_at, fill = b_source(x, n, start, columns, in_channels, strided)
+                with T.serial(0, chunk * sub) as t:
+                    row_tile, part = (first + t // sub, t % sub) if sub > 1 else (first + t, 0)
+                    o0 = row_tile * cfg.rows + part * rows
+
+                    def a_at(r: int, kk: tirx.PrimExpr) -> tirx.PrimExpr:
+                        return w[row_tile, kk, part * rows + r]
+
+                    def a_rows_at(kk: tirx.PrimExpr) -> tirx.PrimExpr:
+                        return w[row_tile, kk, span(part * rows, rows)]
+
+                    def ahead(kk: tirx.PrimExpr) -> None:
+                        at = (row_tile * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
+                        prefetch(w_flat[tirx.min(at, w_flat.shape[0] - 1)])
+
+                    def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
+                        at = (n, o0 + r, span(start + off, width))
+                        store_channel_row(out, at, value, epilogue, (bias, resid), out_channels)
+
+                    def filling(kk: tirx.PrimExpr) -> None:
+                        fill(kk)
+                        ahead(kk)
+
+                    def emit(at_each_k: Callable[[tirx.PrimExpr], None]) -> None:
+                        emit_tile(
+                            in_channels, rows, widths, a_at, b_at, finish, at_each_k, cross,
+                            a_rows_at,
+                        )  # fmt: skip
+
+                    if fill is None:
+                        with T.If(row_tile < row_tiles), T.Then():
+                            emit(ahead)
+                    else:  # a job's first row tile always exists
+                        with T.If(t == 0):
+                            with T.Then():
+                                emit(filling)
+                            with T.Else(), T.If(row_tile < row_tiles), T.Then():
+                                emit(ahead)
+
+            if last is None:
+                tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, tile_rows, 0)
+            elif full == 0:  # the map is one tile
+                tile(last.start, last.widths, last.rows, last.cross)
+            else:
+                with T.If(col_tile < full):
+                    with T.Then():
+                        tile(col_tile * cfg.width, (cfg.lanes,) * cfg.vectors, tile_rows, 0)
+                    with T.Else():
+                        tile(last.start, last.widths, last.rows, last.cross)
+    return ib.get().without_attr("global_symbol")
+
+
+def linear_gemm_primfunc(
+    lead: tuple[int, ...],
+    k: int,
+    n: int,
+    epilogue: Epilogue = Epilogue(),
+    cfg: GemmConfig | None = None,
+    cores: int = 1,
+    name: str = "dense_linear",
+    tile_rows: int | None = None,
+) -> tirx.PrimFunc:
+    """Arguments: x (*lead, K), weight ``pack_columns(W, cfg.width)`` of W (K, N),
+    [bias (N_padded,)], [residual (*lead, N)], out (*lead, N); N_padded = ``padded(n, cfg)``.
+    The leading dims (tokens x batch) are the GEMM's rows, ``tile_rows`` (default
+    ``cfg.rows``; at most M) of them a register tile."""
+    cfg = cfg or GemmConfig()
+    m = math.prod(lead)
+    rows = min(tile_rows or cfg.rows, m)
+    col_tiles = math.ceil(n / cfg.width)
+    last_widths = tuple(split_vectors(n - (col_tiles - 1) * cfg.width, cfg.lanes))
+    row_tiles = math.ceil(m / rows)
+    chunk = _row_chunks(row_tiles, col_tiles, cores)
+    chunks = math.ceil(row_tiles / chunk)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name(name)
+        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
+        x_arg = T.arg("x", T.buffer((*lead, k), "float32"))
+        w = T.arg("weight", T.buffer((col_tiles, k, cfg.width), "float32"))
+        bias, resid_arg = epilogue.declare_args((col_tiles * cfg.width,), (*lead, n))
+        out_arg = T.arg("out", T.buffer((*lead, n), "float32"))
+        x = T.decl_buffer((m, k), "float32", data=x_arg.data)
+        out = T.decl_buffer((m, n), "float32", data=out_arg.data)
+        resid = None if resid_arg is None else T.decl_buffer((m, n), data=resid_arg.data)
+        with T.parallel(0, col_tiles * chunks) as job:
+            col_tile, first = job // chunks, job % chunks * chunk
+
+            def tile(widths: tuple[int, ...]) -> None:
+                n0 = col_tile * cfg.width
+                with T.serial(0, chunk) as t:
+                    m0 = (first + t) * rows
+
+                    def a_at(r: int, kk: tirx.PrimExpr) -> tirx.PrimExpr:
+                        return x[tirx.min(m0 + r, m - 1), kk]  # a last tile's rows repeat
+
+                    def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
+                        return w[col_tile, kk, span(off, width)]
+
+                    def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
+                        at = (m0 + r, span(n0 + off, width))
+                        value = epilogue.apply(
+                            value,
+                            None if bias is None else bias[span(n0 + off, width)],
+                            None if resid is None else resid[at],
+                        )
+                        with T.If(m0 + r < m), T.Then():
+                            T.buffer_store(out, value, list(at))
+
+                    with T.If(first + t < row_tiles), T.Then():
+                        emit_tile(k, rows, widths, a_at, b_at, finish)
+
+            full_widths = (cfg.lanes,) * cfg.vectors
+            if last_widths == full_widths:
+                tile(full_widths)
+            else:
+                with T.If(col_tile < col_tiles - 1):
+                    with T.Then():
+                        tile(full_widths)
+                    with T.Else():
+                        tile(last_widths)
+    return ib.get().without_attr("global_symbol")
+
+
+def padded(n: int, cfg: GemmConfig) -> int:
+    """``n`` columns rounded up to whole tiles: the packed weight's and bias's width."""
+    return math.ceil(n / cfg.width) * cfg.width
+
+
+__all__ = [
+    "ColumnTile",
+    "GemmConfig",
+    "column_tiles",
+    "conv1x1_gemm_primfunc",
+    "default_gemm_config",
+    "b_source",
+    "emit_tile",
+    "job_tiles",
+    "linear_gemm_primfunc",
+    "linear_gemm_template",
+    "pack_columns",
+    "pack_rows",
+    "padded",
+    "split_vectors",
+    "store_channel_row",
+    "tile_block",
+]
+
+
+# --- MetaSchedule search space of the 1x1 conv GEMM (see schedules/tunable.py) --------------
+
+
+def _conv1x1_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
+    cfg = GemmConfig(
+        params["packed_rows"], knobs["vectors"], params["lanes"], params.get("cross", 0)
+    )
+    height, width = params["out_dims"]
+    stride = params.get("stride", 1)
+    return conv1x1_gemm_primfunc(
+        params["batch"], params["in_channels"], params["out_channels"], height * width,
+        Epilogue(**params["epilogue"]), cfg, params["cores"], params["name"], (height, width),
+        tile_rows=knobs["rows"], stride=stride,
+        in_dims=tuple(params["in_dims"]) if stride > 1 else None,
+    )  # fmt: skip
+
+
+def _conv1x1_space(params: dict, default: Knobs) -> dict[str, list[int]]:
+    """Tile rows dividing the packed rows, 1-4 vectors (the knobs are sampled independently:
+    a tile past the registers spills and loses when measured)."""
+    packed = params["packed_rows"]
+    return {"rows": [r for r in range(1, packed + 1) if packed % r == 0], "vectors": [1, 2, 3, 4]}
+
+
+DENSE_CONV1X1 = register(TunableKernel("dense_conv1x1", _conv1x1_build, _conv1x1_space))
+
+
+def conv1x1_gemm_template(
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    out_dims: tuple[int, int],
+    epilogue: Epilogue,
+    cfg: GemmConfig,
+    cores: int,
+    name: str,
+    stride: int = 1,
+    in_dims: tuple[int, int] | None = None,
+) -> tirx.PrimFunc:
+    """The 1x1 conv GEMM at ``cfg`` (its default tile, weight packed by ``cfg.rows``) as a
+    MetaSchedule template; the knobs are the tile's rows and vectors. ``stride`` / ``in_dims``:
+    a strided conv's, its panels gathered from the input map."""
+    params = {
+        "batch": batch, "in_channels": in_channels, "out_channels": out_channels,
+        "out_dims": list(out_dims), "epilogue": asdict(epilogue), "packed_rows": cfg.rows,
+        "lanes": cfg.lanes, "cross": cfg.cross, "cores": cores, "name": name,
+    }  # fmt: skip
+    if stride > 1:
+        params.update(stride=stride, in_dims=list(in_dims))
+    knobs = {"rows": cfg.rows, "vectors": cfg.vectors}
+    return template(_conv1x1_build(params, knobs), DENSE_CONV1X1.name, params, knobs)
+
+
+# --- MetaSchedule search space of the linear GEMM -----------------------------------------
+
+
+def _linear_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
+    cfg = GemmConfig(params["packed_rows"], params["vectors"], params["lanes"])
+    return linear_gemm_primfunc(
+        tuple(params["lead"]), params["k"], params["n"], Epilogue(**params["epilogue"]), cfg,
+        params["cores"], params["name"], tile_rows=knobs["rows"],
+    )  # fmt: skip
+
+
+def _linear_space(params: dict, default: Knobs) -> dict[str, list[int]]:
+    """1-8 token rows a tile (at most the tokens); the columns are the packed weight's."""
+    return {"rows": list(range(1, min(8, math.prod(params["lead"])) + 1))}
+
+
+DENSE_LINEAR = register(TunableKernel("dense_linear", _linear_build, _linear_space))
+
+
+def linear_gemm_template(
+    lead: tuple[int, ...],
+    k: int,
+    n: int,
+    epilogue: Epilogue,
+    cfg: GemmConfig,
+    cores: int,
+    name: str,
+) -> tirx.PrimFunc:
+    """The linear GEMM at ``cfg`` (its weight packed by ``cfg.width``) as a MetaSchedule
+    template; the knob is the tile's token rows."""
+    params = {
+        "lead": list(lead), "k": k, "n": n, "epilogue": asdict(epilogue),
+        "packed_rows": cfg.rows, "vectors": cfg.vectors, "lanes": cfg.lanes, "cores": cores,
+        "name": name,
+    }  # fmt: skip
+    knobs = {"rows": min(cfg.rows, math.prod(lead))}
+    return template(_linear_build(params, knobs), DENSE_LINEAR.name, params, knobs)
