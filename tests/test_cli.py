@@ -155,3 +155,12 @@ def test_demo_shows_progress_and_no_third_party_warnings():
     assert "round 1/2" in res.stderr and "round 2/2" in res.stderr
     assert "Warning" not in res.stderr, res.stderr
     assert "| tvm-sparse |" in res.stdout and "AVX" in res.stdout  # the machine and its ISA
+
+
+def test_sequence_demo_checks_numerics_and_shows_progress():
+    """The GRU demo (block-pruned recurrent layers): it fails unless tvm-sparse matches PyTorch
+    within the demo's tolerance, then times the three runtimes."""
+    res = _cli("demo", "--model", "gru-bcr", "--rounds", "2")
+    assert res.returncode == 0, res.stderr
+    assert "round 2/2" in res.stderr
+    assert "| ONNX Runtime |" in res.stdout and "max |tvm-sparse - PyTorch|" in res.stdout

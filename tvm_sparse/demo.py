@@ -23,14 +23,17 @@ from .validation import check_int
 TOLERANCE = {"rtol": 1e-3, "atol": 1e-3}  # float32, different summation order over ~5k terms
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
+    """A progress line on stderr (stdout carries the result)."""
     print(msg, file=sys.stderr, flush=True)
 
 
-def _round_done(rounds: int) -> Any:
+def round_progress(rounds: int) -> Any:
+    """``time_interleaved``'s progress callback: each round's running medians, via ``say``."""
+
     def report(done: int, medians: dict[str, float]) -> None:
         so_far = ", ".join(f"{name.split(' (')[0]} {ms:.2f}" for name, ms in medians.items())
-        _say(f"  round {done}/{rounds}: median ms so far: {so_far}")
+        say(f"  round {done}/{rounds}: median ms so far: {so_far}")
 
     return report
 
@@ -78,9 +81,9 @@ def _run_demo(image: int, width: int, rounds: int, threads: int, filter_group: i
         reference = model(torch.from_numpy(x)).numpy()
 
     grouped = f", choices per group of {filter_group} filters" if filter_group > 1 else ""
-    _say(f"compiling pattern-pruned ResNet-18 ({image}x{image}{grouped}) sparse ...")
+    say(f"compiling pattern-pruned ResNet-18 ({image}x{image}{grouped}) sparse ...")
     sparse = tvm_sparse.compile(model, (x,), verbose=True)
-    _say("compiling the same weights dense ...")
+    say("compiling the same weights dense ...")
     dense = tvm_sparse.compile(model, (x,), sparse=False, verbose=True)
     print(sparse.report())
 
@@ -94,13 +97,13 @@ def _run_demo(image: int, width: int, rounds: int, threads: int, filter_group: i
         runners["ONNX Runtime dense"] = ort_runner(onnx_bytes(model, (x,)), (x,), threads)
         outputs["ONNX Runtime dense"] = runners["ONNX Runtime dense"]()[0]
     except ImportError as err:
-        _say(f"ONNX Runtime not measured: {err}")
+        say(f"ONNX Runtime not measured: {err}")
     errors = {}
     for name, out in outputs.items():
         errors[name] = float(np.max(np.abs(out - reference)))
         np.testing.assert_allclose(out, reference, **TOLERANCE, err_msg=f"{name} vs PyTorch")
-    _say(f"timing {len(runners)} runtimes, {rounds} interleaved rounds, {threads} threads ...")
-    ms = time_interleaved(runners, rounds=rounds, progress=_round_done(rounds))
+    say(f"timing {len(runners)} runtimes, {rounds} interleaved rounds, {threads} threads ...")
+    ms = time_interleaved(runners, rounds=rounds, progress=round_progress(rounds))
     kept = sum(r.flops_kept for r in sparse.layers)
     dense_flops = sum(r.flops_dense for r in sparse.layers)
     best_dense = min(v for k, v in ms.items() if k != "tvm-sparse")

@@ -18,7 +18,7 @@ from .benchmarking import (
     torch_runner,
     tvm_runner,
 )
-from .demo import TOLERANCE, _round_done, _say
+from .demo import TOLERANCE, round_progress, say
 from .validation import check_int
 
 SEQUENCE_DEMOS = ("gru-bcr", "bert-bsr")
@@ -48,7 +48,7 @@ def _run(name: str, rounds: int, threads: int) -> dict:
     if name == "bert-bsr":
         what = "4-layer encoder (768, 12 heads, ff 3072), 128 tokens, 10 % of 16x1 blocks"
     model_onnx = onnx_bytes(net, (x,))
-    _say(f"compiling {what} ...")
+    say(f"compiling {what} ...")
     start = time.perf_counter()
     source = onnx.load_from_string(model_onnx) if name == "gru-bcr" else net
     cm = tvm_sparse.compile(source, (x,), verbose=True)
@@ -63,8 +63,8 @@ def _run(name: str, rounds: int, threads: int) -> dict:
         "ONNX Runtime": ort_runner(model_onnx, (x,), threads),
         "PyTorch": torch_runner(net, (x,), threads),
     }
-    _say(f"timing {len(runners)} runtimes, {rounds} interleaved rounds, {threads} threads ...")
-    ms = time_interleaved(runners, rounds=rounds, progress=_round_done(rounds))
+    say(f"timing {len(runners)} runtimes, {rounds} interleaved rounds, {threads} threads ...")
+    ms = time_interleaved(runners, rounds=rounds, progress=round_progress(rounds))
     rows = [[k, f"{v:.2f}", f"{v / ms['tvm-sparse']:.2f}x"] for k, v in sorted(ms.items())]
     machine = machine_description()
     print(f"\n{what}; {machine['cpu']} ({machine.get('isa')}), {threads} threads")
