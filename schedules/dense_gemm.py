@@ -60,7 +60,7 @@ from .vector_math import span, splat
 ZERO = tirx.const(0.0, "float32")
 PREFETCH_BYTES = 4096  # how far ahead of the tile the conv GEMM prefetches its packed weight
 CROSS_COLUMNS = 1  # map columns past whole tiles computed rows-in-lanes (see emit_tile)
-CACHE_LINE = 64  # bytes
+CACHE_LINE = 64  # bytes; a map row of whole lines is read in place (see b_source)
 
 
 @dataclass(frozen=True)
@@ -328,7 +328,7 @@ def store_channel_row(
         T.buffer_store(out, value, list(at))
 
 
-def job_tiles(job, batch: int, col_jobs: int, chunk: int) -> tuple:
+def job_tiles(job: int | tirx.PrimExpr, batch: int, col_jobs: int, chunk: int) -> tuple:
     """A conv GEMM job's (image, column tile, first row tile), numbered chunk-major: the jobs of
     one chunk of row tiles are adjacent, every image's column tiles among them (see the module
     docstring). ``job``: an int or the parallel loop's variable."""
@@ -535,10 +535,10 @@ def padded(n: int, cfg: GemmConfig) -> int:
 __all__ = [
     "ColumnTile",
     "GemmConfig",
+    "b_source",
     "column_tiles",
     "conv1x1_gemm_primfunc",
     "default_gemm_config",
-    "b_source",
     "emit_tile",
     "job_tiles",
     "linear_gemm_primfunc",
