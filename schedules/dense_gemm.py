@@ -270,16 +270,17 @@ def b_source(
     1.00-1.05x; filled by the first tile 96x384 / 64x384 on 14x14 1.09-1.14x, K = 1024 on
     14x14 and 7x7 1.00-1.02x (read in place there: 0.94-0.95x). Whole ResNet-50 / MobileNetV2:
     within the 2-4 % by which two compiles of the same model differ."""
+    fill = None
     if strided is not None:
         panel = _gathered_panel(x, n, start, widths, depth, strided)
-        return (lambda kk, off, w: panel[kk, span(off, w)]), None
-    if int(x.shape[-1]) * 4 % CACHE_LINE == 0:
+    elif int(x.shape[-1]) * 4 % CACHE_LINE == 0:  # float32 rows of whole lines
         return (lambda kk, off, w: x[n, kk, span(start + off, w)]), None
-    panel = allocated_view((depth, sum(widths)))
+    else:
+        panel = allocated_view((depth, sum(widths)))
 
-    def fill(kk: tirx.PrimExpr) -> None:
-        for off, w in zip(_offsets(widths), widths, strict=True):
-            T.buffer_store(panel, x[n, kk, span(start + off, w)], [kk, span(off, w)])
+        def fill(kk: tirx.PrimExpr) -> None:
+            for off, w in zip(_offsets(widths), widths, strict=True):
+                T.buffer_store(panel, x[n, kk, span(start + off, w)], [kk, span(off, w)])
 
     return (lambda kk, off, w: panel[kk, span(off, w)]), fill
 
