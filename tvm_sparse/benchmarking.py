@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from . import hide_avx512
+from .errors import TvmSparseError
 from .frontend import quiet_third_party
 
 
@@ -48,6 +50,8 @@ def machine_description() -> dict[str, Any]:
         info["isa"] = isa_name(resolve_target("x86"))
     except ImportError:
         pass
+    if hide_avx512.answered():
+        info["cpuid"] = "AVX-512 and AVX-VNNI hidden (tvm_sparse.hide_avx512)"
     for mod in ("torch", "onnxruntime"):
         with contextlib.suppress(ImportError):
             info[mod] = __import__(mod).__version__
@@ -60,18 +64,38 @@ def machine_description() -> dict[str, Any]:
 
 
 PINNED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+_HIDING = "TVM_SPARSE_HIDE_AVX512"  # set by isa_target's re-execution: "1", or why not
 
 
 def isa_target(isa: str) -> str:
     """The tvm-sparse target of a benchmark's ``--isa``: ``native`` -> ``x86`` (the host's
     best ISA), ``avx2`` -> ``x86-avx2``. For ``avx2`` the process first re-executes itself once
-    with PyTorch pinned to AVX2 (oneDNN and ATen read ``PINNED_AVX2`` at start-up); ONNX Runtime
-    has no such switch and runs the host's best ISA."""
+    with PyTorch pinned to AVX2 (oneDNN and ATen read ``PINNED_AVX2`` at start-up) and, on an
+    AVX-512 host, AVX-512 hidden from CPUID (`hide_avx512`), which is the only way to put
+    ONNX Runtime on its AVX2 kernels. Where it cannot be hidden, ONNX Runtime runs the host's
+    best ISA; `ort_isa` says which."""
     if isa != "avx2":
         return "x86"
-    if any(os.environ.get(k) != v for k, v in PINNED_AVX2.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_AVX2})
+    if _HIDING not in os.environ:
+        env = {**os.environ, **PINNED_AVX2, _HIDING: "1"}
+        if hide_avx512.host_has_avx512():
+            try:
+                env = hide_avx512.environment(env)
+            except (RuntimeError, TvmSparseError) as err:
+                env[_HIDING] = str(err)
+                print(f"ONNX Runtime stays on the host's ISA: {err}", file=sys.stderr)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     return "x86-avx2"
+
+
+def ort_isa() -> str:
+    """The ISA ONNX Runtime picks its kernels for in this process, for result tables."""
+    count = hide_avx512.answered()
+    if count:
+        return f"AVX2 (AVX-512 hidden from CPUID; {count} CPUID answered)"
+    if not hide_avx512.host_has_avx512():
+        return "the host's best ISA (no AVX-512 here)"
+    return "the host's best ISA (AVX-512)"
 
 
 def time_interleaved(
