@@ -11,8 +11,10 @@ dilation 1, static shapes; anything else is left to TVM):
    packed as ``PatternWeight``, and its kernel:
    the packed GEMM (``conv_gemm``) for dense pointwise convs, the GEMM over phase-split input
    rows (``dense_conv``) for dense k x k convs on at most ``FEW_CHANNELS`` input channels (a
-   stem), the filters-in-lanes kernel (``lanes``) where the filters share kernels in groups of
-   the target's lanes (``_lanes_format``), else the per-pixel pattern kernel (``pattern``).
+   stem) and, on 16-register targets (AVX2), for the dense k x k convs its flat rows fit
+   (``dense_conv2d.flat_rows_fit``), the filters-in-lanes kernel (``lanes``) where the
+   filters share kernels in groups of the target's lanes (``_lanes_format``), else the
+   per-pixel pattern kernel (``pattern``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ import numpy as np
 from tvm import relax
 
 from schedules.bsr_matmul import Conv1x1Geometry, default_bsr_conv_config
-from schedules.dense_conv2d import default_dense_conv_config, pack_dense_conv
+from schedules.dense_conv2d import (
+    default_dense_conv_config,
+    default_flat_conv_config,
+    flat_rows_fit,
+    pack_dense_conv,
+)
 from schedules.dense_gemm import default_gemm_config, pack_rows
 from schedules.depthwise_conv2d import default_depthwise_config, pack_depthwise
 from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
@@ -108,6 +115,12 @@ def conv_shape(geom: ConvGeometry | Conv1x1Geometry, depthwise: bool = False) ->
 # 1.64 -> 1.10 ms (82 % of the AVX2 peak); MobileNetV2's 3 -> 32 3x3 stride 2 0.157 -> 0.056 ms;
 # VGG's 3 -> 64 3x3 on 224x224 1.35 -> 0.42 ms.
 FEW_CHANNELS = 4
+
+# Dense k x k convs on targets of at most this many vector registers (AVX2) run on the flat-rows
+# GEMM where its rows fit (``dense_conv2d.flat_rows_fit``, which has the measurements): there
+# the filters-in-lanes kernel's tile (8 pixels of 8 filters, 9 tap weights) outgrows the
+# registers. With 32 (AVX-512, NEON) the lanes kernel keeps them (not measured on the GEMM).
+FLAT_ROWS_REGISTERS = 16
 
 LANES_KERNEL_LANES = (8, 16)  # AVX2 and AVX-512 (NEON's 4 lanes not measured)
 
@@ -210,6 +223,11 @@ def _pattern_plan(
         kernel, packing = "dense_conv", pack_dense_conv(weight, cfg.gemm.rows)
         kept_taps = weight.size
         reason += f"; {c} input channels: GEMM over phase-split input rows"
+    elif fmt == "dense" and target.registers <= FLAT_ROWS_REGISTERS and flat_rows_fit(geom):
+        cfg = default_flat_conv_config(geom, lanes, target.registers, target.cores)
+        kernel, packing = "dense_conv", pack_dense_conv(weight, cfg.gemm.rows)
+        kept_taps = weight.size
+        reason += "; GEMM over the job's input rows back to back"
     else:
         packed = PatternWeight.from_dense(
             weight, num_shares=target.cores, keep_zeros=fmt == "dense"

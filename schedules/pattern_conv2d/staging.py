@@ -113,21 +113,28 @@ def gather_columns(data, row: tuple, cols: list[int], width: int, vec: int) -> t
 
 
 def gather_row(
-    dst, data, dst_row: tuple, src_row: tuple, cols: list[int], width: int, lanes: int = 16
+    dst,
+    data,
+    dst_row: tuple,
+    src_row: tuple,
+    cols: list[int],
+    width: int,
+    lanes: int = 16,
+    start: int = 0,
 ) -> None:
-    """dst[*dst_row, q] = data[*src_row, cols[q]] (0 outside [0, width)) for every q, ``lanes``
-    at a time, each a shuffle of the input vectors it reads (``gather_columns``). Measured here
-    on stride-2 phase rows against strided loads (TVM emits those lane by lane): 15 % less
-    staging time, 1.03-1.04x on the groups-of-4 layers that stage them."""
+    """dst[*dst_row, start + q] = data[*src_row, cols[q]] (0 outside [0, width)) for every q,
+    ``lanes`` at a time, each a shuffle of the input vectors it reads (``gather_columns``).
+    Measured here on stride-2 phase rows against strided loads (TVM emits those lane by lane):
+    15 % less staging time, 1.03-1.04x on the groups-of-4 layers that stage them."""
     for v in range(0, len(cols), lanes):
         part = cols[v : v + lanes]
         if len(part) == 1:
             x = part[0]
             value = data[(*src_row, x)] if 0 <= x < width else tvm.tirx.const(0.0, "float32")
-            T.buffer_store(dst, value, [*dst_row, v])
+            T.buffer_store(dst, value, [*dst_row, start + v])
         else:
             value = gather_columns(data, src_row, part, width, lanes)
-            T.buffer_store(dst, value, [*dst_row, tirx.Ramp(v, 1, len(part))])
+            T.buffer_store(dst, value, [*dst_row, tirx.Ramp(start + v, 1, len(part))])
 
 
 def _copy_row(dst, src, dst_row: tuple, src_row: tuple, row_w: int, width: int, shift: int):
