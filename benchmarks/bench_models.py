@@ -7,9 +7,11 @@ BatchNorm with non-trivial statistics). ResNet-18 / VGG-16 / ``resnet50_pattern`
 also keep 10 % of their 8x1 blocks (VGG-16's three FC layers hold 90 % of its weights: dense,
 the 25088x4096 one alone reads 411 MB per image, ~13 ms here for any runtime).
 
-    python benchmarks/bench_models.py [--rounds 7] [--models resnet18,vgg16]
+    python benchmarks/bench_models.py [--rounds 7] [--models resnet18,vgg16] [--isa native|avx2]
 
-Writes benchmarks/results/models.{json,md}.
+Writes benchmarks/results/models.{json,md} (``--out`` another stem). ``--isa avx2``: tvm-sparse
+built for ``x86-avx2``, PyTorch pinned to AVX2 and, on an AVX-512 host, AVX-512 hidden from
+ONNX Runtime's CPUID (``benchmarking.isa_target``; the table states the ISA ONNX Runtime ran).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import torch
 
 import tvm_sparse
 from tvm_sparse.benchmarking import (
+    isa_target,
     machine_description,
     markdown_table,
     onnx_bytes,
+    ort_isa,
     ort_runner,
     time_interleaved,
     torch_runner,
@@ -54,15 +58,15 @@ FILTER_GROUPS = {"resnet18_g4": 4, "vgg16_g4": 4, "resnet18_g16": 16, "vgg16_g16
 BLOCK_PRUNED = {"resnet50", "mobilenet_v2", "vgg16_bsr"}
 
 
-def bench_model(name: str, rounds: int, threads: int) -> dict:
+def bench_model(name: str, rounds: int, threads: int, target: str = "x86") -> dict:
     torch.manual_seed(0)
     net = pattern_prune_model_(MODELS[name](), filter_group=FILTER_GROUPS.get(name, 1))
     if name in BLOCK_PRUNED:
         net = block_prune_model_(net, keep=0.1)
     net = randomize_batchnorm_(net).eval()
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
-    sparse = tvm_sparse.compile(net, (x,), verbose=True)
-    dense = tvm_sparse.compile(net, (x,), sparse=False, verbose=True)
+    sparse = tvm_sparse.compile(net, (x,), target=target, verbose=True)
+    dense = tvm_sparse.compile(net, (x,), target=target, sparse=False, verbose=True)
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
     scale = max(1.0, float(np.abs(ref).max()))
@@ -99,11 +103,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", default="resnet18,vgg16,vgg16_bsr,resnet50,mobilenet_v2")
     parser.add_argument("--out", default="benchmarks/results/models")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native")
     args = parser.parse_args()
+    target = isa_target(args.isa)
     threads = os.cpu_count() or 1
     results, rows = [], []
     for name in args.models.split(","):
-        r = bench_model(name, args.rounds, threads)
+        r = bench_model(name, args.rounds, threads, target)
         results.append(r)
         ms = r["ms"]
         rows.append([
@@ -118,7 +124,9 @@ def main() -> None:
         ["model", "GFLOP dense -> kept", "sparse ms", "TVM dense ms", "PyTorch ms", "ORT ms",
          "sparse vs ORT", "useful GFLOP/s", "compile s (sparse)"], rows,
     )  # fmt: skip
+    pinned = "PyTorch pinned to AVX2, " if args.isa == "avx2" else ""
     summary = (
+        f"tvm-sparse compiled for `{target}`; {pinned}ONNX Runtime on {ort_isa()}. "
         f"Batch 1, 224x224, {threads} threads, medians of {args.rounds} interleaved rounds "
         "(each: untimed then timed calls per runtime, at least 2 + 3 and 30 ms each). GFLOP "
         "counts conv + FC multiply-adds x2."
@@ -128,8 +136,8 @@ def main() -> None:
     )
     write_results(
         args.out,
-        {"models": results, "threads": threads, "rounds": args.rounds,
-         "machine": machine_description()},
+        {"models": results, "threads": threads, "rounds": args.rounds, "target": target,
+         "ort_isa": ort_isa(), "machine": machine_description()},
         f"# Whole pruned models\n\n{summary}\n\n{table}",
     )  # fmt: skip
     print(summary)
