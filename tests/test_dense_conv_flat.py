@@ -214,3 +214,21 @@ def test_template_realizes_the_flat_kernel_and_its_space_is_pinned():
         "vectors": [3, 1, 2, 4],
         "out_rows": [7, 1, 2, 3, 4, 14],
     }
+
+
+@pytest.mark.parametrize("target", ISA_TARGETS[:1])
+def test_flat_rows_tune_and_the_tuned_model_matches_pytorch(target, tmp_path):
+    """The template's knobs on the flat rows (its ``flat`` / ``chunks`` ride in the params),
+    tuned on a small budget, then applied at compile."""
+    torch.manual_seed(3)
+    model = ConvBlock(16, 24).eval()
+    x = np.random.default_rng(3).standard_normal((1, 16, 28, 28)).astype("float32")
+    result = tvm_sparse.tune(model, (x,), target, trials=2, min_task_trials=2, work_dir=tmp_path,
+                             verify=0, model_check=False, progress=False)  # fmt: skip
+    (task,) = [t for t in result.tasks if t.name.startswith("dense_conv2d_24x16x3x3")]
+    assert task.template and task.trials >= 2
+    cm = tvm_sparse.compile(model, (x,), target, tuning=str(tmp_path))
+    assert "back to back" in cm.layers[0].reason
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.max(np.abs(cm(x) - ref)) <= TOL * max(1.0, float(np.abs(ref).max()))
