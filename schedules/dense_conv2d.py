@@ -15,6 +15,13 @@ Against the filters-in-lanes kernel, which broadcast each input pixel into a vec
 filters: with 3 input channels a tile there reads a weight vector per 8 FMAs and transposes
 its pixels-by-filters accumulators before storing NCHW rows; here the accumulators are output
 rows already (measured in ``benchmarks/README.md``).
+
+``DenseConvConfig.flat`` (the "flat rows", ``_flat_rows_primfunc``): B's columns run over a
+job's output rows back to back, each row padded by the ``(kw - 1) // sw`` columns its taps
+read past it, so a tile's vectors are full across row ends instead of one row's partial ones.
+The AVX2 build takes it for dense convs on any channel count where the padding is a small
+share of a row (``flat_rows_fit``): with 16 registers the lanes kernel's tile (8 pixels of 8
+filters and 9 tap weights) outgrows them, while the GEMM's 4 x 3 tile fits.
 """
 
 from __future__ import annotations
@@ -250,8 +257,9 @@ def _flat_rows_primfunc(
 
                     emit_tile(depth, tile_rows, widths, a_at, b_at, finish, inner=kw)
 
-            # Column tiles outer: a tile's B (its columns of every slot) stays in L1 while the
-            # filters' row tiles stream past it.
+            # Column tiles outer: every row tile reuses a tile's B (its ~tile_w columns of every
+            # slot) from L1 / L2. Row tiles outer read the same, within the noise (A/B on Zen 5,
+            # AVX2 build).
             starts = [(col * tile_w, (lanes,) * gemm.vectors) for col in range(full)]
             if rest:
                 starts.append((full * tile_w, tuple(split_vectors(rest, lanes))))

@@ -30,7 +30,10 @@
 /* Leaf 7, subleaf 1, EAX: AVX-VNNI 4, AVX512_BF16 5. */
 #define L71_EAX_HIDDEN 0x00000030u
 
-static struct sigaction next_segv; /* what the process asked for SIGSEGV after us */
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+
+static sigaction_fn real_sigaction; /* libc's */
+static struct sigaction next_segv;  /* what the process asked for SIGSEGV after us */
 static volatile long traps;
 static int installed;
 
@@ -48,7 +51,7 @@ static void forward(int sig, siginfo_t *info, void *ctx) {
         struct sigaction dfl;
         memset(&dfl, 0, sizeof dfl);
         dfl.sa_handler = SIG_DFL;
-        syscall(SYS_rt_sigaction, SIGSEGV, &dfl, NULL, 8);
+        real_sigaction(SIGSEGV, &dfl, NULL);
     }
 }
 
@@ -81,9 +84,8 @@ static void on_segv(int sig, siginfo_t *info, void *ctx) {
 }
 
 int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
-    static int (*real)(int, const struct sigaction *, struct sigaction *);
-    if (!real) real = (int (*)(int, const struct sigaction *, struct sigaction *))dlsym(RTLD_NEXT, "sigaction");
-    if (sig != SIGSEGV || !installed) return real(sig, act, old);
+    if (!real_sigaction) real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    if (sig != SIGSEGV || !installed) return real_sigaction(sig, act, old);
     struct sigaction prev = next_segv;
     if (act) next_segv = *act;
     if (old) *old = prev;
@@ -105,11 +107,10 @@ __attribute__((constructor)) static void hide_avx512(void) {
     act.sa_sigaction = on_segv;
     act.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&act.sa_mask);
-    int (*real)(int, const struct sigaction *, struct sigaction *) =
-        (int (*)(int, const struct sigaction *, struct sigaction *))dlsym(RTLD_NEXT, "sigaction");
-    if (real(SIGSEGV, &act, &next_segv) != 0) return;
+    if (!real_sigaction) real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    if (real_sigaction(SIGSEGV, &act, &next_segv) != 0) return;
     if (set_cpuid_enabled(0) != 0) { /* no CPUID faulting here: leave the process as it was */
-        real(SIGSEGV, &next_segv, NULL);
+        real_sigaction(SIGSEGV, &next_segv, NULL);
         return;
     }
     installed = 1;
