@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_utils import ISA_TARGETS, torch_conv
 from torch import nn
-from tvm import relax
+from tvm import relax, s_tir
+from tvm.s_tir import meta_schedule as ms
 
 import tvm_sparse
 from relay_passes.layer_plan import PlanTarget
@@ -35,7 +36,8 @@ from schedules.epilogue import Epilogue
 from schedules.geometry import ConvGeometry
 from schedules.tunable import knob_space, realize
 from tvm_sparse.frontend import import_model
-from tvm_sparse.targets import resolve_target, vector_lanes
+from tvm_sparse.targets import resolve_target, runs_here, vector_lanes
+from tvm_sparse.tuning.search import space_for
 
 TOL = 1e-4  # float32, another summation order: relative to the largest output
 AVX2_TILE = GemmConfig(4, 3, 8)
@@ -216,19 +218,35 @@ def test_template_realizes_the_flat_kernel_and_its_space_is_pinned():
     }
 
 
-@pytest.mark.parametrize("target", ISA_TARGETS[:1])
-def test_flat_rows_tune_and_the_tuned_model_matches_pytorch(target, tmp_path):
-    """The template's knobs on the flat rows (its ``flat`` / ``chunks`` ride in the params),
-    tuned on a small budget, then applied at compile."""
-    torch.manual_seed(3)
-    model = ConvBlock(16, 24).eval()
-    x = np.random.default_rng(3).standard_normal((1, 16, 28, 28)).astype("float32")
-    result = tvm_sparse.tune(model, (x,), target, trials=2, min_task_trials=2, work_dir=tmp_path,
-                             verify=0, model_check=False, progress=False)  # fmt: skip
-    (task,) = [t for t in result.tasks if t.name.startswith("dense_conv2d_24x16x3x3")]
-    assert task.template and task.trials >= 2
-    cm = tvm_sparse.compile(model, (x,), target, tuning=str(tmp_path))
-    assert "back to back" in cm.layers[0].reason
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    assert np.max(np.abs(cm(x) - ref)) <= TOL * max(1.0, float(np.abs(ref).max()))
+def test_a_tuning_record_replays_to_the_flat_kernel_at_its_knobs():
+    """A MetaSchedule trace on the template with non-default knobs (7 rows a job, 2 vectors, 2
+    filters a tile) realizes the flat kernel at those knobs: ``flat`` and ``chunks`` ride in the
+    template's params, not its knobs. The realized kernel matches PyTorch."""
+    geom = ConvGeometry(1, 16, 14, 28, 8, (3, 3), (1, 1), (1, 1, 1, 1))
+    cfg = DenseConvConfig(AVX2_TILE, out_rows=2, flat=True, chunks=2)
+    func = dense_conv2d_template(geom, Epilogue(True), cfg, "f").with_attr("global_symbol", "main")
+    target = resolve_target("x86-avx2")
+    ctx = ms.TuneContext(
+        mod=tvm.IRModule({"main": func}), target=target, space_generator=space_for(func, target),
+        search_strategy=ms.search_strategy.ReplayTrace(), task_name="t",
+    )  # fmt: skip
+    (sch,) = ctx.generate_design_space()
+    trace, picks = sch.trace, {"rows": 2, "vectors": 2, "out_rows": 7}
+    sampled = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
+    for inst, (name, values) in zip(sampled, knob_space(func).items(), strict=True):
+        trace = trace.with_decision(inst, values.index(picks[name]), True)
+    replay = s_tir.Schedule(tvm.IRModule({"main": func}))
+    trace.apply_to_schedule(replay, remove_postproc=True)
+    tuned = realize(replay.mod["main"])
+    at_knobs = DenseConvConfig(GemmConfig(4, 2, 8), 7, 2, flat=True, chunks=2)
+    expected = dense_conv2d_primfunc(geom, Epilogue(True), at_knobs, "f")
+    assert str(tuned.body) == str(expected.body)
+    if runs_here(target):
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((1, 16, 14, 28), "float32")
+        w, b = rng.standard_normal((8, 16, 3, 3), "float32"), rng.standard_normal(8, "float32")
+        lib = tvm.compile(tvm.IRModule({"main": tuned.with_attr("global_symbol", "main")}), target)
+        out = tvm.runtime.tensor(np.zeros((1, 8, 14, 28), "float32"))
+        lib["main"](*[tvm.runtime.tensor(a) for a in (x, pack_dense_conv(w, 4), b)], out)
+        ref = torch_conv(x, w, 1, (1, 1, 1, 1), b)
+        np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
