@@ -23,6 +23,7 @@ import torch
 
 import tvm_sparse
 from tvm_sparse.benchmarking import (
+    isa_summary,
     isa_target,
     machine_description,
     markdown_table,
@@ -142,10 +143,8 @@ def main() -> None:
         ["model", "layer", "FLOPs cut", "sparse ms", "TVM dense ms", "PyTorch ms", "ORT ms",
          "sparse vs best dense", "sparse useful GFLOP/s", "ORT dense GFLOP/s"], rows,
     )  # fmt: skip
-    pinned = "PyTorch pinned to AVX2, " if args.isa == "avx2" else ""
     summary = (
-        f"tvm-sparse compiled for `{target}`; {pinned}ONNX Runtime on {ort_isa()}; "
-        f"{threads} threads, medians of "
+        f"{isa_summary(target)}; {threads} threads, medians of "
         f"{args.rounds} interleaved rounds. Speed-up vs the "
         f"faster of PyTorch / ONNX Runtime: min {min(ratios):.2f}x, median "
         f"{float(np.median(ratios)):.2f}x, max {max(ratios):.2f}x. Useful GFLOP/s counts only "

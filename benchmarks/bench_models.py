@@ -25,6 +25,7 @@ import torch
 
 import tvm_sparse
 from tvm_sparse.benchmarking import (
+    isa_summary,
     isa_target,
     machine_description,
     markdown_table,
@@ -124,9 +125,8 @@ def main() -> None:
         ["model", "GFLOP dense -> kept", "sparse ms", "TVM dense ms", "PyTorch ms", "ORT ms",
          "sparse vs ORT", "useful GFLOP/s", "compile s (sparse)"], rows,
     )  # fmt: skip
-    pinned = "PyTorch pinned to AVX2, " if args.isa == "avx2" else ""
     summary = (
-        f"tvm-sparse compiled for `{target}`; {pinned}ONNX Runtime on {ort_isa()}. "
+        f"{isa_summary(target)}. "
         f"Batch 1, 224x224, {threads} threads, medians of {args.rounds} interleaved rounds "
         "(each: untimed then timed calls per runtime, at least 2 + 3 and 30 ms each). GFLOP "
         "counts conv + FC multiply-adds x2."

@@ -27,6 +27,7 @@ from tvm.script.ir_builder import tirx as T
 
 import tvm_sparse
 from tvm_sparse.benchmarking import (
+    isa_summary,
     isa_target,
     machine_description,
     markdown_table,
@@ -194,9 +195,7 @@ def main() -> None:
     rows = [_row(r, peak) for r in results]
     slow = [r for r in results if r["vs_ort"] < 1 / 1.1]
     summary = (
-        f"tvm-sparse compiled for `{target}` ({resolve_target(target).attrs.get('mcpu', '')}); "
-        f"PyTorch {'pinned to AVX2' if args.isa == 'avx2' else 'on the host ISA'}; ONNX "
-        f"Runtime on {ort_isa()}. {threads} threads, medians of {args.rounds} "
+        f"{isa_summary(target)}. {threads} threads, medians of {args.rounds} "
         f"interleaved rounds. Measured FMA peak for these vectors: {peak:.0f} GFLOP/s. "
         f"Rows slower than 1.1x ONNX Runtime's time: {len(slow)} of {len(results)}."
     )

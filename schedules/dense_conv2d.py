@@ -313,8 +313,8 @@ def _row_pieces(
 
 def _build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
     gemm = GemmConfig(params["packed_rows"], knobs["vectors"], params["lanes"])
-    flat = params.get("flat", False), params.get("chunks", 1)
-    cfg = DenseConvConfig(gemm, knobs["out_rows"], knobs["rows"], *flat)
+    flat = {"flat": params.get("flat", False), "chunks": params.get("chunks", 1)}
+    cfg = DenseConvConfig(gemm, knobs["out_rows"], knobs["rows"], **flat)
     geom, epilogue = ConvGeometry.from_json(params["geom"]), Epilogue(**params["epilogue"])
     return dense_conv2d_primfunc(geom, epilogue, cfg, params["name"])
 

@@ -98,6 +98,20 @@ def ort_isa() -> str:
     return "the host's best ISA (AVX-512)"
 
 
+def isa_summary(target: str) -> str:
+    """Which ISA each runtime ran, for result tables: tvm-sparse's target (and its ``mcpu``),
+    PyTorch (pinned to AVX2 by `isa_target`, else the host's) and ONNX Runtime (`ort_isa`)."""
+    from .targets import resolve_target
+
+    mcpu = resolve_target(target).attrs.get("mcpu", "")
+    pinned = all(os.environ.get(k) == v for k, v in PINNED_AVX2.items())
+    torch_isa = "pinned to AVX2" if pinned else "on the host ISA"
+    return (
+        f"tvm-sparse compiled for `{target}` ({mcpu}); PyTorch {torch_isa}; "
+        f"ONNX Runtime on {ort_isa()}"
+    )
+
+
 def time_interleaved(
     runners: dict[str, Callable[[], Any]],
     rounds: int = 15,
