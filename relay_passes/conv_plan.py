@@ -9,7 +9,8 @@ dilation 1, static shapes; anything else is left to TVM):
 2. a depthwise conv (one filter per channel) -> ``depthwise`` (``schedules.depthwise_conv2d``);
 3. otherwise the weight's format (``formats.sparsity.choose_conv_format``: pattern or dense),
    packed as ``PatternWeight``, and its kernel:
-   the packed GEMM (``conv_gemm``) for dense pointwise convs, the GEMM over phase-split input
+   the packed GEMM (``conv_gemm``; on AVX2 with many input channels its filters in the
+   lanes, ``dense_conv1x1_lanes``) for dense pointwise convs, the GEMM over phase-split input
    rows (``dense_conv``) for dense k x k convs on at most ``FEW_CHANNELS`` input channels (a
    stem) and, on 16-register targets (AVX2), for the dense k x k convs its flat rows fit
    (``dense_conv2d.flat_rows_fit``), the filters-in-lanes kernel (``lanes``) where the
@@ -25,13 +26,14 @@ import numpy as np
 from tvm import relax
 
 from schedules.bsr_matmul import Conv1x1Geometry, default_bsr_conv_config
+from schedules.dense_conv1x1_lanes import conv1x1_lanes_fit, default_conv1x1_lanes_config
 from schedules.dense_conv2d import (
     default_dense_conv_config,
     default_flat_conv_config,
     flat_rows_fit,
     pack_dense_conv,
 )
-from schedules.dense_gemm import default_gemm_config, pack_rows
+from schedules.dense_gemm import GemmConfig, default_gemm_config, pack_columns, pack_rows
 from schedules.depthwise_conv2d import default_depthwise_config, pack_depthwise
 from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
 from schedules.pattern_conv2d_lanes import lanes_default_config
@@ -151,6 +153,20 @@ def _pointwise(geom: ConvGeometry) -> bool:
     return geom.kernel == (1, 1) and not any(geom.padding) and geom.stride[0] == geom.stride[1]
 
 
+def _pointwise_gemm(
+    matrix: np.ndarray, geom: ConvGeometry, target: PlanTarget
+) -> tuple[GemmConfig, np.ndarray, str]:
+    """A dense pointwise conv's GEMM: its tile, its packed (O, C) weight and how it runs. The
+    filters in the lanes (pixels broadcast) where ``conv1x1_lanes_fit``, else the pixels in
+    the lanes (the weight's rows broadcast)."""
+    if conv1x1_lanes_fit(target.registers, geom.in_channels, geom.stride[0]):
+        cfg = default_conv1x1_lanes_config(target.lanes)
+        packed = pack_columns(np.ascontiguousarray(matrix.T), cfg.width)
+        return cfg, packed, "packed GEMM, filters in vector lanes"
+    cfg = default_gemm_config(target.lanes, target.registers, geom.out_height * geom.out_width)
+    return cfg, pack_rows(matrix, cfg.rows), "packed GEMM"
+
+
 def plan_conv2d(call: relax.Call, index: int, target: PlanTarget) -> LayerPlan:
     """The plan of one conv2d call (``index``: its position in graph order)."""
     reason = conv2d_unsupported(call)
@@ -215,9 +231,9 @@ def _pattern_plan(
     o, c = weight.shape[:2]
     lanes = target.lanes
     if fmt == "dense" and _pointwise(geom):
-        cfg = default_gemm_config(lanes, target.registers, geom.out_height * geom.out_width)
-        kernel, packing, kept_taps = "conv_gemm", pack_rows(weight.reshape(o, c), cfg.rows), o * c
-        reason += "; packed GEMM"
+        cfg, packing, how = _pointwise_gemm(weight.reshape(o, c), geom, target)
+        kernel, kept_taps = "conv_gemm", o * c
+        reason += f"; {how}"
     elif fmt == "dense" and c <= FEW_CHANNELS:
         cfg = default_dense_conv_config(geom, lanes, target.registers)
         kernel, packing = "dense_conv", pack_dense_conv(weight, cfg.gemm.rows)

@@ -30,7 +30,7 @@ whole column tiles. AMD Zen 5, 2 threads, alone: 1x1 convs on 14x14 maps 1.05-1.
 256x1024 from 410 to 445 GFLOP/s); AVX2 build 1.00-1.03x; unchanged where a job is a whole
 column (56x56, 28x28). The runtime's ranges are equal only where the jobs are a multiple of
 the threads; where a thread would get over 5 % more than an even share, the rows split in more
-chunks (``_row_chunks``): the AVX2 build's 7x7 maps (3 column tiles, 9 jobs -> 12) 1.05-1.10x
+chunks (``row_chunks``): the AVX2 build's 7x7 maps (3 column tiles, 9 jobs -> 12) 1.05-1.10x
 on four of five MobileNetV2 / ResNet-50 shapes (960x160 0.93x), to 80-85 % of the AVX2 peak on
 ResNet-50's.
 
@@ -71,6 +71,8 @@ class GemmConfig:
     vectors: int = 3
     lanes: int = 16
     cross: int = 0  # most map columns past whole tiles computed rows-in-lanes (``column_tiles``)
+    # A 1x1 conv's tile as pixels x filter vectors (``dense_conv1x1_lanes``), not the reverse.
+    filters_in_lanes: bool = False
 
     @property
     def width(self) -> int:
@@ -337,7 +339,7 @@ def job_tiles(job: int | tirx.PrimExpr, batch: int, col_jobs: int, chunk: int) -
     return job % col_jobs // per_image, job % col_jobs % per_image, job // col_jobs * chunk
 
 
-def _row_chunks(row_tiles: int, other_jobs: int, cores: int) -> int:
+def row_chunks(row_tiles: int, other_jobs: int, cores: int) -> int:
     """Row tiles per job: whole columns of tiles where there are enough column jobs to feed
     ``cores`` (4 jobs each), else split so there are; then the fewest more chunks that leave
     no thread more than 5 % above an even share (the runtime gives each thread one contiguous,
@@ -378,7 +380,7 @@ def conv1x1_gemm_primfunc(
     full, last = column_tiles(pixels, GemmConfig(tile_rows, cfg.vectors, cfg.lanes), cfg.cross)
     row_tiles = math.ceil(out_channels / cfg.rows)
     col_jobs = batch * (full + (last is not None))
-    chunk = _row_chunks(row_tiles, col_jobs, cores)
+    chunk = row_chunks(row_tiles, col_jobs, cores)
     chunks = math.ceil(row_tiles / chunk)
     dims = out_dims or (pixels,)
     if stride > 1 and (out_dims is None or in_dims is None):
@@ -477,7 +479,7 @@ def linear_gemm_primfunc(
     col_tiles = math.ceil(n / cfg.width)
     last_widths = tuple(split_vectors(n - (col_tiles - 1) * cfg.width, cfg.lanes))
     row_tiles = math.ceil(m / rows)
-    chunk = _row_chunks(row_tiles, col_tiles, cores)
+    chunk = row_chunks(row_tiles, col_tiles, cores)
     chunks = math.ceil(row_tiles / chunk)
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
@@ -547,6 +549,7 @@ __all__ = [
     "pack_columns",
     "pack_rows",
     "padded",
+    "row_chunks",
     "split_vectors",
     "store_channel_row",
     "tile_block",
