@@ -17,6 +17,8 @@ the whole of K.
   strided conv's panels are gathered from its input map (``b_source``), with no slice
   first: alone on AMD Zen 5, ResNet's stride-2 1x1 convs on 56x56 / 28x28 inputs 1.20-1.71x
   (AVX2 build 1.09-1.34x) against the input sliced by its own kernel, on 14x14 0.98-1.01x.
+  On 16-register targets a 1x1 conv on >= 384 input channels at stride 1 runs the other way
+  round instead, its filters in the lanes (``dense_conv1x1_lanes``).
 - **linear** ``out[m, n] = sum_k x[m, k] W[k, n]``: A is the input (tokens broadcast), B the
   weight packed as ``(ceil(N / width), K, width)``, zero-padded; the last tile stores only the
   columns that exist.

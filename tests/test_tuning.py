@@ -58,6 +58,10 @@ from tvm_sparse.tuning.verify import open_verified
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = ATOL = 1e-4  # float32 both sides; only the summation order differs
+# SLOW_TUNING: the two tests marked ``slow`` here (~80 s of the suite) repeat a path a default
+# test covers: the lanes kernel's template is tuned and applied in ``test_tuning_hardening``'s
+# every-kernel model (AVX-512 hosts) and by ``benchmarks/bench_tuning.py``; RPC tuning runs
+# against the emulated arm64 device (``test_rpc_arm64``).
 
 
 def _net() -> tuple[torch.nn.Module, np.ndarray]:
@@ -318,6 +322,7 @@ def test_staged_pair_is_tuned_and_applied(tmp_path) -> None:
         _check(tvm_sparse.compile(net, (x,), tuning=str(tmp_path)), net, x)
 
 
+@pytest.mark.slow  # see SLOW_TUNING
 @pytest.mark.skipif(
     vector_lanes(resolve_target("x86")) != 16, reason="tuned at 16 lanes (an AVX-512 host) only"
 )
@@ -425,6 +430,7 @@ def loopback_device():
             p.wait()
 
 
+@pytest.mark.slow  # see SLOW_TUNING
 def test_tuning_through_an_rpc_tracker(loopback_device, tmp_path) -> None:
     tracker, _procs = loopback_device
     net, x = _net()
