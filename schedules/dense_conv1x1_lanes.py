@@ -21,7 +21,8 @@ vectors and the broadcast. Alone, AMD Zen 5, AVX2 build, 2 threads, interleaved 
 measured AVX2 peak). AVX-512 keeps the pixels-in-lanes GEMM (8 x 3 tiles on 32 registers).
 
 Parallel jobs are (image, filter tile, chunk of pixel tiles), a filter tile's jobs adjacent:
-a thread's contiguous range of jobs reads one weight panel for several pixel chunks.
+a thread's contiguous range of jobs reads one weight panel for several pixel chunks. In a model
+the weight comes from DRAM: the tile prefetches it ``PREFETCH_BYTES`` ahead, as the GEMM does.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .dense_gemm import GemmConfig, emit_tile, row_chunks, split_vectors
+from .buffers import prefetch
+from .dense_gemm import PREFETCH_BYTES, GemmConfig, emit_tile, row_chunks, split_vectors
 from .epilogue import Epilogue
 from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
 from .vector_math import span
@@ -102,6 +104,7 @@ def conv1x1_lanes_primfunc(
         bias, resid_arg = epilogue.declare_args((out_channels,), (batch, out_channels, *out_dims))
         out_arg = T.arg("out", T.buffer((batch, out_channels, *out_dims), "float32"))
         x = T.decl_buffer((batch, in_channels, in_pixels), "float32", data=x_arg.data)
+        w_flat = T.decl_buffer((filter_tiles * in_channels * cfg.width,), "float32", data=w.data)
         out = T.decl_buffer((batch * out_channels * pixels,), "float32", data=out_arg.data)
         resid = None
         if resid_arg is not None:
@@ -124,6 +127,10 @@ def conv1x1_lanes_primfunc(
                     def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
                         return w[tile, kk, span(off, width)]
 
+                    def ahead(kk: tirx.PrimExpr) -> None:
+                        at = (tile * in_channels + kk) * cfg.width + PREFETCH_BYTES // 4
+                        prefetch(w_flat[tirx.min(at, w_flat.shape[0] - 1)])
+
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
                         base = (n * out_channels + o0 + off) * pixels + p0 + r
                         at = _strided_stores(base, pixels, width)
@@ -136,7 +143,7 @@ def conv1x1_lanes_primfunc(
                             T.buffer_store(out, value, [at])
 
                     with T.If(first + t < pixel_tiles), T.Then():
-                        emit_tile(in_channels, rows, widths, a_at, b_at, finish)
+                        emit_tile(in_channels, rows, widths, a_at, b_at, finish, ahead)
 
             if last_widths == full_widths:
                 pixel_tiles_of(full_widths)
