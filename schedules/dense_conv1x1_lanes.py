@@ -16,9 +16,10 @@ vectors only where the map is a multiple of them (7x7: 49 = 3 x 16 + 1).
 
 On 16 vector registers (AVX2) the tile is 6 pixels x 2 vectors: 12 accumulators, 2 weight
 vectors and the broadcast. Alone, AMD Zen 5, AVX2 build, 2 threads, interleaved medians,
-+ bias + ReLU, against the pixels-in-lanes GEMM's 4 x 3 (4 x 2 and a last column on 7x7):
-1x1 convs on 7x7 maps 0.98-1.12x, 14x14 and 28x28 1.04-1.09x (233-235 GFLOP/s, 95 % of the
-measured AVX2 peak). AVX-512 keeps the pixels-in-lanes GEMM (8 x 3 tiles on 32 registers).
++ bias + ReLU, against the pixels-in-lanes GEMM's 4 x 3 (4 x 2 and a last column on 7x7),
+on >= 384 input channels: 7x7 maps 1.00-1.18x, 14x14 and 28x28 1.04-1.09x (233-235 GFLOP/s,
+95 % of the measured AVX2 peak); fewer channels and stride 2 lose (``conv1x1_lanes_fit``).
+AVX-512 keeps the pixels-in-lanes GEMM (8 x 3 tiles on 32 registers).
 
 Parallel jobs are (image, filter tile, chunk of pixel tiles), a filter tile's jobs adjacent:
 a thread's contiguous range of jobs reads one weight panel for several pixel chunks. In a model
