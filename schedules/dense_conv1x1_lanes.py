@@ -61,8 +61,9 @@ def default_conv1x1_lanes_config(lanes: int) -> GemmConfig:
     return GemmConfig(rows=rows, vectors=vectors, lanes=lanes, filters_in_lanes=True)
 
 
-def _strided_stores(base: tirx.PrimExpr, stride: int, width: int) -> tirx.PrimExpr:
-    """The flat indices ``base + i * stride`` for ``i < width`` (``base`` for one lane)."""
+def _down_channels(base: tirx.PrimExpr, stride: int, width: int) -> tirx.PrimExpr:
+    """The flat indices ``base + i * stride`` for ``i < width`` (``base`` for one lane): one
+    pixel's ``width`` filters in the output / residual, ``stride`` = the map's pixels."""
     return base if width == 1 else tirx.Ramp(base, stride, width)
 
 
@@ -85,6 +86,8 @@ def conv1x1_lanes_primfunc(
     pixels x ``cfg.vectors`` vectors of filters."""
     cfg = cfg or default_conv1x1_lanes_config(8)
     rows = tile_rows or cfg.rows
+    if stride > 1 and in_dims is None:
+        raise ValueError("a strided 1x1 conv needs its in_dims")
     in_dims = in_dims or out_dims
     if stride == 1 and tuple(in_dims) != tuple(out_dims):
         raise ValueError(f"a stride-1 1x1 conv maps {in_dims} to itself, not to {out_dims}")
@@ -134,7 +137,7 @@ def conv1x1_lanes_primfunc(
 
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
                         base = (n * out_channels + o0 + off) * pixels + p0 + r
-                        at = _strided_stores(base, pixels, width)
+                        at = _down_channels(base, pixels, width)
                         value = epilogue.apply(
                             value,
                             None if bias is None else bias[span(o0 + off, width)],

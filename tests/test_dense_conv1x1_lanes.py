@@ -55,6 +55,15 @@ def test_taken_on_16_registers_at_stride_1_with_many_input_channels(
     assert conv1x1_lanes_fit(registers, channels, stride) is fits
 
 
+@pytest.mark.parametrize(
+    ("stride", "in_dims", "message"),
+    [(2, None, "strided 1x1 conv needs its in_dims"), (1, (4, 4), "maps \\(4, 4\\) to itself")],
+)
+def test_inconsistent_maps_are_refused(stride, in_dims, message):
+    with pytest.raises(ValueError, match=message):
+        conv1x1_lanes_primfunc(1, 8, 8, (3, 3), stride=stride, in_dims=in_dims)
+
+
 class Pointwise(nn.Module):
     """A 1x1 conv + bias + ReLU."""
 
