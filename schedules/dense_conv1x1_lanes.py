@@ -36,7 +36,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .buffers import prefetch
-from .dense_gemm import PREFETCH_BYTES, GemmConfig, emit_tile, row_chunks, split_vectors
+from .dense_gemm import PREFETCH_BYTES, GemmConfig, emit_tile, over_column_tiles, row_chunks
 from .epilogue import Epilogue
 from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
 from .vector_math import span
@@ -94,8 +94,6 @@ def conv1x1_lanes_primfunc(
     out_w, in_w = out_dims[1], in_dims[1]
     pixels, in_pixels = math.prod(out_dims), math.prod(in_dims)
     filter_tiles = math.ceil(out_channels / cfg.width)
-    last_widths = tuple(split_vectors(out_channels - (filter_tiles - 1) * cfg.width, cfg.lanes))
-    full_widths = (cfg.lanes,) * cfg.vectors
     pixel_tiles = math.ceil(pixels / rows)
     other_jobs = batch * filter_tiles
     chunk = row_chunks(pixel_tiles, other_jobs, cores)
@@ -149,14 +147,7 @@ def conv1x1_lanes_primfunc(
                     with T.If(first + t < pixel_tiles), T.Then():
                         emit_tile(in_channels, rows, widths, a_at, b_at, finish, ahead)
 
-            if last_widths == full_widths:
-                pixel_tiles_of(full_widths)
-            else:
-                with T.If(tile < filter_tiles - 1):
-                    with T.Then():
-                        pixel_tiles_of(full_widths)
-                    with T.Else():
-                        pixel_tiles_of(last_widths)
+            over_column_tiles(out_channels, cfg, tile, pixel_tiles_of)
     return ib.get().without_attr("global_symbol")
 
 

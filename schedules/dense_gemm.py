@@ -131,6 +131,25 @@ def column_tiles(columns: int, cfg: GemmConfig, cross: int = 0) -> tuple[int, Co
     return full - 1, ColumnTile((full - 1) * cfg.width, widths, max(1, cfg.rows // 2))
 
 
+def over_column_tiles(
+    columns: int, cfg: GemmConfig, tile: tirx.PrimExpr, body: Callable[[tuple[int, ...]], None]
+) -> None:
+    """``body(widths)`` for column tile ``tile`` of ``columns`` split in tiles of ``cfg.width``
+    (a GEMM whose packed operand fills the lanes): the full tile's vectors, or in the last
+    tile the columns left (its last vector partial)."""
+    tiles = math.ceil(columns / cfg.width)
+    full = (cfg.lanes,) * cfg.vectors
+    last = tuple(split_vectors(columns - (tiles - 1) * cfg.width, cfg.lanes))
+    if last == full:
+        body(full)
+        return
+    with T.If(tile < tiles - 1):
+        with T.Then():
+            body(full)
+        with T.Else():
+            body(last)
+
+
 def split_vectors(count: int, lanes: int) -> list[int]:
     """``count`` columns as vectors of ``lanes`` and one partial vector."""
     return [lanes] * (count // lanes) + ([count % lanes] if count % lanes else [])
@@ -479,7 +498,6 @@ def linear_gemm_primfunc(
     m = math.prod(lead)
     rows = min(tile_rows or cfg.rows, m)
     col_tiles = math.ceil(n / cfg.width)
-    last_widths = tuple(split_vectors(n - (col_tiles - 1) * cfg.width, cfg.lanes))
     row_tiles = math.ceil(m / rows)
     chunk = row_chunks(row_tiles, col_tiles, cores)
     chunks = math.ceil(row_tiles / chunk)
@@ -520,15 +538,7 @@ def linear_gemm_primfunc(
                     with T.If(first + t < row_tiles), T.Then():
                         emit_tile(k, rows, widths, a_at, b_at, finish)
 
-            full_widths = (cfg.lanes,) * cfg.vectors
-            if last_widths == full_widths:
-                tile(full_widths)
-            else:
-                with T.If(col_tile < col_tiles - 1):
-                    with T.Then():
-                        tile(full_widths)
-                    with T.Else():
-                        tile(last_widths)
+            over_column_tiles(n, cfg, col_tile, tile)
     return ib.get().without_attr("global_symbol")
 
 
@@ -548,6 +558,7 @@ __all__ = [
     "job_tiles",
     "linear_gemm_primfunc",
     "linear_gemm_template",
+    "over_column_tiles",
     "pack_columns",
     "pack_rows",
     "padded",
