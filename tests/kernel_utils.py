@@ -1,15 +1,20 @@
-"""Shared by the kernel tests: the x86 ISA targets this host runs, and one generated conv kernel
-built and run on its own (no Relax)."""
+"""Shared by the kernel tests: the x86 ISA targets this host runs, one generated conv kernel
+built and run on its own (no Relax), and a tuning record's trace replayed on a template."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import meta_schedule as ms
 
 from schedules.pattern_conv2d import ConvGeometry, Epilogue, PatternConvConfig
+from schedules.tunable import knob_space, realize
 from tvm_sparse.targets import resolve_target, runs_here
 from tvm_sparse.testing import pattern_conv_kernel
+from tvm_sparse.tuning.search import space_for
 
 # Every x86 ISA target, each skipped on a host that cannot run its code.
 ISA_TARGETS = [
@@ -61,3 +66,25 @@ def assert_matches_torch(cm, net, x: np.ndarray, tol: float = 1e-4) -> None:
     got = cm(x)
     assert got.shape == ref.shape
     assert np.max(np.abs(got - ref)) <= tol * max(1.0, float(np.abs(ref).max()))
+
+
+def replay_at_knobs(template: tirx.PrimFunc, target, picks: dict[str, int]) -> tirx.PrimFunc:
+    """The kernel a MetaSchedule record realizes: the template's design space (its rule's
+    samples, in ``knob_space`` order), the knobs in ``picks`` decided (the others at their
+    defaults), the trace replayed on the template and the result realized."""
+    func = template.with_attr("global_symbol", "main")
+    ctx = ms.TuneContext(
+        mod=tvm.IRModule({"main": func}), target=target, space_generator=space_for(func, target),
+        search_strategy=ms.search_strategy.ReplayTrace(), task_name="t",
+    )  # fmt: skip
+    space = knob_space(func)
+    assert set(picks) <= set(space), f"no knobs {set(picks) - set(space)} in {sorted(space)}"
+    (sch,) = ctx.generate_design_space()
+    trace = sch.trace
+    sampled = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
+    for inst, (name, values) in zip(sampled, space.items(), strict=True):
+        if name in picks:
+            trace = trace.with_decision(inst, values.index(picks[name]), True)
+    replay = s_tir.Schedule(tvm.IRModule({"main": func}))
+    trace.apply_to_schedule(replay, remove_postproc=True)
+    return realize(replay.mod["main"])

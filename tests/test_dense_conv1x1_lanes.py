@@ -12,10 +12,9 @@ import torch
 import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_utils import ISA_TARGETS, torch_conv
+from kernel_utils import ISA_TARGETS, replay_at_knobs, torch_conv
 from torch import nn
-from tvm import relax, s_tir
-from tvm.s_tir import meta_schedule as ms
+from tvm import relax
 
 import tvm_sparse
 from relay_passes.layer_plan import PlanTarget
@@ -32,7 +31,6 @@ from schedules.epilogue import Epilogue
 from schedules.tunable import knob_space, realize
 from tvm_sparse.frontend import import_model
 from tvm_sparse.targets import resolve_target, runs_here, vector_lanes
-from tvm_sparse.tuning.search import space_for
 
 TOL = 1e-4  # float32, another summation order: relative to the largest output
 AVX2_TILE = GemmConfig(6, 2, 8, filters_in_lanes=True)
@@ -211,18 +209,8 @@ def test_a_tuning_record_replays_to_the_kernel_at_its_knobs():
     the realized kernel matches PyTorch."""
     epilogue = Epilogue(True, False, "relu")
     func = conv1x1_lanes_template(1, 24, 20, (5, 5), epilogue, AVX2_TILE, 2, "f")
-    func = func.with_attr("global_symbol", "main")
     target = resolve_target("x86-avx2")
-    ctx = ms.TuneContext(
-        mod=tvm.IRModule({"main": func}), target=target, space_generator=space_for(func, target),
-        search_strategy=ms.search_strategy.ReplayTrace(), task_name="t",
-    )  # fmt: skip
-    (sch,) = ctx.generate_design_space()
-    (sampled,) = [i for i in sch.trace.insts if i.kind.name == "SampleCategorical"]
-    trace = sch.trace.with_decision(sampled, knob_space(func)["rows"].index(5), True)
-    replay = s_tir.Schedule(tvm.IRModule({"main": func}))
-    trace.apply_to_schedule(replay, remove_postproc=True)
-    tuned = realize(replay.mod["main"])
+    tuned = replay_at_knobs(func, target, {"rows": 5})
     expected = conv1x1_lanes_primfunc(1, 24, 20, (5, 5), epilogue, AVX2_TILE, 2, "f", tile_rows=5)
     assert str(tuned.body) == str(expected.body)
     if runs_here(target):

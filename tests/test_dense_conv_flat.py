@@ -13,10 +13,9 @@ import torch
 import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_utils import ISA_TARGETS, torch_conv
+from kernel_utils import ISA_TARGETS, replay_at_knobs, torch_conv
 from torch import nn
-from tvm import relax, s_tir
-from tvm.s_tir import meta_schedule as ms
+from tvm import relax
 
 import tvm_sparse
 from relay_passes.layer_plan import PlanTarget
@@ -37,7 +36,6 @@ from schedules.geometry import ConvGeometry
 from schedules.tunable import knob_space, realize
 from tvm_sparse.frontend import import_model
 from tvm_sparse.targets import resolve_target, runs_here, vector_lanes
-from tvm_sparse.tuning.search import space_for
 
 TOL = 1e-4  # float32, another summation order: relative to the largest output
 AVX2_TILE = GemmConfig(4, 3, 8)
@@ -224,20 +222,9 @@ def test_a_tuning_record_replays_to_the_flat_kernel_at_its_knobs():
     template's params, not its knobs. The realized kernel matches PyTorch."""
     geom = ConvGeometry(1, 16, 14, 28, 8, (3, 3), (1, 1), (1, 1, 1, 1))
     cfg = DenseConvConfig(AVX2_TILE, out_rows=2, flat=True, chunks=2)
-    func = dense_conv2d_template(geom, Epilogue(True), cfg, "f").with_attr("global_symbol", "main")
+    func = dense_conv2d_template(geom, Epilogue(True), cfg, "f")
     target = resolve_target("x86-avx2")
-    ctx = ms.TuneContext(
-        mod=tvm.IRModule({"main": func}), target=target, space_generator=space_for(func, target),
-        search_strategy=ms.search_strategy.ReplayTrace(), task_name="t",
-    )  # fmt: skip
-    (sch,) = ctx.generate_design_space()
-    trace, picks = sch.trace, {"rows": 2, "vectors": 2, "out_rows": 7}
-    sampled = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
-    for inst, (name, values) in zip(sampled, knob_space(func).items(), strict=True):
-        trace = trace.with_decision(inst, values.index(picks[name]), True)
-    replay = s_tir.Schedule(tvm.IRModule({"main": func}))
-    trace.apply_to_schedule(replay, remove_postproc=True)
-    tuned = realize(replay.mod["main"])
+    tuned = replay_at_knobs(func, target, {"rows": 2, "vectors": 2, "out_rows": 7})
     at_knobs = DenseConvConfig(GemmConfig(4, 2, 8), 7, 2, flat=True, chunks=2)
     expected = dense_conv2d_primfunc(geom, Epilogue(True), at_knobs, "f")
     assert str(tuned.body) == str(expected.body)
