@@ -9,7 +9,7 @@ host's measured FMA peak for the ISA each row was compiled for.
 AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``) and, on an AVX-512 host,
 AVX-512 hidden from CPUID so that ONNX Runtime runs its AVX2 kernels too
 (``benchmarking.isa_target``; the table states the ISA ONNX Runtime ran). Writes
-benchmarks/results/ops[_avx2].{json,md}.
+benchmarks/results/ops[_avx2].{json,md} (``--out``: another stem).
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--isa", choices=["native", "avx2"], default="native")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-whole", action="store_true", help="layers only")
+    parser.add_argument("--out", help="results stem (default benchmarks/results/ops[_avx2])")
     args = parser.parse_args()
     target = isa_target(args.isa)
     threads = os.cpu_count() or 1
@@ -203,7 +204,7 @@ def main() -> None:
         ["model", "layer", "MFLOP", "tvm-sparse ms", "ORT ms", "PyTorch ms", "vs ORT",
          "vs PyTorch", "tvm GFLOP/s", "ORT GFLOP/s", "% of peak", "kernel"], rows,
     )  # fmt: skip
-    stem = "benchmarks/results/ops" + ("_avx2" if args.isa == "avx2" else "")
+    stem = args.out or "benchmarks/results/ops" + ("_avx2" if args.isa == "avx2" else "")
     write_results(
         stem,
         {"target": target, "ort_isa": ort_isa(), "threads": threads, "rounds": args.rounds,

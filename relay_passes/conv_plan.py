@@ -9,8 +9,8 @@ dilation 1, static shapes; anything else is left to TVM):
 2. a depthwise conv (one filter per channel) -> ``depthwise`` (``schedules.depthwise_conv2d``);
 3. otherwise the weight's format (``formats.sparsity.choose_conv_format``: pattern or dense),
    packed as ``PatternWeight``, and its kernel:
-   the packed GEMM (``conv_gemm``; on AVX2 with many input channels its filters in the
-   lanes, ``dense_conv1x1_lanes``) for dense pointwise convs, the GEMM over phase-split input
+   the packed GEMM (``conv_gemm``; on AVX2 over K in passes, ``dense_gemm.gemm_k_block``) for
+   dense pointwise convs, the GEMM over phase-split input
    rows (``dense_conv``) for dense k x k convs on at most ``FEW_CHANNELS`` input channels (a
    stem) and, on 16-register targets (AVX2), for the dense k x k convs its flat rows fit
    (``dense_conv2d.flat_rows_fit``), the filters-in-lanes kernel (``lanes``) where the
@@ -21,19 +21,24 @@ dilation 1, static shapes; anything else is left to TVM):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 from tvm import relax
 
 from schedules.bsr_matmul import Conv1x1Geometry, default_bsr_conv_config
-from schedules.dense_conv1x1_lanes import conv1x1_lanes_fit, default_conv1x1_lanes_config
 from schedules.dense_conv2d import (
     default_dense_conv_config,
     default_flat_conv_config,
     flat_rows_fit,
     pack_dense_conv,
 )
-from schedules.dense_gemm import GemmConfig, default_gemm_config, pack_columns, pack_rows
+from schedules.dense_gemm import (
+    GemmConfig,
+    default_gemm_config,
+    gemm_k_block,
+    pack_rows,
+)
 from schedules.depthwise_conv2d import default_depthwise_config, pack_depthwise
 from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
 from schedules.pattern_conv2d_lanes import lanes_default_config
@@ -156,15 +161,12 @@ def _pointwise(geom: ConvGeometry) -> bool:
 def _pointwise_gemm(
     matrix: np.ndarray, geom: ConvGeometry, target: PlanTarget
 ) -> tuple[GemmConfig, np.ndarray, str]:
-    """A dense pointwise conv's GEMM: its tile, its packed (O, C) weight and how it runs. The
-    filters in the lanes (pixels broadcast) where ``conv1x1_lanes_fit``, else the pixels in
-    the lanes (the weight's rows broadcast)."""
-    if conv1x1_lanes_fit(target.registers, geom.in_channels, geom.stride[0]):
-        cfg = default_conv1x1_lanes_config(target.lanes)
-        packed = pack_columns(np.ascontiguousarray(matrix.T), cfg.width)
-        return cfg, packed, "packed GEMM, filters in vector lanes"
+    """A dense pointwise conv's GEMM: its tile, its packed (O, C) weight and how it runs; on
+    16-register targets K over ``dense_gemm.K_BLOCK`` in passes (``gemm_k_block``)."""
     cfg = default_gemm_config(target.lanes, target.registers, geom.out_height * geom.out_width)
-    return cfg, pack_rows(matrix, cfg.rows), "packed GEMM"
+    cfg = replace(cfg, k_block=gemm_k_block(geom.in_channels, target.registers))
+    how = "packed GEMM" + (f", K in passes of {cfg.k_block}" if cfg.k_block else "")
+    return cfg, pack_rows(matrix, cfg.rows), how
 
 
 def plan_conv2d(call: relax.Call, index: int, target: PlanTarget) -> LayerPlan:

@@ -13,7 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from schedules.dense_gemm import linear_gemm_template, padded
+from schedules.dense_linear import linear_gemm_template, padded
 from schedules.dense_matmul import dense_matmul_primfunc, padded_columns
 from schedules.pattern_conv2d import Epilogue
 from tvm_sparse.report import LayerRecord

@@ -7,8 +7,7 @@ together with its epilogue (bias add, residual add, ReLU / ReLU6 / clip, GELU), 
 - ``pattern``: ``schedules.pattern_conv2d`` on the ``PatternWeight`` (a dense weight is one full
   pattern: a direct conv with a sound vectorized schedule instead of TVM's untuned default);
 - ``lanes``: ``schedules.pattern_conv2d_lanes``, a group of filters in the vector lanes;
-- ``conv_gemm``: a dense pointwise conv as ``schedules.dense_gemm``'s packed GEMM (its filters
-  in the lanes: ``schedules.dense_conv1x1_lanes``);
+- ``conv_gemm``: a dense pointwise conv as ``schedules.dense_gemm``'s packed GEMM;
 - ``dense_conv``: a dense k x k conv on few input channels (a stem) as
   ``schedules.dense_conv2d``'s GEMM over phase-split input rows;
 - ``depthwise``: ``schedules.depthwise_conv2d``, one filter per channel, read in place.
@@ -22,7 +21,6 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from schedules.dense_conv1x1_lanes import conv1x1_lanes_template
 from schedules.dense_conv2d import dense_conv2d_template
 from schedules.dense_gemm import conv1x1_gemm_template
 from schedules.depthwise_conv2d import depthwise_conv2d_template
@@ -45,8 +43,7 @@ def _emit_gemm(
     cores: int,
 ) -> relax.Expr:
     """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM template (a strided conv's
-    panels gathered from its input map), or ``schedules.dense_conv1x1_lanes``' where the plan
-    put the filters in the lanes."""
+    panels gathered from its input map)."""
     geom, cfg = plan.geometry, plan.config
     epi, match = epilogue
     dims, stride = (geom.out_height, geom.out_width), geom.stride[0]
@@ -54,13 +51,10 @@ def _emit_gemm(
     o, c = geom.out_channels, geom.in_channels
     key = ("gemm", geom.batch, c, o, dims, epi, cfg, stride, in_dims)
     name = f"dense_conv1x1_{o}x{c}"
-    build = conv1x1_lanes_template if cfg.filters_in_lanes else conv1x1_gemm_template
-    kernel = add_kernel(
-        bb, kernels, key, name,
-        lambda: build(geom.batch, c, o, dims, epi, cfg, cores, name, stride, in_dims),
-    )  # fmt: skip
-    args = [visit(match.anchor.args[0]), relax.const(plan.packing), *match.operands(visit)]
-    return relax.call_tir(kernel, args, relax.TensorType((geom.batch, o, *dims), "float32"))
+    args = (geom.batch, c, o, dims, epi, cfg, cores, name, stride, in_dims)
+    kernel = add_kernel(bb, kernels, key, name, lambda: conv1x1_gemm_template(*args))
+    operands = [visit(match.anchor.args[0]), relax.const(plan.packing), *match.operands(visit)]
+    return relax.call_tir(kernel, operands, relax.TensorType((geom.batch, o, *dims), "float32"))
 
 
 def _emit_direct(

@@ -17,11 +17,10 @@ the whole of K.
   strided conv's panels are gathered from its input map (``b_source``), with no slice
   first: alone on AMD Zen 5, ResNet's stride-2 1x1 convs on 56x56 / 28x28 inputs 1.20-1.71x
   (AVX2 build 1.09-1.34x) against the input sliced by its own kernel, on 14x14 0.98-1.01x.
-  On 16-register targets a 1x1 conv on >= 384 input channels at stride 1 runs the other way
-  round instead, its filters in the lanes (``dense_conv1x1_lanes``).
-- **linear** ``out[m, n] = sum_k x[m, k] W[k, n]``: A is the input (tokens broadcast), B the
-  weight packed as ``(ceil(N / width), K, width)``, zero-padded; the last tile stores only the
-  columns that exist.
+  On 16-register targets K over ``K_BLOCK`` runs in passes, each pass's rows of B copied into
+  a panel that stays in L1 while the row tiles run (``gemm_k_block``).
+- **linear** ``out[m, n] = sum_k x[m, k] W[k, n]`` (``dense_linear``): A is the input (tokens
+  broadcast), B the weight packed by ``pack_columns``.
 
 Parallel jobs are (image, column tile, chunk of row tiles): a job streams its column panel of
 B once per row tile from L1 / L2 while A's tiles are read once. The 1x1 conv numbers its jobs
@@ -63,6 +62,7 @@ ZERO = tirx.const(0.0, "float32")
 PREFETCH_BYTES = 4096  # how far ahead of the tile the conv GEMM prefetches its packed weight
 CROSS_COLUMNS = 1  # map columns past whole tiles computed rows-in-lanes (see emit_tile)
 CACHE_LINE = 64  # bytes; a map row of whole lines is read in place (see b_source)
+K_BLOCK = 256  # most K rows a 16-register conv GEMM's tiles take per pass (``gemm_k_block``)
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,7 @@ class GemmConfig:
     vectors: int = 3
     lanes: int = 16
     cross: int = 0  # most map columns past whole tiles computed rows-in-lanes (``column_tiles``)
-    # A 1x1 conv's tile as pixels x filter vectors (``dense_conv1x1_lanes``), not the reverse.
-    filters_in_lanes: bool = False
+    k_block: int = 0  # K rows a conv GEMM's row tiles take per pass, from a panel (0: all of K)
 
     @property
     def width(self) -> int:
@@ -97,6 +96,23 @@ def default_gemm_config(lanes: int, registers: int, columns: int | None = None) 
     if columns is not None and columns % (3 * lanes) and columns % (2 * lanes) == CROSS_COLUMNS:
         return GemmConfig(rows=4, vectors=2, lanes=lanes, cross=CROSS_COLUMNS)
     return GemmConfig(rows=4, vectors=3, lanes=lanes)
+
+
+def gemm_k_block(depth: int, registers: int, limit: int = K_BLOCK) -> int:
+    """K rows per pass of a 1x1 conv GEMM's row tiles (``GemmConfig.k_block``; 0: all of K):
+    on 16-register targets, K over ``limit`` in the fewest equal passes of at most ``limit``
+    rows (512: 2 x 256, 960: 4 x 240, 2048: 8 x 256), else 0. Each pass's B rows are copied
+    into a contiguous panel (``b_source``) of ``limit`` x 3 vectors: 24 KB at 8 lanes, inside a
+    32 KB L1, where one pass over K = 512 on 24 columns reads a 48 KB panel from L2 per tile.
+
+    AMD EPYC Zen 3 (AVX2 only, 32 KB L1, 512 KB L2), 2 threads, alone, 9 interleaved rounds:
+    against all of K read in place, 512x128 / 512x256 on 28x28 1.14x / 1.11x, 1024x256 /
+    1024x512 on 14x14 1.07x / 1.13x (passes of 128 rows: 1.03-1.09x); K = 256 on 56x56 read
+    the same or less (0.94-0.98x), hence K over ``limit`` only."""
+    if registers > 16 or depth <= limit:
+        return 0
+    passes = next(c for c in range(math.ceil(depth / limit), depth + 1) if depth % c == 0)
+    return depth // passes
 
 
 @dataclass(frozen=True)
@@ -129,25 +145,6 @@ def column_tiles(columns: int, cfg: GemmConfig, cross: int = 0) -> tuple[int, Co
         return 0, ColumnTile(0, widths, rows)
     widths = (cfg.lanes,) * cfg.vectors + tuple(split_vectors(rest, cfg.lanes))
     return full - 1, ColumnTile((full - 1) * cfg.width, widths, max(1, cfg.rows // 2))
-
-
-def over_column_tiles(
-    columns: int, cfg: GemmConfig, tile: tirx.PrimExpr, body: Callable[[tuple[int, ...]], None]
-) -> None:
-    """``body(widths)`` for column tile ``tile`` of ``columns`` split in tiles of ``cfg.width``
-    (a GEMM whose packed operand fills the lanes): the full tile's vectors, or in the last
-    tile the columns left (its last vector partial)."""
-    tiles = math.ceil(columns / cfg.width)
-    full = (cfg.lanes,) * cfg.vectors
-    last = tuple(split_vectors(columns - (tiles - 1) * cfg.width, cfg.lanes))
-    if last == full:
-        body(full)
-        return
-    with T.If(tile < tiles - 1):
-        with T.Then():
-            body(full)
-        with T.Else():
-            body(last)
 
 
 def split_vectors(count: int, lanes: int) -> list[int]:
@@ -190,6 +187,7 @@ def emit_tile(
     cross: int = 0,
     a_rows_at: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None,
     inner: int = 1,
+    init: Callable[[int, int, int], tirx.PrimExpr] | None = None,
 ) -> None:
     """One register tile: ``rows`` x ``widths`` accumulators over ``depth`` k, then ``finish``
     on each vector; ``ahead(k)`` (prefetches) runs at each k. Rows and offsets are Python
@@ -200,15 +198,21 @@ def emit_tile(
     rows: ``a_rows_at(k)`` (A's ``rows`` values at ``k``, contiguous when packed) times B's
     scalar ``b_at(k, column, 1)``; ``finish`` takes them a row at a time (width 1). A map of
     49 pixels on 8 x 3 tiles of 16 lanes: 25 FMAs per k for 49 columns, against 16 for 4 rows
-    of 4 vectors (the last one lane) on the half-rows tile."""
+    of 4 vectors (the last one lane) on the half-rows tile.
+
+    ``init(row, offset, width)``: the accumulators' starting values (a pass over part of K
+    resuming partial sums), the ``cross`` columns' at ``init(-1, column, rows)`` (a vector
+    of the rows); default zero."""
     offsets = _offsets(widths)
     acc = accumulator_rows(rows, sum(widths))
     across = accumulator_rows(cross, rows)
     for r in range(rows):
         for off, w in zip(offsets, widths, strict=True):
-            T.buffer_store(acc[r], splat(ZERO, w), [span(off, w)])
-    for column in across:
-        T.buffer_store(column, splat(ZERO, rows), [span(0, rows)])
+            start = splat(ZERO, w) if init is None else init(r, off, w)
+            T.buffer_store(acc[r], start, [span(off, w)])
+    for j, column in enumerate(across):
+        start = splat(ZERO, rows) if init is None else init(-1, sum(widths) + j, rows)
+        T.buffer_store(column, start, [span(0, rows)])
     if depth % inner:
         raise ValueError(f"depth {depth} is not a multiple of inner={inner}")
     with T.serial(0, depth // inner) as outer:
@@ -274,10 +278,12 @@ def b_source(
     widths: tuple[int, ...],
     depth: int,
     strided: tuple[int, int, int] | None = None,
+    k0: tirx.PrimExpr | int = 0,
+    panel: tirx.Buffer | None = None,
 ) -> tuple[VectorAt, Callable[[tirx.PrimExpr], None] | None]:
     """Where a job's tiles read B, the columns ``[start, start + sum(widths))`` of ``x[n]``'s
-    ``depth`` rows, as ``b_at(k, offset, width)``; and ``fill(k)``, what the job's first row
-    tile also does at each k (None: nothing):
+    ``depth`` rows from ``k0`` on, as ``b_at(k, offset, width)`` (k from 0); and ``fill(k)``,
+    what the job's first row tile also does at each k (None: nothing):
 
     - ``strided`` (stride, output width, input width): the columns are output pixels of a
       strided 1x1 conv, gathered from the input map (``x`` its flat (C, H*W) view) into a
@@ -292,18 +298,22 @@ def b_source(
     24x144 / 64x64 on 56x56 and 96x16 on 112x112 1.05-1.24x (AVX2 build 1.04-1.09x), 28x28
     1.00-1.05x; filled by the first tile 96x384 / 64x384 on 14x14 1.09-1.14x, K = 1024 on
     14x14 and 7x7 1.00-1.02x (read in place there: 0.94-0.95x). Whole ResNet-50 / MobileNetV2:
-    within the 2-4 % by which two compiles of the same model differ."""
+    within the 2-4 % by which two compiles of the same model differ.
+
+    A GEMM that passes over K in blocks (``GemmConfig.k_block``) gives each pass's ``panel``
+    (``depth`` x the columns, allocated once for all passes) and always reads through it: the
+    pass's rows of B stay in L1 while its row tiles run (``gemm_k_block``)."""
     fill = None
     if strided is not None:
-        panel = _gathered_panel(x, n, start, widths, depth, strided)
-    elif int(x.shape[-1]) * 4 % CACHE_LINE == 0:  # float32 rows of whole lines
+        panel = _gathered_panel(x, n, start, widths, depth, strided, k0, panel)
+    elif panel is None and int(x.shape[-1]) * 4 % CACHE_LINE == 0:  # rows of whole lines
         return (lambda kk, off, w: x[n, kk, span(start + off, w)]), None
     else:
-        panel = allocated_view((depth, sum(widths)))
+        panel = panel if panel is not None else allocated_view((depth, sum(widths)))
 
         def fill(kk: tirx.PrimExpr) -> None:
             for off, w in zip(_offsets(widths), widths, strict=True):
-                T.buffer_store(panel, x[n, kk, span(start + off, w)], [kk, span(off, w)])
+                T.buffer_store(panel, x[n, k0 + kk, span(start + off, w)], [kk, span(off, w)])
 
     return (lambda kk, off, w: panel[kk, span(off, w)]), fill
 
@@ -315,18 +325,21 @@ def _gathered_panel(
     widths: tuple[int, ...],
     depth: int,
     strided: tuple[int, int, int],
+    k0: tirx.PrimExpr | int,
+    panel: tirx.Buffer | None,
 ) -> tirx.Buffer:
-    """The strided conv's panel (``b_source``): ``depth`` rows of the output pixels from
-    ``start`` on, each gathered from every ``stride``-th row and column of the input map."""
+    """The strided conv's panel (``b_source``): ``depth`` rows from ``k0`` on of the output
+    pixels from ``start`` on, each gathered from every ``stride``-th row and column of the
+    input map (into ``panel`` where given)."""
     stride, out_w, in_w = strided
-    panel = allocated_view((depth, sum(widths)))
+    panel = panel if panel is not None else allocated_view((depth, sum(widths)))
     at = allocated_view((sum(widths),), "int32")
     for j in range(sum(widths)):
         p = start + j
         T.buffer_store(at, (p // out_w * in_w + p % out_w) * stride, [j])
     with T.serial(0, depth) as kk:
         for j in range(sum(widths)):
-            T.buffer_store(panel, x[n, kk, at[j]], [kk, j])
+            T.buffer_store(panel, x[n, k0 + kk, at[j]], [kk, j])
     return panel
 
 
@@ -407,6 +420,10 @@ def conv1x1_gemm_primfunc(
     if stride > 1 and (out_dims is None or in_dims is None):
         raise ValueError("a strided 1x1 conv GEMM needs its out_dims and in_dims")
     in_dims = in_dims or dims
+    k_block = cfg.k_block or in_channels
+    if in_channels % k_block:
+        raise ValueError(f"k_block={cfg.k_block} does not divide the {in_channels} input channels")
+    passes = in_channels // k_block
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
@@ -421,31 +438,72 @@ def conv1x1_gemm_primfunc(
         if resid_arg is not None:
             resid = T.decl_buffer((batch, out_channels, pixels), "float32", data=resid_arg.data)
         w_flat = T.decl_buffer((w.shape[0] * w.shape[1] * w.shape[2],), "float32", data=w.data)
+        out_flat = T.decl_buffer((batch * out_channels * pixels,), "float32", data=out_arg.data)
         with T.parallel(0, col_jobs * chunks) as job:
             n, col_tile, first = job_tiles(job, batch, col_jobs, chunk)
 
             def tile(start: tirx.PrimExpr, widths: tuple[int, ...], rows: int, cross: int) -> None:
-                sub = cfg.rows // rows  # sub-tiles of a packed row tile
                 strided = (stride, dims[-1], in_dims[-1]) if stride > 1 else None
                 columns = widths + ((cross,) if cross else ())
-                b_at, fill = b_source(x, n, start, columns, in_channels, strided)
+                if passes == 1:
+                    b_at, fill = b_source(x, n, start, columns, in_channels, strided)
+                    row_tiles_of(start, widths, rows, cross, b_at, fill, 0)
+                    return
+                panel = allocated_view((k_block, sum(columns)))
+                with T.serial(0, passes) as kb:
+                    b_at, fill = b_source(
+                        x, n, start, columns, k_block, strided, kb * k_block, panel
+                    )
+                    row_tiles_of(start, widths, rows, cross, b_at, fill, kb)
+
+            def row_tiles_of(start, widths, rows, cross, b_at, fill, kb) -> None:
+                """The job's row tiles over pass ``kb`` of K (all of it where ``passes`` is 1)."""
+                sub, k0 = cfg.rows // rows, kb * k_block  # sub-tiles of a packed row tile
                 with T.serial(0, chunk * sub) as t:
                     row_tile, part = (first + t // sub, t % sub) if sub > 1 else (first + t, 0)
                     o0 = row_tile * cfg.rows + part * rows
 
                     def a_at(r: int, kk: tirx.PrimExpr) -> tirx.PrimExpr:
-                        return w[row_tile, kk, part * rows + r]
+                        return w[row_tile, k0 + kk, part * rows + r]
 
                     def a_rows_at(kk: tirx.PrimExpr) -> tirx.PrimExpr:
-                        return w[row_tile, kk, span(part * rows, rows)]
+                        return w[row_tile, k0 + kk, span(part * rows, rows)]
 
                     def ahead(kk: tirx.PrimExpr) -> None:
+                        # One pass: this tile's weight further on; passes: the next tile's, at
+                        # this k (the next row tile of the pass).
                         at = (row_tile * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
+                        if passes > 1:
+                            at = ((row_tile + 1) * in_channels + k0 + kk) * cfg.rows
                         prefetch(w_flat[tirx.min(at, w_flat.shape[0] - 1)])
 
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
                         at = (n, o0 + r, span(start + off, width))
-                        store_channel_row(out, at, value, epilogue, (bias, resid), out_channels)
+                        operands = (bias, resid)
+                        if passes == 1:
+                            store_channel_row(out, at, value, epilogue, operands, out_channels)
+                            return
+                        with T.If(kb == passes - 1):  # partial sums stay in ``out`` till then
+                            with T.Then():
+                                store_channel_row(out, at, value, epilogue, operands, out_channels)
+                            with T.Else():
+                                store_channel_row(
+                                    out, at, value, Epilogue(), (None, None), out_channels
+                                )
+
+                    def resume(r: int, off: int, width: int) -> tirx.PrimExpr:
+                        """The partial sums of the passes before (row -1: a cross column's,
+                        its rows as one vector)."""
+                        if r < 0:  # channels o0.. of one pixel: a strided gather
+                            last = splat(tirx.const(out_channels - 1, "int32"), width)
+                            channel = tirx.min(tirx.Ramp(o0, 1, width), last)
+                            pixel = start + off + n * out_channels * pixels
+                            return tirx.Select(
+                                kb > 0, out_flat[channel * pixels + pixel], splat(ZERO, width)
+                            )
+                        else:
+                            at = (n, tirx.min(o0 + r, out_channels - 1), span(start + off, width))
+                        return tirx.Select(kb > 0, out[at], splat(ZERO, width))
 
                     def filling(kk: tirx.PrimExpr) -> None:
                         fill(kk)
@@ -453,8 +511,8 @@ def conv1x1_gemm_primfunc(
 
                     def emit(at_each_k: Callable[[tirx.PrimExpr], None]) -> None:
                         emit_tile(
-                            in_channels, rows, widths, a_at, b_at, finish, at_each_k, cross,
-                            a_rows_at,
+                            k_block, rows, widths, a_at, b_at, finish, at_each_k, cross,
+                            a_rows_at, init=None if passes == 1 else resume,
                         )  # fmt: skip
 
                     if fill is None:
@@ -480,73 +538,6 @@ def conv1x1_gemm_primfunc(
     return ib.get().without_attr("global_symbol")
 
 
-def linear_gemm_primfunc(
-    lead: tuple[int, ...],
-    k: int,
-    n: int,
-    epilogue: Epilogue = Epilogue(),
-    cfg: GemmConfig | None = None,
-    cores: int = 1,
-    name: str = "dense_linear",
-    tile_rows: int | None = None,
-) -> tirx.PrimFunc:
-    """Arguments: x (*lead, K), weight ``pack_columns(W, cfg.width)`` of W (K, N),
-    [bias (N_padded,)], [residual (*lead, N)], out (*lead, N); N_padded = ``padded(n, cfg)``.
-    The leading dims (tokens x batch) are the GEMM's rows, ``tile_rows`` (default
-    ``cfg.rows``; at most M) of them a register tile."""
-    cfg = cfg or GemmConfig()
-    m = math.prod(lead)
-    rows = min(tile_rows or cfg.rows, m)
-    col_tiles = math.ceil(n / cfg.width)
-    row_tiles = math.ceil(m / rows)
-    chunk = row_chunks(row_tiles, col_tiles, cores)
-    chunks = math.ceil(row_tiles / chunk)
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name(name)
-        T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
-        x_arg = T.arg("x", T.buffer((*lead, k), "float32"))
-        w = T.arg("weight", T.buffer((col_tiles, k, cfg.width), "float32"))
-        bias, resid_arg = epilogue.declare_args((col_tiles * cfg.width,), (*lead, n))
-        out_arg = T.arg("out", T.buffer((*lead, n), "float32"))
-        x = T.decl_buffer((m, k), "float32", data=x_arg.data)
-        out = T.decl_buffer((m, n), "float32", data=out_arg.data)
-        resid = None if resid_arg is None else T.decl_buffer((m, n), data=resid_arg.data)
-        with T.parallel(0, col_tiles * chunks) as job:
-            col_tile, first = job // chunks, job % chunks * chunk
-
-            def tile(widths: tuple[int, ...]) -> None:
-                n0 = col_tile * cfg.width
-                with T.serial(0, chunk) as t:
-                    m0 = (first + t) * rows
-
-                    def a_at(r: int, kk: tirx.PrimExpr) -> tirx.PrimExpr:
-                        return x[tirx.min(m0 + r, m - 1), kk]  # a last tile's rows repeat
-
-                    def b_at(kk: tirx.PrimExpr, off: int, width: int) -> tirx.PrimExpr:
-                        return w[col_tile, kk, span(off, width)]
-
-                    def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
-                        at = (m0 + r, span(n0 + off, width))
-                        value = epilogue.apply(
-                            value,
-                            None if bias is None else bias[span(n0 + off, width)],
-                            None if resid is None else resid[at],
-                        )
-                        with T.If(m0 + r < m), T.Then():
-                            T.buffer_store(out, value, list(at))
-
-                    with T.If(first + t < row_tiles), T.Then():
-                        emit_tile(k, rows, widths, a_at, b_at, finish)
-
-            over_column_tiles(n, cfg, col_tile, tile)
-    return ib.get().without_attr("global_symbol")
-
-
-def padded(n: int, cfg: GemmConfig) -> int:
-    """``n`` columns rounded up to whole tiles: the packed weight's and bias's width."""
-    return math.ceil(n / cfg.width) * cfg.width
-
-
 __all__ = [
     "ColumnTile",
     "GemmConfig",
@@ -555,13 +546,10 @@ __all__ = [
     "conv1x1_gemm_primfunc",
     "default_gemm_config",
     "emit_tile",
+    "gemm_k_block",
     "job_tiles",
-    "linear_gemm_primfunc",
-    "linear_gemm_template",
-    "over_column_tiles",
     "pack_columns",
     "pack_rows",
-    "padded",
     "row_chunks",
     "split_vectors",
     "store_channel_row",
@@ -574,8 +562,9 @@ __all__ = [
 
 def _conv1x1_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
     cfg = GemmConfig(
-        params["packed_rows"], knobs["vectors"], params["lanes"], params.get("cross", 0)
-    )
+        params["packed_rows"], knobs["vectors"], params["lanes"], params.get("cross", 0),
+        k_block=params.get("k_block", 0),
+    )  # fmt: skip
     height, width = params["out_dims"]
     stride = params.get("stride", 1)
     return conv1x1_gemm_primfunc(
@@ -616,46 +605,9 @@ def conv1x1_gemm_template(
         "out_dims": list(out_dims), "epilogue": asdict(epilogue), "packed_rows": cfg.rows,
         "lanes": cfg.lanes, "cross": cfg.cross, "cores": cores, "name": name,
     }  # fmt: skip
+    if cfg.k_block:
+        params["k_block"] = cfg.k_block
     if stride > 1:
         params.update(stride=stride, in_dims=list(in_dims))
     knobs = {"rows": cfg.rows, "vectors": cfg.vectors}
     return template(_conv1x1_build(params, knobs), DENSE_CONV1X1.name, params, knobs)
-
-
-# --- MetaSchedule search space of the linear GEMM -----------------------------------------
-
-
-def _linear_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
-    cfg = GemmConfig(params["packed_rows"], params["vectors"], params["lanes"])
-    return linear_gemm_primfunc(
-        tuple(params["lead"]), params["k"], params["n"], Epilogue(**params["epilogue"]), cfg,
-        params["cores"], params["name"], tile_rows=knobs["rows"],
-    )  # fmt: skip
-
-
-def _linear_space(params: dict, default: Knobs) -> dict[str, list[int]]:
-    """1-8 token rows a tile (at most the tokens); the columns are the packed weight's."""
-    return {"rows": list(range(1, min(8, math.prod(params["lead"])) + 1))}
-
-
-DENSE_LINEAR = register(TunableKernel("dense_linear", _linear_build, _linear_space))
-
-
-def linear_gemm_template(
-    lead: tuple[int, ...],
-    k: int,
-    n: int,
-    epilogue: Epilogue,
-    cfg: GemmConfig,
-    cores: int,
-    name: str,
-) -> tirx.PrimFunc:
-    """The linear GEMM at ``cfg`` (its weight packed by ``cfg.width``) as a MetaSchedule
-    template; the knob is the tile's token rows."""
-    params = {
-        "lead": list(lead), "k": k, "n": n, "epilogue": asdict(epilogue),
-        "packed_rows": cfg.rows, "vectors": cfg.vectors, "lanes": cfg.lanes, "cores": cores,
-        "name": name,
-    }  # fmt: skip
-    knobs = {"rows": min(cfg.rows, math.prod(lead))}
-    return template(_linear_build(params, knobs), DENSE_LINEAR.name, params, knobs)

@@ -42,7 +42,7 @@ KERNEL_MODULES = (
     "schedules.pattern_conv2d_lanes",
     "schedules.bsr_matmul",
     "schedules.dense_gemm",
-    "schedules.dense_conv1x1_lanes",
+    "schedules.dense_linear",
     "schedules.dense_conv2d",
     "schedules.depthwise_conv2d",
 )

@@ -22,13 +22,12 @@ from schedules.dense_gemm import (
     conv1x1_gemm_primfunc,
     conv1x1_gemm_template,
     default_gemm_config,
+    gemm_k_block,
     job_tiles,
-    linear_gemm_primfunc,
-    linear_gemm_template,
     pack_columns,
     pack_rows,
-    padded,
 )
+from schedules.dense_linear import linear_gemm_primfunc, linear_gemm_template, padded
 from schedules.epilogue import Epilogue
 from schedules.tunable import knob_space, realize
 from tvm_sparse.targets import resolve_target, vector_lanes, vector_registers
@@ -91,15 +90,22 @@ def test_pointwise_conv_matches_pytorch(target, cin, cout, size, stride, batch, 
     assert conv.epilogue == "+".join(fused)  # one kernel: the whole chain fused
 
 
-def test_resnet50_shaped_layers_match_pytorch():
-    # ResNet-50's 1x1 shapes at a smaller map: K up to 1024, O up to 1024, stride 2 shortcut.
-    for cin, cout, size, stride in [(256, 64, 14, 1), (1024, 256, 14, 1), (512, 1024, 28, 2)]:
-        model = PointwiseBlock(cin, cout, stride, True, False, "relu")
-        x = np.random.default_rng(cin).standard_normal((1, cin, size, size)).astype("float32")
+@pytest.mark.parametrize("target", ISA_TARGETS)
+def test_resnet50_shaped_layers_match_pytorch(target):
+    """ResNet-50's 1x1 shapes at smaller maps: K up to 2048, O up to 1024, a stride-2 shortcut,
+    a 7x7 map (its last column rows-in-lanes); bias + residual + ReLU. On AVX2, K over 256 in
+    passes (the reason says so), one pass on AVX-512."""
+    passes = vector_registers(tvm.target.Target(resolve_target(target))) <= 16
+    shapes = [(256, 64, 14, 1), (1024, 256, 14, 1), (512, 1024, 28, 2), (2048, 40, 7, 1)]
+    for cin, cout, size, stride in shapes:
+        model = PointwiseBlock(cin, cout, stride, True, True, "relu")
+        rng = np.random.default_rng(cin)
+        x = rng.standard_normal((1, cin, size, size)).astype("float32")
         out = (size - 1) // stride + 1
-        r = np.zeros((1, cout, out, out), "float32")
-        cm = _check(model, (x, r), "x86")
-        assert "packed GEMM" in cm.layers[0].reason
+        r = rng.standard_normal((1, cout, out, out)).astype("float32")
+        reason = _check(model, (x, r), target).layers[0].reason
+        k_block = 256 if passes and cin > 256 else 0
+        assert reason.endswith(f"K in passes of {k_block}" if k_block else "packed GEMM"), reason
 
 
 def test_column_tiles_cover_the_map_once():
@@ -326,15 +332,21 @@ def test_strided_panels_gathered_from_the_input_match_numpy(target, stride, in_d
     a 7x7 output (its last column rows-in-lanes), stride 3, bias + residual + ReLU."""
     tgt = tvm.target.Target(resolve_target(target))
     cfg = default_gemm_config(vector_lanes(tgt), vector_registers(tgt), 49)
-    o, c = 19, 13
     dims = tuple((d - 1) // stride + 1 for d in in_dims)
-    rng = np.random.default_rng(stride * 100 + in_dims[1])
+    _check_gemm(tgt, cfg, 13, dims, in_dims, stride, stride * 100 + in_dims[1], tile_rows)
+
+
+def _check_gemm(tgt, cfg, c, dims, in_dims, stride, seed, tile_rows=None):
+    """The 1x1 conv GEMM at ``cfg`` (19 filters, ``c`` channels, batch 2, bias + residual +
+    ReLU) against numpy; its PrimFunc."""
+    o = 19
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, c, *in_dims), "float32")
     w, b = rng.standard_normal((o, c), "float32"), rng.standard_normal(o, "float32")
     r = rng.standard_normal((2, o, *dims), "float32")
     func = conv1x1_gemm_primfunc(2, c, o, dims[0] * dims[1], Epilogue(True, True, "relu"), cfg,
                                  2, "g", dims, tile_rows=tile_rows, stride=stride,
-                                 in_dims=in_dims)  # fmt: skip
+                                 in_dims=in_dims if stride > 1 else None)  # fmt: skip
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
     out = tvm.runtime.tensor(np.zeros((2, o, *dims), "float32"))
     args = [x, pack_rows(w, cfg.rows), b, r]
@@ -342,6 +354,33 @@ def test_strided_panels_gathered_from_the_input_match_numpy(target, stride, in_d
     sliced = x[:, :, ::stride, ::stride]
     ref = np.maximum(np.einsum("oc,nchw->nohw", w, sliced) + b[:, None, None] + r, 0)
     np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
+    return func
+
+
+@pytest.mark.parametrize("target", ISA_TARGETS)
+@pytest.mark.parametrize(
+    ("dims", "stride", "k_block"),
+    [((7, 7), 1, 8), ((4, 20), 1, 12), ((1, 37), 1, 6), ((7, 7), 2, 8)],
+)
+def test_passes_over_k_match_numpy(target, dims, stride, k_block):
+    """K in passes (``GemmConfig.k_block``), the partial sums kept in the output between them:
+    a 7x7 map (its last column rows-in-lanes, resumed as a vector of the rows), rows of whole
+    lines (read through the panel, not in place), a partial tile, a strided conv; 19 filters
+    (a partial row tile), bias + residual + ReLU, which must come once, after the last pass."""
+    tgt = tvm.target.Target(resolve_target(target))
+    lanes, registers = vector_lanes(tgt), vector_registers(tgt)
+    base = default_gemm_config(lanes, registers, dims[0] * dims[1])
+    cfg = GemmConfig(base.rows, base.vectors, lanes, cross=1, k_block=k_block)
+    in_dims = tuple((d - 1) * stride + 1 for d in dims)
+    func = _check_gemm(tgt, cfg, 24, dims, in_dims, stride, k_block)
+    assert "T.Select(" in func.script()  # the passes after the first resume their sums
+
+
+def test_k_passes_divide_k_on_16_register_targets_only():
+    assert [gemm_k_block(k, 16) for k in (256, 384, 512, 960, 2048)] == [0, 192, 256, 240, 256]
+    assert gemm_k_block(2048, 32) == 0
+    with pytest.raises(ValueError, match="does not divide the 24 input channels"):
+        conv1x1_gemm_primfunc(1, 24, 8, 49, cfg=GemmConfig(4, 2, 8, k_block=10))
 
 
 def test_a_strided_gemm_needs_its_input_dims():

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from tvm import relax
 
 from relay_passes.dense_matmul import RewriteDenseMatmul
-from schedules.dense_gemm import GemmConfig, linear_gemm_template, pack_columns
+from schedules.dense_gemm import GemmConfig, pack_columns
+from schedules.dense_linear import linear_gemm_template
 from schedules.dense_matmul import (
     MatmulConfig,
     dense_matmul_primfunc,

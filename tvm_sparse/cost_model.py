@@ -34,10 +34,10 @@ from schedules.bsr_matmul import (
 from schedules.dense_gemm import (
     conv1x1_gemm_primfunc,
     default_gemm_config,
-    linear_gemm_primfunc,
     pack_columns,
     pack_rows,
 )
+from schedules.dense_linear import linear_gemm_primfunc
 from schedules.dense_matmul import default_matmul_config, dense_matmul_primfunc, pack_weight
 from schedules.epilogue import Epilogue
 from schedules.pattern_conv2d import (
