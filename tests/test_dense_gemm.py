@@ -2,7 +2,9 @@
 PyTorch on every x86 ISA this host runs, odd sizes, strides and the fused epilogue; the tiling
 helpers; the pass's choice."""
 
+import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from kernel_utils import ISA_TARGETS
 import tvm_sparse
 from relay_passes.linear_plan import GEMM_MIN_ROWS
 from schedules.dense_gemm import (
+    DENSE_CONV1X1,
     PREFETCH_BYTES,
     ColumnTile,
     GemmConfig,
@@ -263,6 +266,16 @@ def test_gemm_template_default_is_the_hand_kernel_and_its_space_is_pinned() -> N
     # AVX2: weights packed by 4 rows
     avx2 = conv1x1_gemm_template(1, 24, 40, (5, 7), Epilogue(), GemmConfig(4, 3, 8), 2, "g")
     assert knob_space(avx2) == {"rows": [4, 1, 2], "vectors": [3, 1, 2, 4]}
+    # K in passes: a parameter of the template, kept by every point of its space
+    passes = GemmConfig(4, 3, 8, k_block=8)
+    func = conv1x1_gemm_template(1, 24, 40, (5, 7), Epilogue(), passes, 2, "g")
+    expected = conv1x1_gemm_primfunc(1, 24, 40, 35, Epilogue(), passes, 2, "g", (5, 7))
+    tvm.ir.assert_structural_equal(realize(func).without_attr("tvm_sparse.params"), expected)
+    params = json.loads(str(func.attrs["tvm_sparse.params"]))
+    at_knobs = DENSE_CONV1X1.build(params, {"rows": 2, "vectors": 1})
+    smaller = conv1x1_gemm_primfunc(1, 24, 40, 35, Epilogue(), replace(passes, vectors=1), 2,
+                                    "g", (5, 7), tile_rows=2)  # fmt: skip
+    tvm.ir.assert_structural_equal(at_knobs, smaller)
 
 
 @pytest.mark.parametrize("target", ISA_TARGETS)
