@@ -107,8 +107,8 @@ def gemm_k_block(depth: int, registers: int, limit: int = K_BLOCK) -> int:
 
     AMD EPYC Zen 3 (AVX2 only, 32 KB L1, 512 KB L2), 2 threads, alone, 9 interleaved rounds:
     against all of K read in place, 512x128 / 512x256 on 28x28 1.14x / 1.11x, 1024x256 /
-    1024x512 on 14x14 1.07x / 1.13x (passes of 128 rows: 1.03-1.09x); K = 256 on 56x56 read
-    the same or less (0.94-0.98x), hence K over ``limit`` only."""
+    1024x512 on 14x14 1.07x / 1.13x (passes of 128 rows: 1.03-1.09x); K = 256 on 56x56
+    disagreed (256x128 0.94-0.98x, 256x64 1.11-1.40x), so K up to ``limit`` keeps one pass."""
     if registers > 16 or depth <= limit:
         return 0
     passes = next(c for c in range(math.ceil(depth / limit), depth + 1) if depth % c == 0)
@@ -472,8 +472,9 @@ def conv1x1_gemm_primfunc(
                     def ahead(kk: tirx.PrimExpr) -> None:
                         # One pass: this tile's weight further on; passes: the next tile's, at
                         # this k (the next row tile of the pass).
-                        at = (row_tile * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
-                        if passes > 1:
+                        if passes == 1:
+                            at = (row_tile * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
+                        else:
                             at = ((row_tile + 1) * in_channels + k0 + kk) * cfg.rows
                         prefetch(w_flat[tirx.min(at, w_flat.shape[0] - 1)])
 
@@ -498,12 +499,11 @@ def conv1x1_gemm_primfunc(
                             last = splat(tirx.const(out_channels - 1, "int32"), width)
                             channel = tirx.min(tirx.Ramp(o0, 1, width), last)
                             pixel = start + off + n * out_channels * pixels
-                            return tirx.Select(
-                                kb > 0, out_flat[channel * pixels + pixel], splat(ZERO, width)
-                            )
+                            sums = out_flat[channel * pixels + pixel]
                         else:
-                            at = (n, tirx.min(o0 + r, out_channels - 1), span(start + off, width))
-                        return tirx.Select(kb > 0, out[at], splat(ZERO, width))
+                            channel = tirx.min(o0 + r, out_channels - 1)
+                            sums = out[n, channel, span(start + off, width)]
+                        return tirx.Select(kb > 0, sums, splat(ZERO, width))
 
                     def filling(kk: tirx.PrimExpr) -> None:
                         fill(kk)
