@@ -21,7 +21,6 @@ dilation 1, static shapes; anything else is left to TVM):
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 from tvm import relax
@@ -33,12 +32,7 @@ from schedules.dense_conv2d import (
     flat_rows_fit,
     pack_dense_conv,
 )
-from schedules.dense_gemm import (
-    GemmConfig,
-    default_gemm_config,
-    gemm_k_block,
-    pack_rows,
-)
+from schedules.dense_gemm import GemmConfig, conv1x1_gemm_config, pack_rows
 from schedules.depthwise_conv2d import default_depthwise_config, pack_depthwise
 from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
 from schedules.pattern_conv2d_lanes import lanes_default_config
@@ -162,9 +156,10 @@ def _pointwise_gemm(
     matrix: np.ndarray, geom: ConvGeometry, target: PlanTarget
 ) -> tuple[GemmConfig, np.ndarray, str]:
     """A dense pointwise conv's GEMM: its tile, its packed (O, C) weight and how it runs; on
-    16-register targets K over ``dense_gemm.K_BLOCK`` in passes (``gemm_k_block``)."""
-    cfg = default_gemm_config(target.lanes, target.registers, geom.out_height * geom.out_width)
-    cfg = replace(cfg, k_block=gemm_k_block(geom.in_channels, target.registers))
+    16-register targets K over ``dense_gemm.K_BLOCK`` in passes (``gemm_k_block``), 4 k per
+    iteration of the tile loop (``gemm_unroll``)."""
+    pixels = geom.out_height * geom.out_width
+    cfg = conv1x1_gemm_config(target.lanes, target.registers, pixels, geom.in_channels)
     how = "packed GEMM" + (f", K in passes of {cfg.k_block}" if cfg.k_block else "")
     return cfg, pack_rows(matrix, cfg.rows), how
 

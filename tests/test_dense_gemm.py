@@ -22,10 +22,12 @@ from schedules.dense_gemm import (
     ColumnTile,
     GemmConfig,
     column_tiles,
+    conv1x1_gemm_config,
     conv1x1_gemm_primfunc,
     conv1x1_gemm_template,
     default_gemm_config,
     gemm_k_block,
+    gemm_unroll,
     job_tiles,
     pack_columns,
     pack_rows,
@@ -266,8 +268,8 @@ def test_gemm_template_default_is_the_hand_kernel_and_its_space_is_pinned() -> N
     # AVX2: weights packed by 4 rows
     avx2 = conv1x1_gemm_template(1, 24, 40, (5, 7), Epilogue(), GemmConfig(4, 3, 8), 2, "g")
     assert knob_space(avx2) == {"rows": [4, 1, 2], "vectors": [3, 1, 2, 4]}
-    # K in passes: a parameter of the template, kept by every point of its space
-    passes = GemmConfig(4, 3, 8, k_block=8)
+    # K in passes, k unrolled: parameters of the template, kept by every point of its space
+    passes = GemmConfig(4, 3, 8, k_block=8, unroll=4)
     func = conv1x1_gemm_template(1, 24, 40, (5, 7), Epilogue(), passes, 2, "g")
     expected = conv1x1_gemm_primfunc(1, 24, 40, 35, Epilogue(), passes, 2, "g", (5, 7))
     tvm.ir.assert_structural_equal(realize(func).without_attr("tvm_sparse.params"), expected)
@@ -372,21 +374,28 @@ def _check_gemm(tgt, cfg, c, dims, in_dims, stride, seed, tile_rows=None):
 
 @pytest.mark.parametrize("target", ISA_TARGETS)
 @pytest.mark.parametrize(
-    ("dims", "stride", "k_block"),
-    [((7, 7), 1, 8), ((4, 20), 1, 12), ((1, 37), 1, 6), ((7, 7), 2, 8)],
-)
-def test_passes_over_k_match_numpy(target, dims, stride, k_block):
+    ("dims", "stride", "k_block", "unroll"),
+    [
+        ((7, 7), 1, 8, 4), ((4, 20), 1, 12, 4), ((1, 37), 1, 6, 2), ((7, 7), 2, 8, 1),
+        ((7, 7), 1, 0, 4), ((4, 20), 2, 0, 2),
+    ],
+)  # fmt: skip
+def test_passes_over_k_match_numpy(target, dims, stride, k_block, unroll):
     """K in passes (``GemmConfig.k_block``), the partial sums kept in the output between them:
     a 7x7 map (its last column rows-in-lanes, resumed as a vector of the rows), rows of whole
     lines (read through the panel, not in place), a partial tile, a strided conv; 19 filters
-    (a partial row tile), bias + residual + ReLU, which must come once, after the last pass."""
+    (a partial row tile), bias + residual + ReLU, which must come once, after the last pass.
+    With k unrolled (``GemmConfig.unroll``), in passes and in one."""
     tgt = tvm.target.Target(resolve_target(target))
     lanes, registers = vector_lanes(tgt), vector_registers(tgt)
     base = default_gemm_config(lanes, registers, dims[0] * dims[1])
-    cfg = GemmConfig(base.rows, base.vectors, lanes, cross=1, k_block=k_block)
+    cfg = GemmConfig(base.rows, base.vectors, lanes, cross=1, k_block=k_block, unroll=unroll)
     in_dims = tuple((d - 1) * stride + 1 for d in dims)
-    func = _check_gemm(tgt, cfg, 24, dims, in_dims, stride, k_block)
-    assert "T.Select(" in func.script()  # the passes after the first resume their sums
+    func = _check_gemm(tgt, cfg, 24, dims, in_dims, stride, k_block + unroll)
+    script = func.script()
+    assert "T.Select(" in script or not k_block  # passes after the first resume their sums
+    # a tile's loop takes ``unroll`` k per iteration: 24 / unroll iterations over one pass's k
+    assert f"in range({(k_block or 24) // unroll}):" in script
 
 
 def test_k_passes_divide_k_on_16_register_targets_only():
@@ -394,6 +403,17 @@ def test_k_passes_divide_k_on_16_register_targets_only():
     assert gemm_k_block(2048, 32) == 0
     with pytest.raises(ValueError, match="does not divide the 24 input channels"):
         conv1x1_gemm_primfunc(1, 24, 8, 49, cfg=GemmConfig(4, 2, 8, k_block=10))
+
+
+def test_k_is_unrolled_on_16_register_targets_only():
+    assert [gemm_unroll(k, 16) for k in (256, 240, 6, 13)] == [4, 4, 2, 1]
+    assert gemm_unroll(256, 32) == 1
+    # the plan's configuration: the tile, the passes, the unroll dividing a pass
+    assert conv1x1_gemm_config(8, 16, 49, 960) == GemmConfig(4, 2, 8, 1, k_block=240, unroll=4)
+    assert conv1x1_gemm_config(8, 16, 784, 62) == GemmConfig(4, 3, 8, unroll=2)
+    assert conv1x1_gemm_config(16, 32, 49, 2048) == GemmConfig(8, 3, 16, 1)
+    with pytest.raises(ValueError, match="unroll=4 does not divide the 6 k of a pass"):
+        conv1x1_gemm_primfunc(1, 24, 8, 49, cfg=GemmConfig(4, 2, 8, k_block=6, unroll=4))
 
 
 def test_a_strided_gemm_needs_its_input_dims():

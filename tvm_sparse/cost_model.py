@@ -32,6 +32,7 @@ from schedules.bsr_matmul import (
     default_bsr_matmul_config,
 )
 from schedules.dense_gemm import (
+    conv1x1_gemm_config,
     conv1x1_gemm_primfunc,
     default_gemm_config,
     pack_columns,
@@ -173,7 +174,7 @@ class _Measure:
             x = self.rng.standard_normal((1, c, hw, hw)).astype("float32")
             out = np.zeros((1, o, hw, hw), "float32")
             w = self.rng.standard_normal((o, c)).astype("float32")
-            cfg = default_gemm_config(self.lanes, self.regs, hw * hw)
+            cfg = conv1x1_gemm_config(self.lanes, self.regs, hw * hw, c)
             func = conv1x1_gemm_primfunc(1, c, o, hw * hw, Epilogue(), cfg, self.cores,
                                          out_dims=(hw, hw))  # fmt: skip
             pts_dense.append((o * c * hw * hw, _time(func, [x, pack_rows(w, cfg.rows), out],
