@@ -4,7 +4,7 @@ over tokens. TIR kernel generator.
 Both are ``C = A @ B`` computed by one register tile of ``rows`` x ``vectors`` vectors: per ``k``
 the tile loads ``vectors`` vectors of B's row ``k`` and broadcasts ``rows`` values of A's column
 ``k`` (one FMA each, AVX-512's embedded broadcast), the accumulators staying in registers for
-the whole of K.
+the whole of K (on 16-register targets, of a 1x1 conv's pass over K: ``gemm_k_block``).
 
 - **1x1 conv** ``out[n, o, p] = sum_c W[o, c] x[n, c, p]`` (p a pixel of the flattened map):
   A is the weight, packed as ``(ceil(O / rows), C, rows)`` so a tile's broadcasts are
