@@ -12,8 +12,10 @@ dilation 1, static shapes; anything else is left to TVM):
    the packed GEMM (``conv_gemm``; on AVX2 over K in passes, ``dense_gemm.gemm_k_block``) for
    dense pointwise convs, the GEMM over phase-split input
    rows (``dense_conv``) for dense k x k convs on at most ``FEW_CHANNELS`` input channels (a
-   stem) and, on 16-register targets (AVX2), for the dense k x k convs its flat rows fit
-   (``dense_conv2d.flat_rows_fit``), the filters-in-lanes kernel (``lanes``) where the
+   stem); on 16-register targets (AVX2) Winograd F(2x2, 3x3) (``winograd``,
+   ``schedules.winograd_conv2d``) for the dense 3x3 stride-1 convs where it pays
+   (``winograd_pays``) and the flat-rows GEMM (``dense_conv``) for the other dense k x k convs
+   its rows fit (``dense_conv2d.flat_rows_fit``); the filters-in-lanes kernel (``lanes``) where the
    filters share kernels in groups of the target's lanes (``_lanes_format``), else the
    per-pixel pattern kernel (``pattern``).
 """
@@ -36,6 +38,12 @@ from schedules.dense_gemm import GemmConfig, conv1x1_gemm_config, pack_rows
 from schedules.depthwise_conv2d import default_depthwise_config, pack_depthwise
 from schedules.pattern_conv2d import ConvGeometry, default_config, tile_defaults
 from schedules.pattern_conv2d_lanes import lanes_default_config
+from schedules.winograd_conv2d import (
+    default_winograd_config,
+    pack_winograd_weight,
+    winograd_fits,
+    winograd_pays,
+)
 from tvm_sparse.formats import PatternWeight, choose_conv_format, conv_sparsity
 from tvm_sparse.formats.block import choose_conv1x1_format, pack_block_weight
 
@@ -123,6 +131,11 @@ FEW_CHANNELS = 4
 # registers. With 32 (AVX-512, NEON) the lanes kernel keeps them (not measured on the GEMM).
 FLAT_ROWS_REGISTERS = 16
 
+# Dense 3x3 stride-1 convs on targets of at most this many vector registers (AVX2) run as
+# Winograd F(2x2, 3x3) where it pays. With 32 (AVX-512, NEON) not measured: the lanes kernel
+# reads 1.5-2.6x ORT on AVX-512.
+WINOGRAD_REGISTERS = 16
+
 LANES_KERNEL_LANES = (8, 16)  # AVX2 and AVX-512 (NEON's 4 lanes not measured)
 
 
@@ -145,6 +158,13 @@ def _lanes_format(fmt: str, geom: ConvGeometry, lanes: int) -> bool:
     if fmt != "dense" or geom.kernel == (1, 1):
         return False
     return lanes == 16 or geom.kernel == (3, 3)
+
+
+def _winograd(geom: ConvGeometry, target: PlanTarget) -> bool:
+    """Whether a dense conv runs as Winograd F(2x2, 3x3) (``schedules.winograd_conv2d``): a 3x3
+    stride-1 one on targets of at most ``WINOGRAD_REGISTERS`` vector registers where it pays
+    (``winograd_pays``, which has the measurements)."""
+    return target.registers <= WINOGRAD_REGISTERS and winograd_fits(geom) and winograd_pays(geom)
 
 
 def _pointwise(geom: ConvGeometry) -> bool:
@@ -221,8 +241,9 @@ def _pattern_plan(
     index: int, geom: ConvGeometry, weight: np.ndarray, target: PlanTarget
 ) -> LayerPlan:
     """A conv on the GEMM (dense pointwise convs: ``_lanes_format`` never takes them), the
-    few-channel dense kernel, the lanes or the pattern kernel, the latter two on its weight
-    packed as ``PatternWeight`` (which the GEMMs do not need: ~0.9 s for a 2048x1024 weight)."""
+    few-channel dense kernel, Winograd, the flat rows, the lanes or the pattern kernel, the
+    latter two on its weight packed as ``PatternWeight`` (which the GEMMs do not need: ~0.9 s
+    for a 2048x1024 weight)."""
     stats = conv_sparsity(weight)
     fmt, reason = choose_conv_format(stats) if target.sparse else ("dense", "sparse=False")
     o, c = weight.shape[:2]
@@ -236,6 +257,11 @@ def _pattern_plan(
         kernel, packing = "dense_conv", pack_dense_conv(weight, cfg.gemm.rows)
         kept_taps = weight.size
         reason += f"; {c} input channels: GEMM over phase-split input rows"
+    elif fmt == "dense" and _winograd(geom, target):
+        cfg = default_winograd_config(geom, lanes, target.registers)
+        kernel, packing = "winograd", pack_winograd_weight(weight, cfg.gemm.rows)
+        kept_taps = weight.size
+        reason += "; Winograd F(2x2, 3x3): a GEMM per position of the transformed tile"
     elif fmt == "dense" and target.registers <= FLAT_ROWS_REGISTERS and flat_rows_fit(geom):
         cfg = default_flat_conv_config(geom, lanes, target.registers, target.cores)
         kernel, packing = "dense_conv", pack_dense_conv(weight, cfg.gemm.rows)

@@ -21,7 +21,8 @@ from tvm_sparse.report import LayerRecord
 from .epilogue import EpilogueMatch
 
 # The kernels a plan can name, each emitted by one pass.
-CONV_KERNELS = ("pattern", "lanes", "conv_gemm", "dense_conv", "depthwise")  # RewriteConv2D
+# RewriteConv2D:
+CONV_KERNELS = ("pattern", "lanes", "conv_gemm", "dense_conv", "depthwise", "winograd")
 BLOCK_CONV_KERNELS = ("bsr_conv1x1",)  # RewriteBSRConv1x1
 BLOCK_LINEAR_KERNELS = ("bsr_matmul",)  # RewriteBSRMatmul
 LINEAR_KERNELS = ("linear_gemm", "gemv")  # RewriteDenseMatmul

@@ -10,7 +10,9 @@ together with its epilogue (bias add, residual add, ReLU / ReLU6 / clip, GELU), 
 - ``conv_gemm``: a dense pointwise conv as ``schedules.dense_gemm``'s packed GEMM;
 - ``dense_conv``: a dense k x k conv on few input channels (a stem) as
   ``schedules.dense_conv2d``'s GEMM over phase-split input rows;
-- ``depthwise``: ``schedules.depthwise_conv2d``, one filter per channel, read in place.
+- ``depthwise``: ``schedules.depthwise_conv2d``, one filter per channel, read in place;
+- ``winograd``: a dense 3x3 stride-1 conv as ``schedules.winograd_conv2d``'s three calls (input
+  transform, batched GEMM, output transform with the epilogue).
 
 Convs planned for the block kernel are ``RewriteBSRConv1x1``'s; the rest stay on TVM's path.
 """
@@ -26,6 +28,13 @@ from schedules.dense_gemm import conv1x1_gemm_template
 from schedules.depthwise_conv2d import depthwise_conv2d_template
 from schedules.pattern_conv2d import Epilogue, pattern_conv2d_template
 from schedules.pattern_conv2d_lanes import pattern_conv2d_lanes_template
+from schedules.winograd_conv2d import (
+    POSITIONS,
+    winograd_gemm_template,
+    winograd_input_primfunc,
+    winograd_output_primfunc,
+    winograd_tiles,
+)
 from tvm_sparse.report import LayerRecord
 
 from .epilogue import EpilogueMatch
@@ -82,6 +91,44 @@ def _emit_direct(
     return relax.call_tir(kernel, args, relax.TensorType(out_shape, "float32"))
 
 
+def _emit_winograd(
+    bb: relax.BlockBuilder,
+    kernels: dict,
+    visit,
+    plan: LayerPlan,
+    epilogue: tuple[Epilogue, EpilogueMatch],
+    cores: int,
+) -> relax.Expr:
+    """A dense 3x3 stride-1 conv as Winograd F(2x2, 3x3): the input transform and the batched
+    GEMM bound to their own vars, the output transform (with the epilogue) returned."""
+    geom, cfg = plan.geometry, plan.config
+    epi, match = epilogue
+    n, c, o = geom.batch, geom.in_channels, geom.out_channels
+    tiles = winograd_tiles(geom)
+    name_in, name_gemm, name_out = (
+        f"winograd_{part}_{o}x{c}x3x3" for part in ("input", "gemm", "output")
+    )
+    k_in = add_kernel(
+        bb, kernels, ("winograd_input", geom, cfg.lanes), name_in,
+        lambda: winograd_input_primfunc(geom, cfg.lanes, name_in),
+    )  # fmt: skip
+    k_gemm = add_kernel(
+        bb, kernels, ("winograd_gemm", geom, cfg, cores), name_gemm,
+        lambda: winograd_gemm_template(geom, cfg, cores, name_gemm),
+    )  # fmt: skip
+    k_out = add_kernel(
+        bb, kernels, ("winograd_output", geom, epi, cfg.lanes), name_out,
+        lambda: winograd_output_primfunc(geom, epi, cfg.lanes, name_out),
+    )  # fmt: skip
+    v_type = relax.TensorType((n * POSITIONS, c, *tiles), "float32")
+    v = bb.emit(relax.call_tir(k_in, [visit(match.anchor.args[0])], v_type))
+    m_type = relax.TensorType((n * POSITIONS, o, *tiles), "float32")
+    m = bb.emit(relax.call_tir(k_gemm, [v, relax.const(plan.packing)], m_type))
+    out_shape = (n, o, geom.out_height, geom.out_width)
+    args = [m, *match.operands(visit)]
+    return relax.call_tir(k_out, args, relax.TensorType(out_shape, "float32"))
+
+
 def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
     num_threads: int = 1,
     sparse: bool = True,
@@ -107,6 +154,8 @@ def RewriteConv2D(  # noqa: N802 (TVM's pass naming)
         )
         if plan.kernel == "conv_gemm":
             return _emit_gemm(bb, kernels, visit, plan, (epi, match), num_threads)
+        if plan.kernel == "winograd":
+            return _emit_winograd(bb, kernels, visit, plan, (epi, match), num_threads)
         if plan.kernel in ("depthwise", "dense_conv"):
             return _emit_direct(bb, kernels, visit, plan, (epi, match))
         packed = plan.packing

@@ -425,13 +425,16 @@ def conv1x1_gemm_primfunc(
     tile_rows: int | None = None,
     stride: int = 1,
     in_dims: tuple[int, int] | None = None,
+    weights: int = 1,
 ) -> tirx.PrimFunc:
     """Arguments: x (batch, C, P), weight ``pack_rows(W, cfg.rows)``, [bias (O,)],
     [residual (batch, O, P)], out (batch, O, P); ``out_dims`` (H, W) declares x / residual /
     out as 4-D maps of ``pixels = H * W`` (read through flat views). The register tile is
     ``tile_rows`` (a divisor of the packed ``cfg.rows``; default all of them) x ``cfg.vectors``.
     ``stride`` > 1: x is the conv's input map of ``in_dims``, each panel gathered from every
-    ``stride``-th row and column of it (``b_source``)."""
+    ``stride``-th row and column of it (``b_source``). ``weights`` > 1: that many packed
+    weights one after another (``weights * ceil(O / cfg.rows)`` row tiles), image n taking
+    number ``n % weights`` (Winograd's positions, ``winograd_conv2d``)."""
     cfg = cfg or GemmConfig()
     tile_rows = tile_rows or cfg.rows
     if cfg.rows % tile_rows:
@@ -456,7 +459,7 @@ def conv1x1_gemm_primfunc(
         T.func_name(name)
         T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
         x_arg = T.arg("x", T.buffer((batch, in_channels, *in_dims), "float32"))
-        w = T.arg("weight", T.buffer((row_tiles, in_channels, cfg.rows), "float32"))
+        w = T.arg("weight", T.buffer((weights * row_tiles, in_channels, cfg.rows), "float32"))
         bias, resid_arg = epilogue.declare_args((out_channels,), (batch, out_channels, *dims))
         out_arg = T.arg("out", T.buffer((batch, out_channels, *dims), "float32"))
         x_flat = (batch, in_channels, math.prod(in_dims))
@@ -469,6 +472,7 @@ def conv1x1_gemm_primfunc(
         out_flat = T.decl_buffer((batch * out_channels * pixels,), "float32", data=out_arg.data)
         with T.parallel(0, col_jobs * chunks) as job:
             n, col_tile, first = job_tiles(job, batch, col_jobs, chunk)
+            w_tile0 = n % weights * row_tiles if weights > 1 else 0  # image n's weight
 
             def tile(start: tirx.PrimExpr, widths: tuple[int, ...], rows: int, cross: int) -> None:
                 strided = (stride, dims[-1], in_dims[-1]) if stride > 1 else None
@@ -492,18 +496,19 @@ def conv1x1_gemm_primfunc(
                     o0 = row_tile * cfg.rows + part * rows
 
                     def a_at(r: int, kk: tirx.PrimExpr) -> tirx.PrimExpr:
-                        return w[row_tile, k0 + kk, part * rows + r]
+                        return w[w_tile0 + row_tile, k0 + kk, part * rows + r]
 
                     def a_rows_at(kk: tirx.PrimExpr) -> tirx.PrimExpr:
-                        return w[row_tile, k0 + kk, span(part * rows, rows)]
+                        return w[w_tile0 + row_tile, k0 + kk, span(part * rows, rows)]
 
                     def ahead(kk: tirx.PrimExpr) -> None:
                         # One pass: this tile's weight further on; passes: the next tile's, at
                         # this k (the next row tile of the pass).
+                        tile_at = w_tile0 + row_tile
                         if passes == 1:
-                            at = (row_tile * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
+                            at = (tile_at * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
                         else:
-                            at = ((row_tile + 1) * in_channels + k0 + kk) * cfg.rows
+                            at = ((tile_at + 1) * in_channels + k0 + kk) * cfg.rows
                         prefetch(w_flat[tirx.min(at, w_flat.shape[0] - 1)])
 
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
@@ -602,6 +607,7 @@ def _conv1x1_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
         Epilogue(**params["epilogue"]), cfg, params["cores"], params["name"], (height, width),
         tile_rows=knobs["rows"], stride=stride,
         in_dims=tuple(params["in_dims"]) if stride > 1 else None,
+        weights=params.get("weights", 1),
     )  # fmt: skip
 
 
@@ -626,10 +632,12 @@ def conv1x1_gemm_template(
     name: str,
     stride: int = 1,
     in_dims: tuple[int, int] | None = None,
+    weights: int = 1,
 ) -> tirx.PrimFunc:
     """The 1x1 conv GEMM at ``cfg`` (its default tile, weight packed by ``cfg.rows``) as a
     MetaSchedule template; the knobs are the tile's rows and vectors. ``stride`` / ``in_dims``:
-    a strided conv's, its panels gathered from the input map."""
+    a strided conv's, its panels gathered from the input map; ``weights``: one per image,
+    cycling (``conv1x1_gemm_primfunc``)."""
     params = {
         "batch": batch, "in_channels": in_channels, "out_channels": out_channels,
         "out_dims": list(out_dims), "epilogue": asdict(epilogue), "packed_rows": cfg.rows,
@@ -641,5 +649,7 @@ def conv1x1_gemm_template(
         params["unroll"] = cfg.unroll
     if stride > 1:
         params.update(stride=stride, in_dims=list(in_dims))
+    if weights > 1:
+        params["weights"] = weights
     knobs = {"rows": cfg.rows, "vectors": cfg.vectors}
     return template(_conv1x1_build(params, knobs), DENSE_CONV1X1.name, params, knobs)

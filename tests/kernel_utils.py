@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import s_tir, tirx
+from tvm import relax, s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 
 from schedules.pattern_conv2d import ConvGeometry, Epilogue, PatternConvConfig
@@ -43,6 +43,30 @@ def run_pattern_conv(
     geom = ConvGeometry(n, c, h, w, o, (kh, kw), (stride, stride), padding)
     run, _ = pattern_conv_kernel(geom, weight, epilogue, config, keep_zeros)
     return run(x, bias, residual).numpy()
+
+
+class ConvBlock(torch.nn.Module):
+    """3x3 conv (padding 1) + bias + ReLU."""
+
+    def __init__(self, c: int, o: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, o, 3, stride, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+def conv_bias_relu_module(shape: tuple, w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
+    """A pass test's Before: Relax conv2d (padding 1) + bias + ReLU on an input of ``shape``."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1))
+            y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(out)
+    return bb.get()
 
 
 def torch_conv(x, weight, stride, padding, bias=None, residual=None, activation="none"):

@@ -1,9 +1,10 @@
 """Dense k x k convs on the flat-rows GEMM (``schedules.dense_conv2d``, ``DenseConvConfig.flat``:
 B's columns run over a job's output rows back to back), the AVX2 build's kernel for dense 3x3
-convs with outputs >= 28 wide: the plan and its defaults, the row pieces the stores split into,
-numerics against PyTorch on every x86 ISA this host runs (odd sizes, 3x3 / 5x5, strides 1-2,
-asymmetric padding, batch 2, partial row tiles, filter chunks, bias + residual + ReLU), a
-compiled model, the pass's Before/Expected and the template."""
+convs with outputs >= 28 wide that Winograd does not take (stride 2, few channels): the plan
+and its defaults, the row pieces the stores split into, numerics against PyTorch on every x86
+ISA this host runs (odd sizes, 3x3 / 5x5, strides 1-2, asymmetric padding, batch 2, partial
+row tiles, filter chunks, bias + residual + ReLU), a compiled model, the pass's
+Before/Expected and the template."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import torch
 import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_utils import ISA_TARGETS, replay_at_knobs, torch_conv
+from kernel_utils import (
+    ISA_TARGETS,
+    ConvBlock,
+    conv_bias_relu_module,
+    replay_at_knobs,
+    torch_conv,
+)
 from torch import nn
 from tvm import relax
 
@@ -78,17 +85,6 @@ def test_row_pieces_split_a_vector_at_row_ends_and_drop_the_extra_columns():
     assert _row_pieces(20, 16, 30, 28) == [(0, 20, 0, 8), (1, 0, 10, 6)]
     assert _row_pieces(0, 8, 30, 28) == [(0, 0, 0, 8)]
     assert _row_pieces(28, 2, 30, 28) == []
-
-
-class ConvBlock(nn.Module):
-    """Conv + bias + ReLU."""
-
-    def __init__(self, c: int, o: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c, o, 3, stride, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
 
 
 @pytest.mark.parametrize(
@@ -177,15 +173,7 @@ def test_pass_rewrites_a_dense_conv_to_one_flat_rows_call():
     on the input as it is and the weight packed as the GEMM's A."""
     w = np.random.default_rng(7).standard_normal((8, 16, 3, 3)).astype("float32")
     b = np.arange(8, dtype="float32")
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 28, 28), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1))
-            y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
-            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
-        bb.emit_func_output(out)
-    after = RewriteConv2D(num_threads=2)(bb.get())
+    after = RewriteConv2D(num_threads=2)(conv_bias_relu_module((1, 16, 28, 28), w, b))
     geom = ConvGeometry(1, 16, 28, 28, 8, (3, 3), (1, 1), (1, 1, 1, 1))
     cfg = DenseConvConfig(AVX2_TILE, out_rows=7, flat=True)
     name = "dense_conv2d_8x16x3x3"

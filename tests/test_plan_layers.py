@@ -102,8 +102,9 @@ def test_dense_baseline_plans_every_conv_dense(imported):
 
 @pytest.mark.parametrize("size", [7, 28])
 def test_dense_convs_kernel_per_isa(size):
-    """Dense 1x1 convs on the GEMM; 3x3 in lanes on AVX-512, on AVX2 on the flat-rows GEMM
-    where its rows fit (28 wide), else in lanes; 7x7 in lanes on AVX-512 only."""
+    """Dense 1x1 convs on the GEMM; 3x3 in lanes on AVX-512, on AVX2 (32 channels: too few for
+    Winograd) on the flat-rows GEMM where its rows fit (28 wide), else in lanes; 7x7 in lanes on
+    AVX-512 only."""
     avx2_3x3 = "dense_conv" if size >= 28 else "lanes"
     expected = {1: ("conv_gemm",) * 2, 3: ("lanes", avx2_3x3), 7: ("lanes", "pattern")}
     for k, kernels in expected.items():
