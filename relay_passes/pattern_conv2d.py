@@ -106,7 +106,7 @@ def _emit_winograd(
     n, c, o = geom.batch, geom.in_channels, geom.out_channels
     tiles = winograd_tiles(geom)
     name_in, name_gemm, name_out = (
-        f"winograd_{part}_{o}x{c}x3x3" for part in ("input", "gemm", "output")
+        f"winograd_conv2d_{o}x{c}x3x3_{part}" for part in ("input", "gemm", "output")
     )
     k_in = add_kernel(
         bb, kernels, ("winograd_input", geom, cfg.lanes), name_in,

@@ -190,7 +190,7 @@ def test_pass_rewrites_a_dense_conv_to_the_three_winograd_calls():
 
     geom = ConvGeometry(1, 64, 14, 14, 48, (3, 3), (1, 1), (1, 1, 1, 1))
     cfg = WinogradConfig(GemmConfig(4, 2, 8, cross=1, unroll=4), 8)
-    names = [f"winograd_{part}_48x64x3x3" for part in ("input", "gemm", "output")]
+    names = [f"winograd_conv2d_48x64x3x3_{part}" for part in ("input", "gemm", "output")]
     bb = relax.BlockBuilder()
     x = relax.Var("x", x_type)
     k_in = bb.add_func(winograd_input_primfunc(geom, 8, names[0]), names[0])
