@@ -633,11 +633,13 @@ def conv1x1_gemm_template(
     stride: int = 1,
     in_dims: tuple[int, int] | None = None,
     weights: int = 1,
+    useful_flops: int | None = None,
 ) -> tirx.PrimFunc:
     """The 1x1 conv GEMM at ``cfg`` (its default tile, weight packed by ``cfg.rows``) as a
     MetaSchedule template; the knobs are the tile's rows and vectors. ``stride`` / ``in_dims``:
     a strided conv's, its panels gathered from the input map; ``weights``: one per image,
-    cycling (``conv1x1_gemm_primfunc``)."""
+    cycling (``conv1x1_gemm_primfunc``); ``useful_flops``: what tuning counts for it where that
+    is not the GEMM's own multiply-adds (Winograd's: the direct conv's)."""
     params = {
         "batch": batch, "in_channels": in_channels, "out_channels": out_channels,
         "out_dims": list(out_dims), "epilogue": asdict(epilogue), "packed_rows": cfg.rows,
@@ -651,5 +653,7 @@ def conv1x1_gemm_template(
         params.update(stride=stride, in_dims=list(in_dims))
     if weights > 1:
         params["weights"] = weights
+    if useful_flops is not None:
+        params["useful_flops"] = useful_flops
     knobs = {"rows": cfg.rows, "vectors": cfg.vectors}
     return template(_conv1x1_build(params, knobs), DENSE_CONV1X1.name, params, knobs)

@@ -215,10 +215,13 @@ def winograd_gemm_template(
     geom: ConvGeometry, cfg: WinogradConfig, cores: int, name: str
 ) -> tirx.PrimFunc:
     """The batched GEMM (V -> M) as the 1x1 conv GEMM's MetaSchedule template: N * 16 images
-    of the tiles' map, 16 weights."""
+    of the tiles' map, 16 weights; tuning counts the direct conv's FLOPs for it (the useful
+    work: the transforms are final kernels, no tasks)."""
+    o, c = geom.out_channels, geom.in_channels
+    direct = 2 * geom.batch * o * c * 9 * geom.out_height * geom.out_width
     return conv1x1_gemm_template(
-        geom.batch * POSITIONS, geom.in_channels, geom.out_channels, winograd_tiles(geom),
-        Epilogue(), cfg.gemm, cores, name, weights=POSITIONS,
+        geom.batch * POSITIONS, c, o, winograd_tiles(geom), Epilogue(), cfg.gemm, cores, name,
+        weights=POSITIONS, useful_flops=direct,
     )  # fmt: skip
 
 

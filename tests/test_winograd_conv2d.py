@@ -6,6 +6,8 @@ model."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,10 @@ from schedules.winograd_conv2d import (
     winograd_tiles,
 )
 from tvm_sparse.frontend import import_model
+from tvm_sparse.pipeline import lower, prepare
 from tvm_sparse.targets import resolve_target, vector_lanes, vector_registers
+from tvm_sparse.tuning import UntunableKernelWarning, tuning_tasks
+from tvm_sparse.tuning.flops import estimate_flops
 
 TOL = 1e-4  # float32, more additions than the direct conv: relative to the largest output
 
@@ -244,3 +249,18 @@ def test_compiled_avx2_model_matches_pytorch(target):
     assert [r.epilogue for r in cm.layers] == ["bias+relu", "bias+residual+relu"]
     assert all("Winograd" in r.reason for r in cm.layers)
     assert_matches_torch(cm, model, x, TOL)
+
+
+def test_tuning_takes_the_gemm_as_a_task_with_the_convs_useful_flops():
+    """The GEMM template is a task carrying the direct conv's FLOPs (the report's FLOPs kept);
+    the transforms are final kernels, no tasks; nothing is left out of tuning."""
+    x = np.random.default_rng(0).standard_normal((1, 64, 28, 28)).astype("float32")
+    tgt = resolve_target("x86-avx2")
+    prepared, layers, _ = prepare(ConvBlock(64, 64).eval(), (x,), tgt, True)
+    mod = lower(prepared, tgt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntunableKernelWarning)
+        tasks = tuning_tasks(mod, tgt)
+    (layer,) = layers
+    assert [t.task_name for t in tasks] == ["winograd_conv2d_64x64x3x3_gemm"]
+    assert estimate_flops(tasks[0].dispatched[0]) == layer.flops_kept == 2 * 64 * 64 * 9 * 28 * 28
