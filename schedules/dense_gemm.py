@@ -1,5 +1,6 @@
-"""Dense GEMM with a constant operand packed at compile time: 1x1 convs (NCHW) and linear layers
-over tokens. TIR kernel generator.
+"""Dense GEMM with a constant operand packed at compile time: 1x1 convs (NCHW), Winograd's 16
+products of a 3x3 conv (``winograd_conv2d``: a 1x1 conv GEMM with a weight per image) and
+linear layers over tokens. TIR kernel generator.
 
 Both are ``C = A @ B`` computed by one register tile of ``rows`` x ``vectors`` vectors: per ``k``
 the tile loads ``vectors`` vectors of B's row ``k`` and broadcasts ``rows`` values of A's column
