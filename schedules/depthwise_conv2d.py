@@ -111,10 +111,7 @@ def depthwise_conv2d_primfunc(
             def tap(y: tirx.PrimExpr, dy: int, dx: int, x0: int, lanes: int) -> tirx.PrimExpr:
                 row = (n, c, y * sh + dy - top)
                 cols = [(x0 + e) * sw + dx - left for e in range(lanes)]
-                if lanes == 1:
-                    inside = 0 <= cols[0] < width
-                    return data[(*row, cols[0])] if inside else tirx.const(0.0, "float32")
-                if sw == 1 and cols[0] >= 0 and cols[-1] < width:
+                if lanes > 1 and sw == 1 and cols[0] >= 0 and cols[-1] < width:
                     return data[(*row, tirx.Ramp(cols[0], 1, lanes))]
                 return gather_columns(data, row, cols, width, cfg.lanes)
 

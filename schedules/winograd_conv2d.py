@@ -141,7 +141,7 @@ def winograd_input_primfunc(geom: ConvGeometry, lanes: int, name: str) -> tirx.P
                     for i in range(4):
                         y = 2 * ty + i - top
                         row = (n, c, tirx.max(tirx.min(y, height - 1), 0))
-                        patch = _gather(data, row, cols[j], width, lanes)
+                        patch = gather_columns(data, row, cols[j], width, lanes)
                         d.append(tirx.Select(tirx.all(y >= 0, y < height), patch, zero))
                     for a, value in enumerate(_transform_b(d)):
                         T.buffer_store(rows[4 * a + j], value, [span(0, count)])
@@ -151,15 +151,6 @@ def winograd_input_primfunc(geom: ConvGeometry, lanes: int, name: str) -> tirx.P
                         at = (n * POSITIONS + 4 * a + b, c, ty, span(tx0, count))
                         T.buffer_store(v, value, list(at))
     return ib.get().without_attr("global_symbol")
-
-
-def _gather(data: tirx.Buffer, row: tuple, cols: list[int], width: int, lanes: int):
-    """``data[(*row, x)]`` for x in ``cols`` (0 outside the row) as a vector (``gather_columns``),
-    a scalar for one column."""
-    if len(cols) > 1:
-        return gather_columns(data, row, cols, width, lanes)
-    x = cols[0]
-    return data[(*row, x)] if 0 <= x < width else tirx.const(0.0, "float32")
 
 
 def _transform_b(d: list[tirx.PrimExpr]) -> list[tirx.PrimExpr]:
