@@ -34,7 +34,8 @@ def accumulator_rows(count: int, width: int, dtype: str = "float32") -> list[tir
     return [allocated_view((width,), dtype) for _ in range(count)]
 
 
-def prefetch(element: tirx.BufferLoad) -> None:
-    """Prefetch the cache line holding ``element`` (read, into all cache levels)."""
+def prefetch(element: tirx.BufferLoad, write: bool = False) -> None:
+    """Prefetch the cache line holding ``element`` into all cache levels (``write``: for a
+    store, the line fetched owned)."""
     address = tirx.address_of(element)
-    T.evaluate(tirx.call_intrin("void", "tirx.prefetch", address, 0, 3, 1))
+    T.evaluate(tirx.call_intrin("void", "tirx.prefetch", address, int(write), 3, 1))

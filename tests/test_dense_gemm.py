@@ -190,17 +190,47 @@ def test_conv_gemm_jobs_are_a_multiple_of_the_threads(side, out_channels, jobs):
     assert parallel_jobs(16, 32, 56, 64) == 65
 
 
+def _prefetches(script: str) -> list[str]:
+    return [line.strip() for line in script.splitlines() if "T.prefetch" in line]
+
+
 def test_conv_gemm_prefetches_its_weight_ahead_of_the_tile():
     """Each k of a tile prefetches the packed weight ``PREFETCH_BYTES`` ahead, clamped to the
     weight (in a model the weight streams from DRAM; see the module docstring)."""
     cfg = GemmConfig(rows=8, vectors=3, lanes=16)
     script = conv1x1_gemm_primfunc(1, 64, 32, 49, cfg=cfg, cores=2).script()
-    lines = [line for line in script.splitlines() if "T.prefetch" in line]
+    lines = [line for line in _prefetches(script) if line.endswith(", 0, 3, 1)")]
     # one tile (49 pixels: 48 + 1), as a job's first row tile (filling the panel, see
     # b_source) and as the others
     assert len(lines) == 2
     ahead, last = PREFETCH_BYTES // 4, 4 * 64 * 8 - 1  # the packed weight is (4, 64, 8)
     assert all(f"+ {ahead}, {last})" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_gemm_prefetches_the_next_row_tiles_output(residual):
+    """Each finished vector prefetches the same vector of the next row tile's output, owned
+    (for the store), and of its residual (read), the channel clamped to the last: in a model
+    the maps come from L3 / DRAM (see the module docstring)."""
+    cfg = GemmConfig(rows=8, vectors=3, lanes=16)
+    epilogue = Epilogue(bias=True, residual=residual, activation="relu")
+    script = conv1x1_gemm_primfunc(1, 64, 32, 49, epilogue, cfg=cfg, cores=2).script()
+    lines = _prefetches(script)
+    # the 49 pixels' last tile: half rows (4), 4 vectors (48 + 1 pixels); channels o0 + 4 + r
+    expected = {
+        (f"{f'+ 4 + {r}' if r else '+ 4'}, 31) * 49{f' + {16 * v}' if v else ''}]", rw)
+        for r in range(4)
+        for v in range(4)
+        for rw in ((0, 1) if residual else (1,))
+    }
+    found = {
+        (m.group(1), int(m.group(2)))
+        for line in lines
+        if (m := re.search(r"(\+ 4(?: \+ \d)?, 31\) \* 49(?: \+ \d+)?\])\), (\d), 3, 1\)", line))
+    }
+    assert found == expected
+    stores = [line for line in lines if line.endswith(", 1, 3, 1)")]
+    assert len(stores) == 2 * 16  # the job's first row tile and the others
 
 
 def test_packings_round_trip():
