@@ -448,6 +448,11 @@ def conv1x1_gemm_primfunc(
     if cfg.rows % tile_rows:
         raise ValueError(f"tile_rows={tile_rows} does not divide the packed rows {cfg.rows}")
     full, last = column_tiles(pixels, GemmConfig(tile_rows, cfg.vectors, cfg.lanes), cfg.cross)
+    if last is not None and cfg.rows % last.rows:
+        raise ValueError(
+            f"the map's last column tile takes {last.rows} rows at a time, which do not divide "
+            f"the packed rows {cfg.rows} (tile_rows={tile_rows}: use an even one)"
+        )
     row_tiles = math.ceil(out_channels / cfg.rows)
     col_jobs = batch * (full + (last is not None))
     chunk = row_chunks(row_tiles, col_jobs, cores)

@@ -446,6 +446,14 @@ def test_k_is_unrolled_on_16_register_targets_only():
         conv1x1_gemm_primfunc(1, 24, 8, 49, cfg=GemmConfig(4, 2, 8, k_block=6, unroll=4))
 
 
+def test_the_last_tiles_half_rows_must_divide_the_packed_rows():
+    """A map past whole tiles ends in a tile of half the rows (``column_tiles``): with 5 packed
+    rows it would compute 2 x 2 of each 5 channels."""
+    with pytest.raises(ValueError, match="takes 2 rows at a time, which do not divide"):
+        conv1x1_gemm_primfunc(1, 8, 10, 196, cfg=GemmConfig(5, 2, 8))
+    conv1x1_gemm_primfunc(1, 8, 10, 192, cfg=GemmConfig(5, 2, 8))  # whole tiles: all 5 rows
+
+
 def test_a_strided_gemm_needs_its_input_dims():
     with pytest.raises(ValueError, match="needs its out_dims and in_dims"):
         conv1x1_gemm_primfunc(1, 8, 8, 49, out_dims=(7, 7), stride=2)
