@@ -13,6 +13,12 @@ of packed block rows (balanced by the packing), one parallel job per (share, til
   input vector load feeds r FMAs. Stride 1 reads the input in place (an ``(N, C, H*W)`` view);
   a pixel tail that is not a whole vector is staged zero-padded; a strided
   conv first gathers its subsampled input into ``(N, C, Ho*Wo)``.
+  Where its output map is over ``PREFETCH_MIN_OUTPUT_BYTES``, a tile prefetches the next block
+  row's output (owned) and residual at its pixels before its stores: in a model those maps are
+  in L3 / DRAM. AMD EPYC Zen 3 (AVX2), 2 threads, profiled inside whole models (one process,
+  5-7 rounds): MobileNetV2 + BSR 16->96 on 112x112 0.78 -> 0.60 ms, 24->144 on 56x56 0.54 ->
+  0.39; ResNet-50 + BSR 64->256 on 56x56 (4 calls) 3.32 -> 2.47, 128->512 on 28x28 2.17 ->
+  1.74. On the maps of 800 KB and less (14x14, 7x7) the same prefetches read 1.05-1.5x slower.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .buffers import STACK_BYTES, accumulator_rows
+from .buffers import STACK_BYTES, accumulator_rows, prefetch
 from .epilogue import Epilogue, optional_load
 from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
 
 ZERO = tvm.tirx.const(0.0, "float32")
+PREFETCH_MIN_OUTPUT_BYTES = 1 << 20  # a 1x1 conv's output map prefetched over this (see above)
 
 
 @dataclass(frozen=True)
@@ -319,6 +326,14 @@ def bsr_conv1x1_primfunc(
                             col = v * vec + x
                             T.buffer_store(acc, acc[row, col] + dst[ii][col], [row, col])
             o0 = T.Bind(order[i] * r)
+            if n_img * outs * pixels * 4 > PREFETCH_MIN_OUTPUT_BYTES:
+                below = T.Bind(order[tvm.tirx.min(i + 1, n_rows - 1)] * r)
+                for ii in range(r):
+                    o = tvm.tirx.min(below + ii, outs - 1)
+                    for v in range(vectors):
+                        prefetch(out[n, o, tvm.tirx.min(p0 + v * vec, pixels - 1)], write=True)
+                        if resid is not None:
+                            prefetch(resid[n, o, tvm.tirx.min(p0 + v * vec, pixels - 1)])
 
             def store(ii, p):
                 o = o0 + ii

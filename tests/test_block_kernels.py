@@ -7,12 +7,15 @@ strided 1x1 convs, pixel counts that are not a whole vector, every epilogue.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schedules import bsr_matmul
 from schedules.bsr_matmul import (
+    PREFETCH_MIN_OUTPUT_BYTES,
     BSRConvConfig,
     BSRMatmulConfig,
     Conv1x1Geometry,
@@ -156,3 +159,40 @@ def test_bsr_conv1x1_matches_torch(
     ).numpy()
     ref = _epilogue(conv, b.reshape(1, o, 1, 1) if bias else None, res if residual else None, act)
     _check(got, ref)
+
+
+def _prefetches(func) -> list[str]:
+    return [line.strip() for line in func.script().splitlines() if "T.prefetch" in line]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_bsr_conv1x1_prefetches_the_next_block_rows_output_on_large_maps(monkeypatch, residual):
+    """Over ``PREFETCH_MIN_OUTPUT_BYTES`` of output, each tile prefetches the next packed block
+    row's output (owned) and residual at its vectors, the channel clamped to the last; the
+    results are unchanged. Under it, no prefetch."""
+    rng = np.random.default_rng(0)
+    o, c, size, block = 20, 12, 9, (4, 1)
+    weight, packed, _ = _weight(o, c, block, 0.5, False, 1, rng)
+    geom = Conv1x1Geometry(1, c, size, size, o)
+    cfg = BSRConvConfig(vector=8, vectors=2)
+    epi = Epilogue(True, residual, "relu")
+    small = bsr_conv1x1_primfunc(geom, block, packed.num_blocks, epi, cfg)
+    assert o * size * size * 4 <= PREFETCH_MIN_OUTPUT_BYTES and not _prefetches(small)
+
+    monkeypatch.setattr(bsr_matmul, "PREFETCH_MIN_OUTPUT_BYTES", 0)
+    func = bsr_conv1x1_primfunc(geom, block, packed.num_blocks, epi, cfg)
+    lines = _prefetches(func)
+    owned = [line for line in lines if line.endswith(", 1, 3, 1)")]
+    read = [line for line in lines if line.endswith(", 0, 3, 1)")]
+    # 81 pixels: 5 tiles of 16 then one tail tile of 1 vector; 4 rows x each tile's vectors
+    assert len(owned) == 4 * (2 + 1) and len(read) == (len(owned) if residual else 0)
+    assert all(f", {o - 1})" in line for line in lines)  # clamped to the last channel
+
+    x = rng.standard_normal((1, c, size, size)).astype("float32")
+    b = rng.standard_normal(o).astype("float32")
+    res = rng.standard_normal((1, o, size, size)).astype("float32")
+    args = [x, *packed.kernel_args(), np.pad(b, (0, packed.num_rows * block[0] - o))]
+    args += [res] if residual else []
+    got = _run(func, args, (1, o, size, size))
+    conv = np.einsum("oc,nchw->nohw", weight, x)
+    _check(got, _epilogue(conv, b.reshape(1, o, 1, 1), res if residual else None, "relu"))
