@@ -24,6 +24,7 @@ of packed block rows (balanced by the packing), one parallel job per (share, til
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -328,12 +329,12 @@ def bsr_conv1x1_primfunc(
             o0 = T.Bind(order[i] * r)
             if n_img * outs * pixels * 4 > PREFETCH_MIN_OUTPUT_BYTES:
                 below = T.Bind(order[tvm.tirx.min(i + 1, n_rows - 1)] * r)
-                for ii in range(r):
+                for ii, v in itertools.product(range(r), range(vectors)):
                     o = tvm.tirx.min(below + ii, outs - 1)
-                    for v in range(vectors):
-                        prefetch(out[n, o, tvm.tirx.min(p0 + v * vec, pixels - 1)], write=True)
-                        if resid is not None:
-                            prefetch(resid[n, o, tvm.tirx.min(p0 + v * vec, pixels - 1)])
+                    at = (n, o, tvm.tirx.min(p0 + v * vec, pixels - 1))
+                    prefetch(out[at], write=True)
+                    if resid is not None:
+                        prefetch(resid[at])
 
             def store(ii, p):
                 o = o0 + ii

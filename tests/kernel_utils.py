@@ -56,6 +56,11 @@ class ConvBlock(torch.nn.Module):
         return torch.relu(self.conv(x))
 
 
+def prefetch_lines(func: tirx.PrimFunc) -> list[str]:
+    """The ``T.prefetch`` lines of a kernel's TVMScript, stripped."""
+    return [line.strip() for line in func.script().splitlines() if "T.prefetch" in line]
+
+
 def conv_bias_relu_module(shape: tuple, w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
     """A pass test's Before: Relax conv2d (padding 1) + bias + ReLU on an input of ``shape``."""
     bb = relax.BlockBuilder()

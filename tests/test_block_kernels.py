@@ -12,6 +12,7 @@ import torch
 import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_utils import prefetch_lines
 
 from schedules import bsr_matmul
 from schedules.bsr_matmul import (
@@ -161,10 +162,6 @@ def test_bsr_conv1x1_matches_torch(
     _check(got, ref)
 
 
-def _prefetches(func) -> list[str]:
-    return [line.strip() for line in func.script().splitlines() if "T.prefetch" in line]
-
-
 @pytest.mark.parametrize("residual", [False, True])
 def test_bsr_conv1x1_prefetches_the_next_block_rows_output_on_large_maps(monkeypatch, residual):
     """Over ``PREFETCH_MIN_OUTPUT_BYTES`` of output, each tile prefetches the next packed block
@@ -177,11 +174,11 @@ def test_bsr_conv1x1_prefetches_the_next_block_rows_output_on_large_maps(monkeyp
     cfg = BSRConvConfig(vector=8, vectors=2)
     epi = Epilogue(True, residual, "relu")
     small = bsr_conv1x1_primfunc(geom, block, packed.num_blocks, epi, cfg)
-    assert o * size * size * 4 <= PREFETCH_MIN_OUTPUT_BYTES and not _prefetches(small)
+    assert o * size * size * 4 <= PREFETCH_MIN_OUTPUT_BYTES and not prefetch_lines(small)
 
     monkeypatch.setattr(bsr_matmul, "PREFETCH_MIN_OUTPUT_BYTES", 0)
     func = bsr_conv1x1_primfunc(geom, block, packed.num_blocks, epi, cfg)
-    lines = _prefetches(func)
+    lines = prefetch_lines(func)
     owned = [line for line in lines if line.endswith(", 1, 3, 1)")]
     read = [line for line in lines if line.endswith(", 0, 3, 1)")]
     # 81 pixels: 5 tiles of 16 then one tail tile of 1 vector; 4 rows x each tile's vectors

@@ -12,7 +12,7 @@ import torch
 import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_utils import ISA_TARGETS
+from kernel_utils import ISA_TARGETS, prefetch_lines
 
 import tvm_sparse
 from relay_passes.linear_plan import GEMM_MIN_ROWS
@@ -190,16 +190,12 @@ def test_conv_gemm_jobs_are_a_multiple_of_the_threads(side, out_channels, jobs):
     assert parallel_jobs(16, 32, 56, 64) == 65
 
 
-def _prefetches(script: str) -> list[str]:
-    return [line.strip() for line in script.splitlines() if "T.prefetch" in line]
-
-
 def test_conv_gemm_prefetches_its_weight_ahead_of_the_tile():
     """Each k of a tile prefetches the packed weight ``PREFETCH_BYTES`` ahead, clamped to the
     weight (in a model the weight streams from DRAM; see the module docstring)."""
     cfg = GemmConfig(rows=8, vectors=3, lanes=16)
-    script = conv1x1_gemm_primfunc(1, 64, 32, 49, cfg=cfg, cores=2).script()
-    lines = [line for line in _prefetches(script) if line.endswith(", 0, 3, 1)")]
+    func = conv1x1_gemm_primfunc(1, 64, 32, 49, cfg=cfg, cores=2)
+    lines = [line for line in prefetch_lines(func) if line.endswith(", 0, 3, 1)")]
     # one tile (49 pixels: 48 + 1), as a job's first row tile (filling the panel, see
     # b_source) and as the others
     assert len(lines) == 2
@@ -214,8 +210,7 @@ def test_conv_gemm_prefetches_the_next_row_tiles_output(residual):
     the maps come from L3 / DRAM (see the module docstring)."""
     cfg = GemmConfig(rows=8, vectors=3, lanes=16)
     epilogue = Epilogue(bias=True, residual=residual, activation="relu")
-    script = conv1x1_gemm_primfunc(1, 64, 32, 49, epilogue, cfg=cfg, cores=2).script()
-    lines = _prefetches(script)
+    lines = prefetch_lines(conv1x1_gemm_primfunc(1, 64, 32, 49, epilogue, cfg=cfg, cores=2))
     # the 49 pixels' last tile: half rows (4), 4 vectors (48 + 1 pixels); channels o0 + 4 + r
     expected = {
         (f"{f'+ 4 + {r}' if r else '+ 4'}, 31) * 49{f' + {16 * v}' if v else ''}]", rw)
