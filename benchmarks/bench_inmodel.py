@@ -7,6 +7,14 @@ model the weights stream from DRAM (ResNet-50 holds 100 MB) and every input was 
 by another kernel. This table shows where a model loses more than its layers do.
 
     python benchmarks/bench_inmodel.py [--models resnet50,mobilenet_v2] [--rounds 5]
+    python benchmarks/bench_inmodel.py --models resnet50 --pattern --baseline HEAD~3
+
+``--baseline REV`` also builds each model from git revision REV (a temporary worktree, its
+packages imported in this process in place of the checkout's) and adds its column: a change's
+effect on every layer inside the model, the two builds and ORT profiled in a rotating order
+each round. Two builds of one tree read up to 10 % apart per layer on a noisy VM
+(``--baseline HEAD`` with a clean checkout measures that floor). ``--pattern``: the 3x3 convs
+pattern-pruned first (``tvm_sparse.testing.pattern_prune_model_``), the 1x1 convs dense.
 
 Layers are matched by weight shape (out x in-per-group x kh x kw): each row sums every call of
 that shape (e.g. a 3x3 shape at stride 2 and stride 1). ONNX Runtime's node names map to the
@@ -18,26 +26,33 @@ benchmarks/results/inmodel.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 import tvm
 
 import tvm_sparse
 from tvm_sparse.benchmarking import markdown_table, onnx_bytes, write_results
 from tvm_sparse.models import mobilenet_v2, resnet18, resnet50
 from tvm_sparse.profiling import profile_vm
+from tvm_sparse.testing import pattern_prune_model_, randomize_batchnorm_
 
 MODELS = {"resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": mobilenet_v2}
+PACKAGES = ("tvm_sparse", "schedules", "relay_passes")  # what a baseline tree replaces
 KERNEL_SHAPE = re.compile(r"(conv1x1|conv2d|matmul)_(\d+)x(\d+)(?:x(\d)x(\d))?")
 
 
@@ -114,72 +129,150 @@ def ort_profile(model: bytes, x: np.ndarray, runs: int, threads: int, names: dic
     return statistics.median(plain), dict(per_shape)
 
 
+@contextlib.contextmanager
+def revision_tree(rev: str) -> Iterator[str]:
+    """A temporary git worktree of this checkout at ``rev``; its path."""
+    root = tempfile.mkdtemp(prefix="tvm_sparse_baseline_")
+    git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
+    try:
+        subprocess.run([*git, "worktree", "add", "--detach", root, rev], check=True,
+                       capture_output=True, text=True)  # fmt: skip
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"--baseline {rev}: git worktree add failed: {e.stderr.strip()}") from e
+    try:
+        yield root
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", root], check=False)
+
+
+@contextlib.contextmanager
+def packages_from(root: str) -> Iterator[object]:
+    """``tvm_sparse`` (with ``schedules`` and ``relay_passes``) imported from ``root`` for the
+    duration of the block; the checkout's modules are back afterwards."""
+    ours = {m: mod for m, mod in sys.modules.items() if m.split(".")[0] in PACKAGES}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, root)
+    try:
+        module = importlib.import_module("tvm_sparse")
+        if not module.__file__.startswith(root):
+            raise SystemExit(f"the baseline's tvm_sparse came from {module.__file__}")
+        yield module
+    finally:
+        sys.path.remove(root)
+        for name in [m for m in sys.modules if m.split(".")[0] in PACKAGES]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+
+
+def build(package, net, x: np.ndarray, ref: np.ndarray, label: str):
+    """``package.compile(net)``, its output checked against PyTorch's ``ref``."""
+    cm = package.compile(net, (x,))
+    error = float(np.abs(np.asarray(cm(x)) - ref).max())
+    if error > 1e-3 * max(1.0, float(np.abs(ref).max())):
+        raise SystemExit(f"{label}: max abs error {error:.3g} against PyTorch")
+    return cm
+
+
+def profile_rounds(compiled: dict, model: bytes, x: np.ndarray, names: dict, args) -> dict:
+    """{runtime: {shape key: [ms per round]}} for every compiled build and ORT, in a rotating
+    order each round."""
+    threads = os.cpu_count() or 1
+    known = {layer.shape.split()[0] for cm in compiled.values() for layer in cm.layers}
+    tensors = [tvm.runtime.tensor(x)]
+    ms: dict[str, dict[str, list]] = {k: defaultdict(list) for k in [*compiled, "ort"]}
+    order = list(ms)
+    for r in range(args.rounds):
+        for runtime in order[r % len(order) :] + order[: r % len(order)]:
+            if runtime == "ort":
+                whole, per_shape = ort_profile(model, x, args.runs, threads, names)
+            else:
+                prof = profile_vm(compiled[runtime].executable, tensors, runs=args.runs)
+                whole, per_shape = prof.run_ms, defaultdict(float)
+                for k in prof.kernels:  # (kernels of one shape: stride 1 and 2, say)
+                    per_shape[tvm_shape(k.name, known)] += k.ms
+            ms[runtime]["whole model"].append(whole)
+            for key, value in per_shape.items():
+                ms[runtime][key].append(value)
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    return ms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet50,mobilenet_v2")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=20, help="profiled runs per round")
+    parser.add_argument("--baseline", metavar="REV", help="also build from this git revision")
+    parser.add_argument("--pattern", action="store_true", help="3x3 convs pattern-pruned")
     parser.add_argument("--out", default="benchmarks/results/inmodel")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     rows, results = [], []
-    for name in args.models.split(","):
-        net = MODELS[name]().eval()
-        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
-        model = onnx_bytes(net, (x,))
-        names = onnx_shapes(model)
-        cm = tvm_sparse.compile(net, (x,))
-        known = {layer.shape.split()[0] for layer in cm.layers}
-        tensors = [tvm.runtime.tensor(x)]
-        tvm_ms, ort_ms = defaultdict(list), defaultdict(list)
-        for r in range(args.rounds):
-            prof = profile_vm(cm.executable, tensors, runs=args.runs)
-            tvm_ms["whole model"].append(prof.run_ms)
-            per_kernel_shape: dict[str, float] = defaultdict(float)
-            for k in prof.kernels:  # (kernels of one shape: stride 1 and 2, say)
-                per_kernel_shape[tvm_shape(k.name, known)] += k.ms
-            for key, ms in per_kernel_shape.items():
-                tvm_ms[key].append(ms)
-            whole, per_shape = ort_profile(model, x, args.runs, threads, names)
-            ort_ms["whole model"].append(whole)
-            for key, ms in per_shape.items():
-                ort_ms[key].append(ms)
-            print(f"{name}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        model_rows = _rows(name, tvm_ms, ort_ms)
-        results += model_rows
-        rows += [
-            [r["model"], r["layer"], r["tvm_ms"], r["ort_ms"], r["vs_ort"]] for r in model_rows
-        ]
-    table = markdown_table(
-        ["model", "layer (all calls)", "tvm-sparse ms", "ORT ms", "vs ORT"], rows
-    )
+    with contextlib.ExitStack() as stack:
+        baseline = stack.enter_context(revision_tree(args.baseline)) if args.baseline else None
+        for name in args.models.split(","):
+            torch.manual_seed(0)
+            net = MODELS[name]()
+            if args.pattern:
+                net = randomize_batchnorm_(pattern_prune_model_(net))
+            net = net.eval()
+            x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
+            with torch.no_grad():
+                ref = net(torch.from_numpy(x)).numpy()
+            model = onnx_bytes(net, (x,))
+            compiled = {"tvm": build(tvm_sparse, net, x, ref, name)}
+            if baseline is not None:
+                with packages_from(baseline) as package:
+                    compiled["baseline"] = build(package, net, x, ref, f"{name} at {args.baseline}")
+            ms = profile_rounds(compiled, model, x, onnx_shapes(model), args)
+            model_rows = _rows(name, ms)
+            results += model_rows
+            rows += [[r[k] for k in _columns(baseline)] for r in model_rows]
+    headers = {"model": "model", "layer": "layer (all calls)", "tvm_ms": "tvm-sparse ms",
+               "baseline_ms": f"{args.baseline} ms", "vs_baseline": f"vs {args.baseline}",
+               "ort_ms": "ORT ms", "vs_ort": "vs ORT"}  # fmt: skip
+    table = markdown_table([headers[k] for k in _columns(baseline)], rows)
     summary = (
-        f"Unpruned models, batch 1, 224x224, {threads} threads; per layer shape the median over "
-        f"{args.rounds} rounds of the per-run time of all its calls ({args.runs} profiled runs "
-        "a round, the runtimes alternating). `vs ORT` > 1: tvm-sparse faster."
+        f"{'3x3 convs pattern-pruned' if args.pattern else 'Unpruned models'}, batch 1, 224x224, "
+        f"{threads} threads; per layer shape the median over {args.rounds} rounds of the "
+        f"per-run time of all its calls ({args.runs} profiled runs a round, the runtimes in a "
+        "rotating order). `vs ORT` > 1: tvm-sparse faster"
+        + (f"; `vs {args.baseline}` > 1: faster than that revision's build." if baseline else ".")
     )
     write_results(
         args.out,
-        {"threads": threads, "rounds": args.rounds, "runs": args.runs, "rows": results},
+        {"threads": threads, "rounds": args.rounds, "runs": args.runs, "pattern": args.pattern,
+         "baseline": args.baseline, "rows": results},
         f"# Layers inside whole models: tvm-sparse vs ONNX Runtime\n\n{summary}\n\n{table}",
-    )
+    )  # fmt: skip
     print(table)
 
 
-def _rows(name: str, tvm_ms: dict, ort_ms: dict) -> list[dict]:
-    """One row per shape either runtime ran, the whole model first, then the slowest."""
+def _columns(baseline: str | None) -> list[str]:
+    extra = ["baseline_ms", "vs_baseline"] if baseline else []
+    return ["model", "layer", "tvm_ms", *extra, "ort_ms", "vs_ort"]
 
-    def median(samples: dict, key: str) -> float | None:
-        values = samples.get(key)
+
+def _rows(name: str, ms: dict) -> list[dict]:
+    """One row per shape any runtime ran, the whole model first, then the slowest."""
+
+    def median(runtime: str, key: str) -> float | None:
+        values = ms.get(runtime, {}).get(key)
         return round(statistics.median(values), 3) if values else None
 
-    keys = sorted(set(tvm_ms) | set(ort_ms), key=lambda k: -(median(tvm_ms, k) or 0))
+    def ratio(slow: float | None, fast: float | None) -> float | None:
+        return round(slow / fast, 2) if slow and fast else None
+
+    keys = sorted({k for v in ms.values() for k in v}, key=lambda k: -(median("tvm", k) or 0))
     keys = ["whole model"] + [k for k in keys if k != "whole model"]
     out = []
     for key in keys:
-        t, o = median(tvm_ms, key), median(ort_ms, key)
-        ratio = round(o / t, 2) if t and o else None
-        out.append({"model": name, "layer": key, "tvm_ms": t, "ort_ms": o, "vs_ort": ratio})
+        t, o, b = median("tvm", key), median("ort", key), median("baseline", key)
+        row = {"model": name, "layer": key, "tvm_ms": t, "ort_ms": o, "vs_ort": ratio(o, t)}
+        if "baseline" in ms:
+            row.update(baseline_ms=b, vs_baseline=ratio(b, t))
+        out.append(row)
     return out
 
 
