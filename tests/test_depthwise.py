@@ -1,7 +1,8 @@
 """Depthwise convs on their own kernel (``schedules.depthwise_conv2d``, read in place): the plan,
 numerics against PyTorch on every x86 ISA this host runs (odd sizes, 3x3 and 5x5, stride 2,
 no padding, batch 2, the fused bias + ReLU6), every tile of the search space with a residual,
-the template, and the guard against a conv that is not one filter per channel."""
+the prefetches of a strided conv on a large map, the template, and the guard against a conv
+that is not one filter per channel."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import torch
 import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_utils import ISA_TARGETS
+from kernel_utils import ISA_TARGETS, prefetch_lines
 from torch import nn
 
 import tvm_sparse
 from relay_passes.layer_plan import PlanTarget
 from relay_passes.plan_layers import plan_layers
 from schedules.depthwise_conv2d import (
+    PREFETCH_MIN_INPUT_BYTES,
     DepthwiseConfig,
     default_depthwise_config,
     depthwise_conv2d_primfunc,
@@ -103,6 +105,38 @@ def test_every_tile_of_the_space_matches_pytorch(target, rows, stride):
     lib["main"](*[tvm.runtime.tensor(a) for a in (x, pack_depthwise(w), b, r)], out)
     conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), None, stride, 1,
                                       groups=5)  # fmt: skip
+    ref = np.maximum(conv.numpy() + b[:, None, None] + r, 0)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("target", ISA_TARGETS)
+def test_a_strided_conv_on_a_large_map_prefetches_its_rows_ahead(target):
+    """12 channels of 160x160 (1.2 MB an image, over ``PREFETCH_MIN_INPUT_BYTES``), stride 2,
+    batch 2: each output row prefetches the two input rows it reads first, 4 KiB on (20
+    lines), and its output row 2 KiB on, owned (5 lines), into the next channel and image;
+    bias + residual + ReLU as PyTorch. Stride 1, or a smaller map: no prefetch."""
+    tgt = tvm.target.Target(resolve_target(target))
+    geom = ConvGeometry(2, 12, 160, 160, 12, (3, 3), (2, 2), (1, 1, 1, 1))
+    assert PREFETCH_MIN_INPUT_BYTES < 12 * 160 * 160 * 4
+    cfg = default_depthwise_config(geom, vector_lanes(tgt))
+    func = depthwise_conv2d_primfunc(geom, Epilogue(True, True, "relu"), cfg)
+    lines = prefetch_lines(func)
+    reads = [line for line in lines if line.endswith(", 0, 3, 1)")]
+    writes = [line for line in lines if line.endswith(", 1, 3, 1)")]
+    assert (len(reads), len(writes), len(lines)) == (20 * cfg.rows, 5 * cfg.rows, 25 * cfg.rows)
+    assert all("T.min(" in line for line in lines)  # clamped to the map's end
+    for other in (ConvGeometry(2, 12, 160, 160, 12, (3, 3), (1, 1), (1, 1, 1, 1)),
+                  ConvGeometry(2, 8, 160, 160, 8, (3, 3), (2, 2), (1, 1, 1, 1))):  # fmt: skip
+        assert not prefetch_lines(depthwise_conv2d_primfunc(other, Epilogue(True), cfg))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 12, 160, 160), "float32")
+    w, b = rng.standard_normal((12, 1, 3, 3), "float32"), rng.standard_normal(12, "float32")
+    r = rng.standard_normal((2, 12, 80, 80), "float32")
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
+    out = tvm.runtime.tensor(np.zeros((2, 12, 80, 80), "float32"))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, pack_depthwise(w), b, r)], out)
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), None, 2, 1,
+                                      groups=12)  # fmt: skip
     ref = np.maximum(conv.numpy() + b[:, None, None] + r, 0)
     np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
 
