@@ -15,13 +15,13 @@ Rows whose taps reach the top or bottom padding are emitted one at a time with o
 valid taps; the rows between, ``rows`` at a time, with no condition at all.
 
 A strided conv whose input map is over ``PREFETCH_MIN_INPUT_BYTES`` (MobileNetV2's 96 x
-112x112 and 144 x 56x56) reads four input values per output: each of those rows prefetches
-the input rows it is the first to read, ``INPUT_AHEAD`` bytes further on (into the next
-channels: a thread's channels are contiguous), and its output row ``OUTPUT_AHEAD`` on, owned.
-Inside a model the map was just written by the 1x1 conv before and sits in L3 or DRAM. AMD
-Zen 3 (AVX2), MobileNetV2 profiled in one process against the kernel without it: the
-stride-2 layer on 112x112 1.20-1.30x, the one on 56x56 1.09-1.25x; stride 1 gained nothing
-clear in the model and lost 6-18 % alone (``benchmarks/README.md``).
+112x112 and 144 x 56x56) streams stride^2 times the input per output of a stride-1 one: each
+of those rows prefetches the input rows it is the first to read, ``INPUT_AHEAD`` bytes further
+on (into the next channels: a thread's channels are contiguous), and its output row
+``OUTPUT_AHEAD`` on, owned. Inside a model the map was just written by the 1x1 conv before
+and sits in L3 or DRAM. AMD Zen 3 (AVX2), MobileNetV2 profiled in one process against the
+kernel without it: the stride-2 layer on 112x112 1.20-1.30x, the one on 56x56 1.09-1.25x;
+stride 1 gained nothing clear in the model and lost 6-18 % alone (``benchmarks/README.md``).
 
 The pattern kernel (``pattern_conv2d``) took depthwise convs before as one full kernel per
 filter: it stages each channel into its lane-segmented layout first, a copy of the whole input
@@ -121,9 +121,10 @@ def depthwise_conv2d_primfunc(
         out_shape = (n_img, chans, out_h, out_w)
         bias, resid = epilogue.declare_args((chans,), out_shape)
         out = T.arg("out", T.buffer(out_shape, "float32"))
-        data_flat = T.decl_buffer((n_img * chans * height * width,), "float32", data=data.data)
-        out_flat = T.decl_buffer((n_img * chans * out_h * out_w,), "float32", data=out.data)
         prefetching = sh > 1 and chans * height * width * 4 > PREFETCH_MIN_INPUT_BYTES
+        if prefetching:
+            data_flat = T.decl_buffer((n_img * chans * height * width,), "float32", data=data.data)
+            out_flat = T.decl_buffer((n_img * chans * out_h * out_w,), "float32", data=out.data)
         with T.parallel(0, n_img * chans) as job:
             n, c = job // chans, job % chans
             w = [T.Bind(weight[c, t]) for t in range(kh * kw)]
