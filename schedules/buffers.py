@@ -18,6 +18,7 @@ from tvm.script.ir_builder import tirx as T
 # TVM keeps a CPU allocation inside a parallel loop on the stack (not the workspace heap, where
 # LLVM cannot prove it unaliased and keep it in registers) only when it is below this size.
 STACK_BYTES = 1024
+LINE_FLOATS = 16  # fp32 values in a 64-byte cache line
 
 
 def allocated_view(shape: tuple, dtype: str = "float32") -> tirx.Buffer:
@@ -39,3 +40,10 @@ def prefetch(element: tirx.BufferLoad, write: bool = False) -> None:
     store, the line fetched owned)."""
     address = tirx.address_of(element)
     T.evaluate(tirx.call_intrin("void", "tirx.prefetch", address, int(write), 3, 1))
+
+
+def prefetch_span(flat: tirx.Buffer, start: tirx.PrimExpr, count: int, write: bool = False) -> None:
+    """Prefetch the cache lines of ``count`` elements of the flat buffer ``flat`` from ``start``
+    on, one per ``LINE_FLOATS``, each index clamped to the buffer's last element."""
+    for line in range(-(-count // LINE_FLOATS)):
+        prefetch(flat[tirx.min(start + line * LINE_FLOATS, flat.shape[0] - 1)], write)

@@ -39,7 +39,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .buffers import prefetch
+from .buffers import prefetch_span
 from .epilogue import Epilogue
 from .geometry import ConvGeometry
 from .pattern_conv2d.staging import gather_columns
@@ -56,7 +56,6 @@ MAX_VECTORS = 24
 PREFETCH_MIN_INPUT_BYTES = 1 << 20
 INPUT_AHEAD = 4096
 OUTPUT_AHEAD = 2048
-CACHE_LINE_FLOATS = 16
 
 
 @dataclass(frozen=True)
@@ -133,13 +132,9 @@ def depthwise_conv2d_primfunc(
                 """Prefetch the input rows output row ``y`` reads first (its last ``sh``) and
                 its own output row, further on in the flat maps."""
                 first = (job * height + y * sh - top + kh - sh) * width + INPUT_AHEAD // 4
-                for line in range(math.ceil(sh * width / CACHE_LINE_FLOATS)):
-                    at = tirx.min(first + line * CACHE_LINE_FLOATS, data_flat.shape[0] - 1)
-                    prefetch(data_flat[at])
+                prefetch_span(data_flat, first, sh * width)
                 row = (job * out_h + y) * out_w + OUTPUT_AHEAD // 4
-                for line in range(math.ceil(out_w / CACHE_LINE_FLOATS)):
-                    at = tirx.min(row + line * CACHE_LINE_FLOATS, out_flat.shape[0] - 1)
-                    prefetch(out_flat[at], write=True)
+                prefetch_span(out_flat, row, out_w, write=True)
 
             def tap(y: tirx.PrimExpr, dy: int, dx: int, x0: int, lanes: int) -> tirx.PrimExpr:
                 row = (n, c, y * sh + dy - top)

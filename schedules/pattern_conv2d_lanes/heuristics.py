@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 
+from ..buffers import LINE_FLOATS
 from ..geometry import ConvGeometry
 from .config import LanesConfig
 
 STORE_BOUND_KERNELS = 2.0  # kernels per filter under this: tiles of one cache-line-wide row
-
-
-LINE_FLOATS = 16  # fp32 values in a 64-byte cache line
 
 
 TILE_FMAS = 400  # a kernel's FMAs in one code path (taps x accumulators), at most
