@@ -174,27 +174,28 @@ def build(package, net, x: np.ndarray, ref: np.ndarray, label: str):
     return cm
 
 
-def profile_rounds(compiled: dict, model: bytes, x: np.ndarray, names: dict, args) -> dict:
-    """{runtime: {shape key: [ms per round]}} for every compiled build and ORT, in a rotating
-    order each round."""
-    threads = os.cpu_count() or 1
+def profile_rounds(
+    compiled: dict, model: bytes, x: np.ndarray, names: dict, rounds: int, runs: int, threads: int
+) -> dict:
+    """{runtime: {shape key: [ms per round]}} for every compiled build and ORT (``threads``),
+    ``runs`` profiled runs each in every one of ``rounds``, in a rotating order."""
     known = {layer.shape.split()[0] for cm in compiled.values() for layer in cm.layers}
     tensors = [tvm.runtime.tensor(x)]
     ms: dict[str, dict[str, list]] = {k: defaultdict(list) for k in [*compiled, "ort"]}
     order = list(ms)
-    for r in range(args.rounds):
+    for r in range(rounds):
         for runtime in order[r % len(order) :] + order[: r % len(order)]:
             if runtime == "ort":
-                whole, per_shape = ort_profile(model, x, args.runs, threads, names)
+                whole, per_shape = ort_profile(model, x, runs, threads, names)
             else:
-                prof = profile_vm(compiled[runtime].executable, tensors, runs=args.runs)
+                prof = profile_vm(compiled[runtime].executable, tensors, runs=runs)
                 whole, per_shape = prof.run_ms, defaultdict(float)
                 for k in prof.kernels:  # (kernels of one shape: stride 1 and 2, say)
                     per_shape[tvm_shape(k.name, known)] += k.ms
             ms[runtime]["whole model"].append(whole)
             for key, value in per_shape.items():
                 ms[runtime][key].append(value)
-        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
     return ms
 
 
@@ -225,7 +226,8 @@ def main() -> None:
             if baseline is not None:
                 with packages_from(baseline) as package:
                     compiled["baseline"] = build(package, net, x, ref, f"{name} at {args.baseline}")
-            ms = profile_rounds(compiled, model, x, onnx_shapes(model), args)
+            names = onnx_shapes(model)
+            ms = profile_rounds(compiled, model, x, names, args.rounds, args.runs, threads)
             model_rows = _rows(name, ms)
             results += model_rows
             rows += [[r[k] for k in _columns(baseline)] for r in model_rows]
