@@ -14,8 +14,10 @@ dilation 1, static shapes; anything else is left to TVM):
    rows (``dense_conv``) for dense k x k convs on at most ``FEW_CHANNELS`` input channels (a
    stem); on 16-register targets (AVX2) Winograd F(2x2, 3x3) (``winograd``,
    ``schedules.winograd_conv2d``) for the dense 3x3 stride-1 convs where it pays
-   (``winograd_pays``) and the flat-rows GEMM (``dense_conv``) for the other dense k x k convs
-   its rows fit (``dense_conv2d.flat_rows_fit``); the filters-in-lanes kernel (``lanes``) where the
+   (``winograd_pays``), the packed GEMM over gathered windows (``conv_gemm``, an implicit
+   GEMM: ``schedules.gemm_panels.Window``) for the strided ones, and the flat-rows GEMM
+   (``dense_conv``) for the other dense k x k convs its rows fit
+   (``dense_conv2d.flat_rows_fit``); the filters-in-lanes kernel (``lanes``) where the
    filters share kernels in groups of the target's lanes (``_lanes_format``), else the
    per-pixel pattern kernel (``pattern``).
 """
@@ -136,6 +138,12 @@ FLAT_ROWS_REGISTERS = 16
 # reads 1.5-2.6x ORT on AVX-512.
 WINOGRAD_REGISTERS = 16
 
+# Dense strided k x k convs of at least this many filters on targets of at most this many
+# vector registers (AVX2) run as the packed GEMM over their windows, gathered per job and pass
+# over K (``_window_gemm``): the gather's scalar copy per element is shared by the filters.
+WINDOW_GEMM_REGISTERS = 16
+WINDOW_GEMM_MIN_FILTERS = 256
+
 LANES_KERNEL_LANES = (8, 16)  # AVX2 and AVX-512 (NEON's 4 lanes not measured)
 
 
@@ -165,6 +173,23 @@ def _winograd(geom: ConvGeometry, target: PlanTarget) -> bool:
     stride-1 one on targets of at most ``WINOGRAD_REGISTERS`` vector registers where it pays
     (``winograd_pays``, which has the measurements)."""
     return target.registers <= WINOGRAD_REGISTERS and winograd_fits(geom) and winograd_pays(geom)
+
+
+def _window_gemm(geom: ConvGeometry, target: PlanTarget) -> bool:
+    """Whether a dense k x k conv runs as the packed GEMM over its gathered windows
+    (``dense_gemm.conv1x1_gemm_primfunc``'s ``kernel``): a strided one (the same stride both
+    ways) of at least ``WINDOW_GEMM_MIN_FILTERS`` filters on targets of at most
+    ``WINDOW_GEMM_REGISTERS`` vector registers.
+
+    AMD EPYC Zen 3 (AVX2 only), 2 threads, conv + bias + ReLU alone, 7 interleaved rounds:
+    ResNet-50's 256x256 stride 2 on 28x28 114-122 GFLOP/s against the flat rows' 93, 512x512
+    on 14x14 108-118 against the filters-in-lanes kernel's 68 (ONNX Runtime 74-128, noisy).
+    Inside ResNet-50 (``bench_inmodel.py --baseline``, 6 rounds) 0.65 / 0.73 ms less a call;
+    its 128x128 on 56x56 0.59 ms more than on the flat rows (the gather shared by half the
+    filters over 4x the pixels), so it stays there."""
+    sh, sw = geom.stride
+    many = geom.out_channels >= WINDOW_GEMM_MIN_FILTERS
+    return target.registers <= WINDOW_GEMM_REGISTERS and sh == sw > 1 and many
 
 
 def _pointwise(geom: ConvGeometry) -> bool:
@@ -262,6 +287,14 @@ def _pattern_plan(
         kernel, packing = "winograd", pack_winograd_weight(weight, cfg.gemm.rows)
         kept_taps = weight.size
         reason += "; Winograd F(2x2, 3x3): a GEMM per position of the transformed tile"
+    elif fmt == "dense" and _window_gemm(geom, target):
+        pixels, taps = geom.out_height * geom.out_width, math.prod(geom.kernel)
+        cfg = conv1x1_gemm_config(target.lanes, target.registers, pixels, c * taps, taps)
+        kernel, packing = "conv_gemm", pack_rows(weight.reshape(o, -1), cfg.rows)
+        kept_taps = weight.size
+        reason += "; packed GEMM over the gathered windows" + (
+            f", K in passes of {cfg.k_block}" if cfg.k_block else ""
+        )
     elif fmt == "dense" and target.registers <= FLAT_ROWS_REGISTERS and flat_rows_fit(geom):
         cfg = default_flat_conv_config(geom, lanes, target.registers, target.cores)
         kernel, packing = "dense_conv", pack_dense_conv(weight, cfg.gemm.rows)

@@ -51,17 +51,21 @@ def _emit_gemm(
     epilogue: tuple[Epilogue, EpilogueMatch],
     cores: int,
 ) -> relax.Expr:
-    """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM template (a strided conv's
-    panels gathered from its input map)."""
+    """A dense 1x1 conv as ``schedules.dense_gemm``'s packed GEMM template, a strided or
+    k x k conv's panels gathered from its input map."""
     geom, cfg = plan.geometry, plan.config
     epi, match = epilogue
     dims, stride = (geom.out_height, geom.out_width), geom.stride[0]
-    in_dims = (geom.height, geom.width) if stride > 1 else None
+    (kh, kw), padding = geom.kernel, tuple(geom.padding[:2])
+    in_dims = (geom.height, geom.width) if stride > 1 or kh * kw > 1 else None
     o, c = geom.out_channels, geom.in_channels
-    key = ("gemm", geom.batch, c, o, dims, epi, cfg, stride, in_dims)
-    name = f"dense_conv1x1_{o}x{c}"
+    key = ("gemm", geom.batch, c, o, dims, epi, cfg, stride, in_dims, geom.kernel, padding)
+    name = f"dense_conv1x1_{o}x{c}" if kh * kw == 1 else f"window_gemm_conv2d_{o}x{c}x{kh}x{kw}"
     args = (geom.batch, c, o, dims, epi, cfg, cores, name, stride, in_dims)
-    kernel = add_kernel(bb, kernels, key, name, lambda: conv1x1_gemm_template(*args))
+    kernel = add_kernel(
+        bb, kernels, key, name,
+        lambda: conv1x1_gemm_template(*args, kernel=geom.kernel, padding=padding),
+    )  # fmt: skip
     operands = [visit(match.anchor.args[0]), relax.const(plan.packing), *match.operands(visit)]
     return relax.call_tir(kernel, operands, relax.TensorType((geom.batch, o, *dims), "float32"))
 

@@ -63,14 +63,15 @@ from tvm.script.ir_builder import tirx as T
 
 from .buffers import accumulator_rows, allocated_view, prefetch
 from .epilogue import Epilogue
+from .gemm_panels import CACHE_LINE, VectorAt, Window, b_source, vector_offsets
 from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
 from .vector_math import span, splat
 
 ZERO = tirx.const(0.0, "float32")
 PREFETCH_BYTES = 4096  # how far ahead of the tile the conv GEMM prefetches its packed weight
 CROSS_COLUMNS = 1  # map columns past whole tiles computed rows-in-lanes (see emit_tile)
-CACHE_LINE = 64  # bytes; a map row of whole lines is read in place (see b_source)
 K_BLOCK = 256  # most K rows a 16-register conv GEMM's tiles take per pass (``gemm_k_block``)
+WINDOW_K_BLOCK = 576  # the same for a k x k conv's gathered windows (64 channels of 3x3 taps)
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,19 @@ def default_gemm_config(lanes: int, registers: int, columns: int | None = None) 
     return GemmConfig(rows=4, vectors=3, lanes=lanes)
 
 
-def conv1x1_gemm_config(lanes: int, registers: int, pixels: int, depth: int) -> GemmConfig:
+def conv1x1_gemm_config(
+    lanes: int, registers: int, pixels: int, depth: int, taps: int = 1
+) -> GemmConfig:
     """A 1x1 conv GEMM's configuration on a target: its tile (``default_gemm_config``), K in
-    passes (``gemm_k_block``) and k per loop iteration (``gemm_unroll``)."""
-    k_block = gemm_k_block(depth, registers)
+    passes (``gemm_k_block``; a k x k conv's of ``taps`` rows a channel: ``WINDOW_K_BLOCK``)
+    and k per loop iteration (``gemm_unroll``)."""
+    limit = K_BLOCK if taps == 1 else WINDOW_K_BLOCK
+    k_block = gemm_k_block(depth, registers, limit, taps)
     cfg = default_gemm_config(lanes, registers, pixels)
     return replace(cfg, k_block=k_block, unroll=gemm_unroll(k_block or depth, registers))
 
 
-def gemm_k_block(depth: int, registers: int, limit: int = K_BLOCK) -> int:
+def gemm_k_block(depth: int, registers: int, limit: int = K_BLOCK, taps: int = 1) -> int:
     """K rows per pass of a 1x1 conv GEMM's row tiles (``GemmConfig.k_block``; 0: all of K):
     on 16-register targets, K over ``limit`` in the fewest equal passes of at most ``limit``
     rows (512: 2 x 256, 960: 4 x 240, 2048: 8 x 256), else 0. Each pass's B rows are copied
@@ -125,10 +130,12 @@ def gemm_k_block(depth: int, registers: int, limit: int = K_BLOCK) -> int:
     AMD EPYC Zen 3 (AVX2 only, 32 KB L1, 512 KB L2), 2 threads, alone, 9 interleaved rounds:
     against all of K read in place, 512x128 / 512x256 on 28x28 1.14x / 1.11x, 1024x256 /
     1024x512 on 14x14 1.07x / 1.13x (passes of 128 rows: 1.03-1.09x); K = 256 on 56x56
-    disagreed (256x128 0.94-0.98x, 256x64 1.11-1.40x), so K up to ``limit`` keeps one pass."""
+    disagreed (256x128 0.94-0.98x, 256x64 1.11-1.40x), so K up to ``limit`` keeps one pass.
+    A pass takes whole channels of ``taps`` rows (a k x k conv's windows, ``gemm_panels``)."""
     if registers > 16 or depth <= limit:
         return 0
-    passes = next(c for c in range(math.ceil(depth / limit), depth + 1) if depth % c == 0)
+    first = math.ceil(depth / limit)
+    passes = next(c for c in range(first, depth + 1) if depth % c == 0 and depth // c % taps == 0)
     return depth // passes
 
 
@@ -198,13 +205,7 @@ def pack_columns(weight: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, -1, width).transpose(1, 0, 2))
 
 
-def _offsets(widths: tuple[int, ...]) -> list[int]:
-    """Where each vector of a tile's columns starts."""
-    return [sum(widths[:i]) for i in range(len(widths))]
-
-
 ScalarAt = Callable[[int, "tirx.PrimExpr"], "tirx.PrimExpr"]  # (row in tile, k) -> A value
-VectorAt = Callable[["tirx.PrimExpr", int, int], "tirx.PrimExpr"]  # (k, column offset, width) -> B
 Finish = Callable[[int, int, int, "tirx.PrimExpr"], None]  # (row, offset, width, sum) -> store
 
 
@@ -236,7 +237,7 @@ def emit_tile(
     ``init(row, offset, width)``: the accumulators' starting values (a pass over part of K
     resuming partial sums), the ``cross`` columns' at ``init(-1, column, rows)`` (a vector
     of the rows); default zero."""
-    offsets = _offsets(widths)
+    offsets = vector_offsets(widths)
     acc = accumulator_rows(rows, sum(widths))
     across = accumulator_rows(cross, rows)
     for r in range(rows):
@@ -304,78 +305,6 @@ def tile_block(
         tiles(last.start, last.widths, last.rows)
 
 
-def b_source(
-    x: tirx.Buffer,
-    n: tirx.PrimExpr,
-    start: tirx.PrimExpr,
-    widths: tuple[int, ...],
-    depth: int,
-    strided: tuple[int, int, int] | None = None,
-    k0: tirx.PrimExpr | int = 0,
-    panel: tirx.Buffer | None = None,
-) -> tuple[VectorAt, Callable[[tirx.PrimExpr], None] | None]:
-    """Where a job's tiles read B, the columns ``[start, start + sum(widths))`` of ``x[n]``'s
-    ``depth`` rows from ``k0`` on, as ``b_at(k, offset, width)`` (k from 0); and ``fill(k)``,
-    what the job's first row tile also does at each k (None: nothing):
-
-    - ``strided`` (stride, output width, input width): the columns are output pixels of a
-      strided 1x1 conv, gathered from the input map (``x`` its flat (C, H*W) view) into a
-      contiguous panel before the tiles, the tile's input offsets computed once;
-    - a map whose rows are whole cache lines (56x56, 28x28, 112x112): read in place, every
-      vector load aligned;
-    - any other (14x14, 7x7): the loads in place would split cache lines. The first row tile
-      copies each k's vectors into a contiguous panel as it loads them, the copy's loads
-      overlapping its FMAs; the other row tiles read the panel.
-
-    AMD Zen 5, 2 threads, alone, against a panel copied before the tiles: in place 64x256 /
-    24x144 / 64x64 on 56x56 and 96x16 on 112x112 1.05-1.24x (AVX2 build 1.04-1.09x), 28x28
-    1.00-1.05x; filled by the first tile 96x384 / 64x384 on 14x14 1.09-1.14x, K = 1024 on
-    14x14 and 7x7 1.00-1.02x (read in place there: 0.94-0.95x). Whole ResNet-50 / MobileNetV2:
-    within the 2-4 % by which two compiles of the same model differ.
-
-    A GEMM that passes over K in blocks (``GemmConfig.k_block``) gives each pass's ``panel``
-    (``depth`` x the columns, allocated once for all passes) and always reads through it: the
-    pass's rows of B stay in L1 while its row tiles run (``gemm_k_block``)."""
-    fill = None
-    if strided is not None:
-        panel = _gathered_panel(x, n, start, widths, depth, strided, k0, panel)
-    elif panel is None and int(x.shape[-1]) * 4 % CACHE_LINE == 0:  # rows of whole lines
-        return (lambda kk, off, w: x[n, kk, span(start + off, w)]), None
-    else:
-        panel = panel if panel is not None else allocated_view((depth, sum(widths)))
-
-        def fill(kk: tirx.PrimExpr) -> None:
-            for off, w in zip(_offsets(widths), widths, strict=True):
-                T.buffer_store(panel, x[n, k0 + kk, span(start + off, w)], [kk, span(off, w)])
-
-    return (lambda kk, off, w: panel[kk, span(off, w)]), fill
-
-
-def _gathered_panel(
-    x: tirx.Buffer,
-    n: tirx.PrimExpr,
-    start: tirx.PrimExpr,
-    widths: tuple[int, ...],
-    depth: int,
-    strided: tuple[int, int, int],
-    k0: tirx.PrimExpr | int,
-    panel: tirx.Buffer | None,
-) -> tirx.Buffer:
-    """The strided conv's panel (``b_source``): ``depth`` rows from ``k0`` on of the output
-    pixels from ``start`` on, each gathered from every ``stride``-th row and column of the
-    input map (into ``panel`` where given)."""
-    stride, out_w, in_w = strided
-    panel = panel if panel is not None else allocated_view((depth, sum(widths)))
-    at = allocated_view((sum(widths),), "int32")
-    for j in range(sum(widths)):
-        p = start + j
-        T.buffer_store(at, (p // out_w * in_w + p % out_w) * stride, [j])
-    with T.serial(0, depth) as kk:
-        for j in range(sum(widths)):
-            T.buffer_store(panel, x[n, k0 + kk, at[j]], [kk, j])
-    return panel
-
-
 def store_channel_row(
     out: tirx.Buffer,
     at: tuple,
@@ -434,15 +363,20 @@ def conv1x1_gemm_primfunc(
     stride: int = 1,
     in_dims: tuple[int, int] | None = None,
     weights: int = 1,
+    kernel: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
 ) -> tirx.PrimFunc:
     """Arguments: x (batch, C, P), weight ``pack_rows(W, cfg.rows)``, [bias (O,)],
     [residual (batch, O, P)], out (batch, O, P); ``out_dims`` (H, W) declares x / residual /
     out as 4-D maps of ``pixels = H * W`` (read through flat views). The register tile is
     ``tile_rows`` (a divisor of the packed ``cfg.rows``; default all of them) x ``cfg.vectors``.
     ``stride`` > 1: x is the conv's input map of ``in_dims``, each panel gathered from every
-    ``stride``-th row and column of it (``b_source``). ``weights`` > 1: that many packed
-    weights one after another (``weights * ceil(O / cfg.rows)`` row tiles), image n taking
-    number ``n % weights`` (Winograd's positions, ``winograd_conv2d``)."""
+    ``stride``-th row and column of it (``b_source``). ``kernel`` / ``padding`` (top, left)
+    other than a 1x1 conv's: a k x k conv as an implicit GEMM, the weight (O, C * kh * kw), each
+    panel its windows gathered from the input map of ``in_dims`` (``gemm_panels.Window``; a
+    pass over K takes whole channels). ``weights`` > 1: that many packed weights one after
+    another (``weights * ceil(O / cfg.rows)`` row tiles), image n taking number
+    ``n % weights`` (Winograd's positions, ``winograd_conv2d``)."""
     cfg = cfg or GemmConfig()
     tile_rows = tile_rows or cfg.rows
     if cfg.rows % tile_rows:
@@ -458,21 +392,26 @@ def conv1x1_gemm_primfunc(
     chunk = row_chunks(row_tiles, col_jobs, cores)
     chunks = math.ceil(row_tiles / chunk)
     dims = out_dims or (pixels,)
-    if stride > 1 and (out_dims is None or in_dims is None):
-        raise ValueError("a strided 1x1 conv GEMM needs its out_dims and in_dims")
+    gathered = stride > 1 or kernel != (1, 1) or any(padding)
+    if gathered and (out_dims is None or in_dims is None):
+        raise ValueError("a strided or k x k conv GEMM needs its out_dims and in_dims")
     in_dims = in_dims or dims
-    k_block = cfg.k_block or in_channels
-    if in_channels % k_block:
-        raise ValueError(f"k_block={cfg.k_block} does not divide the {in_channels} input channels")
+    window = Window(stride, dims[-1], in_dims, kernel, padding) if gathered else None
+    depth = in_channels * kernel[0] * kernel[1]  # K
+    k_block = cfg.k_block or depth
+    if depth % k_block:
+        raise ValueError(f"k_block={cfg.k_block} does not divide the {depth} input channels")
+    if k_block % (kernel[0] * kernel[1]):
+        raise ValueError(f"k_block={k_block} is not whole channels of the {kernel} kernel")
     if k_block % cfg.unroll:
         raise ValueError(f"unroll={cfg.unroll} does not divide the {k_block} k of a pass")
     line_every = max(1, min(cfg.unroll, CACHE_LINE // (4 * cfg.rows)))  # k per weight line
-    passes = in_channels // k_block
+    passes = depth // k_block
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
         T.func_attr({"tir.noalias": True, "op_pattern": 8, SCHEDULED_ATTR: True})
         x_arg = T.arg("x", T.buffer((batch, in_channels, *in_dims), "float32"))
-        w = T.arg("weight", T.buffer((weights * row_tiles, in_channels, cfg.rows), "float32"))
+        w = T.arg("weight", T.buffer((weights * row_tiles, depth, cfg.rows), "float32"))
         bias, resid_arg = epilogue.declare_args((out_channels,), (batch, out_channels, *dims))
         out_arg = T.arg("out", T.buffer((batch, out_channels, *dims), "float32"))
         x_flat = (batch, in_channels, math.prod(in_dims))
@@ -490,16 +429,15 @@ def conv1x1_gemm_primfunc(
             w_tile0 = n % weights * row_tiles if weights > 1 else 0  # image n's weight
 
             def tile(start: tirx.PrimExpr, widths: tuple[int, ...], rows: int, cross: int) -> None:
-                strided = (stride, dims[-1], in_dims[-1]) if stride > 1 else None
                 columns = widths + ((cross,) if cross else ())
                 if passes == 1:
-                    b_at, fill = b_source(x, n, start, columns, in_channels, strided)
+                    b_at, fill = b_source(x, n, start, columns, depth, window)
                     row_tiles_of(start, widths, rows, cross, b_at, fill, 0)
                     return
                 panel = allocated_view((k_block, sum(columns)))
                 with T.serial(0, passes) as kb:
                     b_at, fill = b_source(
-                        x, n, start, columns, k_block, strided, kb * k_block, panel
+                        x, n, start, columns, k_block, window, kb * k_block, panel
                     )
                     row_tiles_of(start, widths, rows, cross, b_at, fill, kb)
 
@@ -521,9 +459,9 @@ def conv1x1_gemm_primfunc(
                         # this k (the next row tile of the pass).
                         tile_at = w_tile0 + row_tile
                         if passes == 1:
-                            at = (tile_at * in_channels + kk) * cfg.rows + PREFETCH_BYTES // 4
+                            at = (tile_at * depth + kk) * cfg.rows + PREFETCH_BYTES // 4
                         else:
-                            at = ((tile_at + 1) * in_channels + k0 + kk) * cfg.rows
+                            at = ((tile_at + 1) * depth + k0 + kk) * cfg.rows
                         prefetch(w_flat[tirx.min(at, w_flat.shape[0] - 1)])
 
                     def finish(r: int, off: int, width: int, value: tirx.PrimExpr) -> None:
@@ -623,13 +561,13 @@ def _conv1x1_build(params: dict, knobs: Knobs) -> tirx.PrimFunc:
         k_block=params.get("k_block", 0), unroll=params.get("unroll", 1),
     )  # fmt: skip
     height, width = params["out_dims"]
-    stride = params.get("stride", 1)
+    in_dims = params.get("in_dims")
     return conv1x1_gemm_primfunc(
         params["batch"], params["in_channels"], params["out_channels"], height * width,
         Epilogue(**params["epilogue"]), cfg, params["cores"], params["name"], (height, width),
-        tile_rows=knobs["rows"], stride=stride,
-        in_dims=tuple(params["in_dims"]) if stride > 1 else None,
-        weights=params.get("weights", 1),
+        tile_rows=knobs["rows"], stride=params.get("stride", 1),
+        in_dims=tuple(in_dims) if in_dims else None, weights=params.get("weights", 1),
+        kernel=tuple(params.get("kernel", (1, 1))), padding=tuple(params.get("padding", (0, 0))),
     )  # fmt: skip
 
 
@@ -656,10 +594,13 @@ def conv1x1_gemm_template(
     in_dims: tuple[int, int] | None = None,
     weights: int = 1,
     useful_flops: int | None = None,
+    kernel: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
 ) -> tirx.PrimFunc:
     """The 1x1 conv GEMM at ``cfg`` (its default tile, weight packed by ``cfg.rows``) as a
-    MetaSchedule template; the knobs are the tile's rows and vectors. ``stride`` / ``in_dims``:
-    a strided conv's, its panels gathered from the input map; ``weights``: one per image,
+    MetaSchedule template; the knobs are the tile's rows and vectors. ``stride`` / ``in_dims``
+    / ``kernel`` / ``padding``: a strided or k x k conv's, its panels gathered from the input
+    map; ``weights``: one per image,
     cycling (``conv1x1_gemm_primfunc``); ``useful_flops``: what tuning counts for it where that
     is not the GEMM's own multiply-adds (Winograd's: the direct conv's)."""
     params = {
@@ -671,8 +612,10 @@ def conv1x1_gemm_template(
         params["k_block"] = cfg.k_block
     if cfg.unroll > 1:
         params["unroll"] = cfg.unroll
-    if stride > 1:
+    if stride > 1 or kernel != (1, 1) or any(padding):
         params.update(stride=stride, in_dims=list(in_dims))
+    if kernel != (1, 1) or any(padding):
+        params.update(kernel=list(kernel), padding=list(padding))
     if weights > 1:
         params["weights"] = weights
     if useful_flops is not None:

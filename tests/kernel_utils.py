@@ -61,15 +61,37 @@ def prefetch_lines(func: tirx.PrimFunc) -> list[str]:
     return [line.strip() for line in func.script().splitlines() if "T.prefetch" in line]
 
 
-def conv_bias_relu_module(shape: tuple, w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
+def conv_bias_relu_module(
+    shape: tuple, w: np.ndarray, b: np.ndarray, stride: int = 1
+) -> tvm.IRModule:
     """A pass test's Before: Relax conv2d (padding 1) + bias + ReLU on an input of ``shape``."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=1))
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=stride, padding=1))
             y = bb.emit(relax.op.add(y, relax.const(b.reshape(1, -1, 1, 1))))
             out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def packed_gemm_call_module(
+    shape: tuple, kernel: tirx.PrimFunc, name: str, w: np.ndarray, b: np.ndarray, out_shape: tuple
+) -> tvm.IRModule:
+    """A pass test's Expected for ``conv_bias_relu_module``: one call of ``kernel`` on the input
+    as it is, the (O, C, kh, kw) weight packed as a GEMM's A by 4 rows (``pack_rows``: row
+    tiles, C * kh * kw, 4) and the bias."""
+    o = w.shape[0]
+    packed = np.ascontiguousarray(w.reshape(o // 4, 4, -1).transpose(0, 2, 1))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    gv = bb.add_func(kernel, name)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            args = [x, relax.const(packed), relax.const(b)]
+            y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
+            out = bb.emit_output(y)
         bb.emit_func_output(out)
     return bb.get()
 

@@ -18,11 +18,11 @@ from kernel_utils import (
     ISA_TARGETS,
     ConvBlock,
     conv_bias_relu_module,
+    packed_gemm_call_module,
     replay_at_knobs,
     torch_conv,
 )
 from torch import nn
-from tvm import relax
 
 import tvm_sparse
 from relay_passes.layer_plan import PlanTarget
@@ -178,17 +178,8 @@ def test_pass_rewrites_a_dense_conv_to_one_flat_rows_call():
     cfg = DenseConvConfig(AVX2_TILE, out_rows=7, flat=True)
     name = "dense_conv2d_8x16x3x3"
     kernel = dense_conv2d_template(geom, Epilogue(True, False, "relu"), cfg, name)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 28, 28), "float32"))
-    gv = bb.add_func(kernel, name)
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            packed = w.reshape(2, 4, 144).transpose(0, 2, 1)  # (row tiles, c * kh * kw, rows)
-            args = [x, relax.const(np.ascontiguousarray(packed)), relax.const(b)]
-            y = bb.emit(relax.call_tir(gv, args, relax.TensorType((1, 8, 28, 28), "float32")))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    tvm.ir.assert_structural_equal(after, bb.get())
+    expected = packed_gemm_call_module((1, 16, 28, 28), kernel, name, w, b, (1, 8, 28, 28))
+    tvm.ir.assert_structural_equal(after, expected)
 
 
 def test_template_realizes_the_flat_kernel_and_its_space_is_pinned():

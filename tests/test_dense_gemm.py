@@ -36,6 +36,7 @@ from schedules.dense_linear import linear_gemm_primfunc, linear_gemm_template, p
 from schedules.epilogue import Epilogue
 from schedules.tunable import knob_space, realize
 from tvm_sparse.targets import resolve_target, vector_lanes, vector_registers
+from tvm_sparse.tuning.flops import template_flops
 
 EPILOGUES = [(False, False, "none"), (True, False, "relu"), (True, True, "relu6")]
 TOL = 1e-4  # float32, another summation order: relative to the largest output
@@ -303,6 +304,17 @@ def test_gemm_template_default_is_the_hand_kernel_and_its_space_is_pinned() -> N
     smaller = conv1x1_gemm_primfunc(1, 24, 40, 35, Epilogue(), replace(passes, vectors=1), 2,
                                     "g", (5, 7), tile_rows=2)  # fmt: skip
     tvm.ir.assert_structural_equal(at_knobs, smaller)
+    # a k x k conv's windows: its stride, input map, kernel and padding kept by every point
+    window = {"stride": 2, "in_dims": (10, 14), "kernel": (3, 3), "padding": (1, 1)}
+    passes = GemmConfig(4, 3, 8, k_block=18, unroll=2)  # two of the 8 channels a pass
+    func = conv1x1_gemm_template(1, 8, 40, (5, 7), Epilogue(), passes, 2, "g", 2, (10, 14),
+                                 kernel=(3, 3), padding=(1, 1))  # fmt: skip
+    params = json.loads(str(func.attrs["tvm_sparse.params"]))
+    assert template_flops(func, []) == 2 * 35 * 40 * 8 * 9  # the taps counted
+    at_knobs = DENSE_CONV1X1.build(params, {"rows": 2, "vectors": 1})
+    smaller = conv1x1_gemm_primfunc(1, 8, 40, 35, Epilogue(), replace(passes, vectors=1), 2,
+                                    "g", (5, 7), tile_rows=2, **window)  # fmt: skip
+    tvm.ir.assert_structural_equal(at_knobs, smaller)
 
 
 @pytest.mark.parametrize("target", ISA_TARGETS)
@@ -423,9 +435,78 @@ def test_passes_over_k_match_numpy(target, dims, stride, k_block, unroll):
     assert f"in range({(k_block or 24) // unroll}):" in script
 
 
+@pytest.mark.parametrize("target", ISA_TARGETS)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    channels=st.integers(1, 12),
+    filters=st.sampled_from([5, 19]),
+    dims=st.tuples(st.integers(3, 17), st.integers(3, 23)),
+    kernel=st.sampled_from([(3, 3), (5, 5), (1, 3), (3, 1)]),
+    stride=st.integers(1, 3),
+    padding=st.tuples(*[st.integers(0, 2)] * 4),
+    passes=st.sampled_from([1, 2, 3]),
+    tile_rows=st.sampled_from([1, 2, None]),
+)
+def test_windows_gathered_from_the_input_match_pytorch(
+    target, channels, filters, dims, kernel, stride, padding, passes, tile_rows
+):
+    """A k x k conv as the GEMM over its gathered windows (``kernel``, ``padding``): odd maps,
+    asymmetric padding (the bottom / right from the output's size), strides 1-3, K in passes of
+    whole channels, partial row tiles and vectors, batch 2, bias + residual + ReLU."""
+    tgt = tvm.target.Target(resolve_target(target))
+    lanes, registers = vector_lanes(tgt), vector_registers(tgt)
+    (kh, kw), (top, left, bottom, right) = kernel, padding
+    out_h = (dims[0] + top + bottom - kh) // stride + 1
+    out_w = (dims[1] + left + right - kw) // stride + 1
+    if out_h < 1 or out_w < 1 or channels % passes:
+        return
+    rng = np.random.default_rng(channels * 1000 + dims[0] * 31 + dims[1])
+    x = rng.standard_normal((2, channels, *dims), "float32")
+    w = rng.standard_normal((filters, channels, kh, kw), "float32")
+    b = rng.standard_normal(filters, "float32")
+    r = rng.standard_normal((2, filters, out_h, out_w), "float32")
+    base = default_gemm_config(lanes, registers, out_h * out_w)
+    cfg = replace(base, k_block=0 if passes == 1 else channels // passes * kh * kw)
+    func = conv1x1_gemm_primfunc(2, channels, filters, out_h * out_w,
+                                 Epilogue(True, True, "relu"), cfg, 2, "g", (out_h, out_w),
+                                 tile_rows=tile_rows if tile_rows and base.rows % tile_rows == 0
+                                 else None, stride=stride, in_dims=dims, kernel=kernel,
+                                 padding=(top, left))  # fmt: skip
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
+    out = tvm.runtime.tensor(np.full((2, filters, out_h, out_w), np.nan, "float32"))
+    args = [x, pack_rows(w.reshape(filters, -1), cfg.rows), b, r]
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    padded = torch.nn.functional.pad(torch.from_numpy(x), (left, right, top, bottom))
+    conv = torch.nn.functional.conv2d(padded, torch.from_numpy(w), torch.from_numpy(b), stride)
+    ref = torch.relu(conv[:, :, :out_h, :out_w] + torch.from_numpy(r)).numpy()
+    np.testing.assert_allclose(out.numpy(), ref, rtol=TOL, atol=TOL * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("target", ISA_TARGETS)
+def test_strided_3x3_convs_of_many_filters_run_on_the_window_gemm_on_avx2(target):
+    """ResNet's stride-2 3x3 convs (at a smaller map): on 16-register targets the packed GEMM
+    over their windows from 256 filters on (K in passes of 576 where it is more), the filters-in-
+    lanes kernel on AVX-512; numerics against PyTorch either way."""
+    avx2 = vector_registers(tvm.target.Target(resolve_target(target))) <= 16
+    for cin, cout, size in [(128, 256, 11), (16, 256, 9), (64, 128, 12)]:
+        model = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, 2, 1), torch.nn.ReLU())
+        x = np.random.default_rng(cin).standard_normal((1, cin, size, size)).astype("float32")
+        reason = _check(model, (x,), target).layers[0].reason
+        windows = avx2 and cout >= 256
+        assert ("packed GEMM over the gathered windows" in reason) is windows, reason
+        assert reason.endswith(", K in passes of 576") is (windows and cin * 9 > 576), reason
+
+
 def test_k_passes_divide_k_on_16_register_targets_only():
     assert [gemm_k_block(k, 16) for k in (256, 384, 512, 960, 2048)] == [0, 192, 256, 240, 256]
     assert gemm_k_block(2048, 32) == 0
+    # a k x k conv's passes take whole channels of its taps (3x3: 9 rows a channel)
+    windows = [gemm_k_block(c * 9, 16, 576, 9) for c in (64, 128, 256, 512, 100)]
+    assert windows == [0, 576, 576, 576, 450]
+    assert gemm_k_block(7 * 25, 16, 100, 25) == 25  # 175 rows: 7 passes of one channel
+    with pytest.raises(ValueError, match="not whole channels of the"):
+        conv1x1_gemm_primfunc(1, 4, 8, 16, out_dims=(4, 4), in_dims=(8, 8), stride=2,
+                              kernel=(3, 3), cfg=GemmConfig(4, 2, 8, k_block=12))  # fmt: skip
     with pytest.raises(ValueError, match="does not divide the 24 input channels"):
         conv1x1_gemm_primfunc(1, 24, 8, 49, cfg=GemmConfig(4, 2, 8, k_block=10))
 
@@ -450,6 +531,8 @@ def test_the_last_tiles_half_rows_must_divide_the_packed_rows():
 
 
 def test_a_strided_gemm_needs_its_input_dims():
+    with pytest.raises(ValueError, match="needs its out_dims and in_dims"):
+        conv1x1_gemm_primfunc(1, 8, 8, 49, out_dims=(7, 7), kernel=(3, 3))
     with pytest.raises(ValueError, match="needs its out_dims and in_dims"):
         conv1x1_gemm_primfunc(1, 8, 8, 49, out_dims=(7, 7), stride=2)
 

@@ -2,11 +2,12 @@
 
 import numpy as np
 import tvm
+from kernel_utils import conv_bias_relu_module, packed_gemm_call_module
 from tvm import relax
 
 from relay_passes.pattern_conv2d import RewriteConv2D
 from schedules.dense_conv2d import DenseConvConfig, dense_conv2d_template
-from schedules.dense_gemm import GemmConfig
+from schedules.dense_gemm import GemmConfig, conv1x1_gemm_template
 from schedules.depthwise_conv2d import DepthwiseConfig, depthwise_conv2d_template
 from schedules.pattern_conv2d import (
     ConvGeometry,
@@ -202,6 +203,24 @@ def test_few_channel_conv_with_fused_bias_residual_relu():
         bb.emit_func_output(out)
     tvm.ir.assert_structural_equal(after, bb.get())
     assert records[0].format == "dense" and records[0].epilogue == "bias+residual+relu"
+
+
+def test_strided_conv_of_many_filters_is_the_gemm_over_its_gathered_windows():
+    """A dense stride-2 3x3 conv of 256 filters (AVX2 registers) and its bias and ReLU: one call
+    to the packed GEMM template reading its windows from the input as it is, the weight packed
+    as A (O, C * 9)."""
+    w = np.random.default_rng(8).standard_normal((256, 8, 3, 3)).astype("float32")
+    b = np.linspace(-1, 1, 256, dtype="float32")
+    after, records = _run(conv_bias_relu_module(X_SHAPE, w, b, stride=2))
+    # the default at 8 lanes / 16 registers, pinned: 4 filters x 3 vectors, K = 72 in one pass
+    # (at most 576), 4 k per iteration
+    cfg = GemmConfig(4, 3, 8, k_block=0, unroll=4)
+    name = "window_gemm_conv2d_256x8x3x3"
+    kernel = conv1x1_gemm_template(1, 8, 256, (5, 5), Epilogue(True, False, "relu"), cfg, 2,
+                                   name, 2, (10, 10), kernel=(3, 3), padding=(1, 1))  # fmt: skip
+    expected = packed_gemm_call_module(X_SHAPE, kernel, name, w, b, (1, 256, 5, 5))
+    tvm.ir.assert_structural_equal(after, expected)
+    assert records[0].format == "dense" and "gathered windows" in records[0].reason
 
 
 def test_shared_intermediate_is_not_fused():

@@ -58,12 +58,12 @@ def _bsr_conv1x1(params: dict, _args: list[relax.Expr]) -> int:
 
 
 def _dense_conv1x1(params: dict, _args: list[relax.Expr]) -> int:
-    """2 x pixels x the weight's entries (the dense GEMM computes every one); Winograd's GEMM
-    carries the direct conv's."""
+    """2 x pixels x the weight's entries (the dense GEMM computes every one, a k x k conv's
+    taps too); Winograd's GEMM carries the direct conv's."""
     if "useful_flops" in params:
         return params["useful_flops"]
-    pixels = math.prod(params["out_dims"])
-    return 2 * params["batch"] * pixels * params["out_channels"] * params["in_channels"]
+    pixels, taps = math.prod(params["out_dims"]), math.prod(params.get("kernel", (1, 1)))
+    return 2 * params["batch"] * pixels * params["out_channels"] * params["in_channels"] * taps
 
 
 def _dense_linear(params: dict, _args: list[relax.Expr]) -> int:
