@@ -181,12 +181,12 @@ def _window_gemm(geom: ConvGeometry, target: PlanTarget) -> bool:
     ways) of at least ``WINDOW_GEMM_MIN_FILTERS`` filters on targets of at most
     ``WINDOW_GEMM_REGISTERS`` vector registers.
 
-    AMD EPYC Zen 3 (AVX2 only), 2 threads, conv + bias + ReLU alone, 7 interleaved rounds:
-    ResNet-50's 256x256 stride 2 on 28x28 114-122 GFLOP/s against the flat rows' 93, 512x512
-    on 14x14 108-118 against the filters-in-lanes kernel's 68 (ONNX Runtime 74-128, noisy).
-    Inside ResNet-50 (``bench_inmodel.py --baseline``, 6 rounds) 0.65 / 0.73 ms less a call;
-    its 128x128 on 56x56 0.59 ms more than on the flat rows (the gather shared by half the
-    filters over 4x the pixels), so it stays there."""
+    AMD EPYC Zen 3 (AVX2 only), 2 threads, ResNet-50's stride-2 3x3 convs + bias + ReLU alone
+    through the VM, one process, 11 interleaved rounds: 256x256 on 28x28 121 GFLOP/s against
+    the flat rows' 101 (ONNX Runtime 114), 512x512 on 14x14 104 against the filters-in-lanes
+    kernel's 101 (107); the kernels alone, 7 rounds: 114-122 against 93, 108-118 against
+    68-102. 128x128 on 56x56 122 against the flat rows' 122: it stays there (fewer filters
+    share each gathered element)."""
     sh, sw = geom.stride
     many = geom.out_channels >= WINDOW_GEMM_MIN_FILTERS
     return target.registers <= WINDOW_GEMM_REGISTERS and sh == sw > 1 and many
