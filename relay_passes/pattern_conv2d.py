@@ -7,7 +7,8 @@ together with its epilogue (bias add, residual add, ReLU / ReLU6 / clip, GELU), 
 - ``pattern``: ``schedules.pattern_conv2d`` on the ``PatternWeight`` (a dense weight is one full
   pattern: a direct conv with a sound vectorized schedule instead of TVM's untuned default);
 - ``lanes``: ``schedules.pattern_conv2d_lanes``, a group of filters in the vector lanes;
-- ``conv_gemm``: a dense pointwise conv as ``schedules.dense_gemm``'s packed GEMM;
+- ``conv_gemm``: a dense pointwise conv as ``schedules.dense_gemm``'s packed GEMM (a strided
+  k x k one: the GEMM over its windows gathered from the input);
 - ``dense_conv``: a dense k x k conv on few input channels (a stem) as
   ``schedules.dense_conv2d``'s GEMM over phase-split input rows;
 - ``depthwise``: ``schedules.depthwise_conv2d``, one filter per channel, read in place;

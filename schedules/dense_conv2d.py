@@ -21,7 +21,9 @@ job's output rows back to back, each row padded by the ``(kw - 1) // sw`` column
 read past it, so a tile's vectors are full across row ends instead of one row's partial ones.
 The AVX2 build takes it for dense convs on any channel count where the padding is a small
 share of a row (``flat_rows_fit``): with 16 registers the lanes kernel's tile (8 pixels of 8
-filters and 9 tap weights) outgrows them, while the GEMM's 4 x 3 tile fits.
+filters and 9 tap weights) outgrows them, while the GEMM's 4 x 3 tile fits. Strided ones of
+many filters run as the 1x1 GEMM over their gathered windows instead (``dense_gemm``, K in
+passes that stay in L1 / L2; ``relay_passes.conv_plan._window_gemm``).
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ the whole of K (on 16-register targets, of a 1x1 conv's pass over K: ``gemm_k_bl
   (AVX2 build 1.09-1.34x) against the input sliced by its own kernel, on 14x14 0.98-1.01x.
   On 16-register targets K over ``K_BLOCK`` runs in passes, each pass's rows of B copied into
   a panel that stays in L1 while the row tiles run (``gemm_k_block``).
+- **k x k conv** (``kernel`` / ``padding``: an implicit GEMM) ``out[n, o, p] = sum_(c, t)
+  W[o, c, t] x[n, c, window(p, t)]``: A the weight as (O, C * kh * kw), B's row ``(c, t)`` tap
+  ``t`` of every output pixel's window, gathered per job and pass over K (whole channels,
+  ``WINDOW_K_BLOCK`` rows) into a panel (``gemm_panels.Window``); the AVX2 build's kernel for
+  strided dense 3x3 convs of many filters (``relay_passes.conv_plan``).
 - **linear** ``out[m, n] = sum_k x[m, k] W[k, n]`` (``dense_linear``): A is the input (tokens
   broadcast), B the weight packed by ``pack_columns``.
 
@@ -534,7 +539,6 @@ def conv1x1_gemm_primfunc(
 __all__ = [
     "ColumnTile",
     "GemmConfig",
-    "b_source",
     "column_tiles",
     "conv1x1_gemm_config",
     "conv1x1_gemm_primfunc",

@@ -14,7 +14,6 @@ from tvm.script.ir_builder import tirx as T
 from .buffers import STACK_BYTES, allocated_view
 from .vector_math import span
 
-ZERO = tirx.const(0.0, "float32")
 CACHE_LINE = 64  # bytes; a map row of whole lines is read in place (see b_source)
 
 VectorAt = Callable[["tirx.PrimExpr", int, int], "tirx.PrimExpr"]  # (k, column offset, width) -> B
@@ -111,7 +110,7 @@ def gathered_panel(
     ResNet-50's 128x128 stride-2 3x3 on 56x56, its last tile's 9 x 40 tables, 4.4 ms against
     1.8 ms for the same GEMM on an im2col'd input)."""
     stride, out_w, (in_h, in_w), (kh, kw), (top, left) = window
-    taps = kh * kw
+    taps = window.taps
     if depth % taps:
         raise ValueError(f"a pass of {depth} rows is not whole channels of {taps} taps")
     panel = panel if panel is not None else allocated_view((depth, columns))
