@@ -197,16 +197,19 @@ def _pointwise(geom: ConvGeometry) -> bool:
     return geom.kernel == (1, 1) and not any(geom.padding) and geom.stride[0] == geom.stride[1]
 
 
-def _pointwise_gemm(
-    matrix: np.ndarray, geom: ConvGeometry, target: PlanTarget
+def _packed_gemm(
+    weight: np.ndarray, geom: ConvGeometry, target: PlanTarget
 ) -> tuple[GemmConfig, np.ndarray, str]:
-    """A dense pointwise conv's GEMM: its tile, its packed (O, C) weight and how it runs; on
-    16-register targets K over ``dense_gemm.K_BLOCK`` in passes (``gemm_k_block``), 4 k per
+    """A dense pointwise conv's GEMM, or a k x k one's over its gathered windows: its tile, its
+    packed (O, C * kh * kw) weight and how it runs; on 16-register targets K over
+    ``dense_gemm.K_BLOCK`` (windows: ``WINDOW_K_BLOCK``) in passes (``gemm_k_block``), 4 k per
     iteration of the tile loop (``gemm_unroll``)."""
-    pixels = geom.out_height * geom.out_width
-    cfg = conv1x1_gemm_config(target.lanes, target.registers, pixels, geom.in_channels)
-    how = "packed GEMM" + (f", K in passes of {cfg.k_block}" if cfg.k_block else "")
-    return cfg, pack_rows(matrix, cfg.rows), how
+    pixels, taps = geom.out_height * geom.out_width, math.prod(geom.kernel)
+    depth = geom.in_channels * taps
+    cfg = conv1x1_gemm_config(target.lanes, target.registers, pixels, depth, taps)
+    how = "packed GEMM" + (" over the gathered windows" if taps > 1 else "")
+    how += f", K in passes of {cfg.k_block}" if cfg.k_block else ""
+    return cfg, pack_rows(weight.reshape(weight.shape[0], -1), cfg.rows), how
 
 
 def plan_conv2d(call: relax.Call, index: int, target: PlanTarget) -> LayerPlan:
@@ -274,7 +277,7 @@ def _pattern_plan(
     o, c = weight.shape[:2]
     lanes = target.lanes
     if fmt == "dense" and _pointwise(geom):
-        cfg, packing, how = _pointwise_gemm(weight.reshape(o, c), geom, target)
+        cfg, packing, how = _packed_gemm(weight, geom, target)
         kernel, kept_taps = "conv_gemm", o * c
         reason += f"; {how}"
     elif fmt == "dense" and c <= FEW_CHANNELS:
@@ -288,13 +291,9 @@ def _pattern_plan(
         kept_taps = weight.size
         reason += "; Winograd F(2x2, 3x3): a GEMM per position of the transformed tile"
     elif fmt == "dense" and _window_gemm(geom, target):
-        pixels, taps = geom.out_height * geom.out_width, math.prod(geom.kernel)
-        cfg = conv1x1_gemm_config(target.lanes, target.registers, pixels, c * taps, taps)
-        kernel, packing = "conv_gemm", pack_rows(weight.reshape(o, -1), cfg.rows)
-        kept_taps = weight.size
-        reason += "; packed GEMM over the gathered windows" + (
-            f", K in passes of {cfg.k_block}" if cfg.k_block else ""
-        )
+        cfg, packing, how = _packed_gemm(weight, geom, target)
+        kernel, kept_taps = "conv_gemm", weight.size
+        reason += f"; {how}"
     elif fmt == "dense" and target.registers <= FLAT_ROWS_REGISTERS and flat_rows_fit(geom):
         cfg = default_flat_conv_config(geom, lanes, target.registers, target.cores)
         kernel, packing = "dense_conv", pack_dense_conv(weight, cfg.gemm.rows)

@@ -58,7 +58,7 @@ def _emit_gemm(
     epi, match = epilogue
     dims, stride = (geom.out_height, geom.out_width), geom.stride[0]
     (kh, kw), padding = geom.kernel, tuple(geom.padding[:2])
-    in_dims = (geom.height, geom.width) if stride > 1 or kh * kw > 1 else None
+    in_dims = (geom.height, geom.width)  # a plain 1x1 conv's are its out_dims
     o, c = geom.out_channels, geom.in_channels
     key = ("gemm", geom.batch, c, o, dims, epi, cfg, stride, in_dims, geom.kernel, padding)
     name = f"dense_conv1x1_{o}x{c}" if kh * kw == 1 else f"window_gemm_conv2d_{o}x{c}x{kh}x{kw}"

@@ -68,7 +68,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .buffers import accumulator_rows, allocated_view, prefetch
 from .epilogue import Epilogue
-from .gemm_panels import CACHE_LINE, VectorAt, Window, b_source, vector_offsets
+from .gemm_panels import CACHE_LINE, VectorAt, Window, b_source, gathers, vector_offsets
 from .tunable import SCHEDULED_ATTR, Knobs, TunableKernel, register, template
 from .vector_math import span, splat
 
@@ -397,7 +397,7 @@ def conv1x1_gemm_primfunc(
     chunk = row_chunks(row_tiles, col_jobs, cores)
     chunks = math.ceil(row_tiles / chunk)
     dims = out_dims or (pixels,)
-    gathered = stride > 1 or kernel != (1, 1) or any(padding)
+    gathered = gathers(stride, kernel, padding)
     if gathered and (out_dims is None or in_dims is None):
         raise ValueError("a strided or k x k conv GEMM needs its out_dims and in_dims")
     in_dims = in_dims or dims
@@ -616,7 +616,7 @@ def conv1x1_gemm_template(
         params["k_block"] = cfg.k_block
     if cfg.unroll > 1:
         params["unroll"] = cfg.unroll
-    if stride > 1 or kernel != (1, 1) or any(padding):
+    if gathers(stride, kernel, padding):
         params.update(stride=stride, in_dims=list(in_dims))
     if kernel != (1, 1) or any(padding):
         params.update(kernel=list(kernel), padding=list(padding))

@@ -35,6 +35,12 @@ class Window(NamedTuple):
         return self.kernel[0] * self.kernel[1]
 
 
+def gathers(stride: int, kernel: tuple[int, int], padding: tuple[int, int]) -> bool:
+    """Whether a conv GEMM's B is gathered from the input map (a ``Window``): a strided, k x k
+    or padded conv; a plain 1x1 conv's B is its input."""
+    return stride > 1 or tuple(kernel) != (1, 1) or any(padding)
+
+
 def vector_offsets(widths: tuple[int, ...]) -> list[int]:
     """Where each vector of a tile's columns starts."""
     return [sum(widths[:i]) for i in range(len(widths))]
@@ -110,9 +116,7 @@ def gathered_panel(
     ResNet-50's 128x128 stride-2 3x3 on 56x56, its last tile's 9 x 40 tables, 4.4 ms against
     1.8 ms for the same GEMM on an im2col'd input)."""
     stride, out_w, (in_h, in_w), (kh, kw), (top, left) = window
-    taps = window.taps
-    if depth % taps:
-        raise ValueError(f"a pass of {depth} rows is not whole channels of {taps} taps")
+    taps = window.taps  # ``depth`` whole channels: checked by the GEMM (``k_block``)
     panel = panel if panel is not None else allocated_view((depth, columns))
     padded = top > 0 or left > 0 or kh > 1 or kw > 1
     group = min(columns, max(1, (STACK_BYTES - 1) // (4 * taps)))  # columns per table
